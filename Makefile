@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh CPU machine (Python 3.11, pip configured offline):
+#   make demo   set up .venv, then optimise and benchmark the example model
+#   make test   set up .venv, then run the default (fast) test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS ?= constraints/cpu-py311.txt
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow test-all bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[ort,zoo,bench,dev]"
+	@touch $@
+
+demo: setup
+	rm -rf out/resnet18
+	mkdir -p out
+	$(VENV)/bin/graphopt inspect examples/resnet18.py --draw out/resnet18-graph.png | tail -n 4
+	$(VENV)/bin/graphopt optimize examples/resnet18.py -p channels_last -p cleanup -o out/resnet18
+
+test: setup
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+test-slow: setup
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -n 2 -m slow $(PYTEST_ARGS)
+
+test-all: setup
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -n 2 -m "" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

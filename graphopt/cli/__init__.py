@@ -1,0 +1,71 @@
+"""The ``graphopt`` command line: thin over the library.
+
+One handler owns exit codes: 0 success, 2 user errors (bad input, options, files), 1 a failed
+verification or an internal error. User errors are one line on stderr, never a traceback
+(``--debug`` or ``GRAPHOPT_DEBUG=1`` shows it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+import click
+
+from graphopt.errors import GraphoptError
+
+__all__ = ["cli", "main"]
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="graphopt")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """graphopt: capture a PyTorch model, rewrite its graph, verify, emit and measure."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug or os.environ.get("GRAPHOPT_DEBUG") == "1"
+    logging.basicConfig(level=logging.DEBUG if ctx.obj["debug"] else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+# command modules register themselves on `cli`
+from graphopt.cli import core  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns (and exits with) the exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("GRAPHOPT_DEBUG") == "1"
+    try:
+        cli.main(args=args, prog_name="graphopt", standalone_mode=False)
+        code = 0
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        code = 1
+    except click.ClickException as exc:  # usage errors: click's own message
+        exc.show()
+        code = 2
+    except GraphoptError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        code = 130
+    except Exception as exc:  # a bug: say so, in one line unless --debug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback "
+                   "and report it)", err=True)
+        code = 1
+    if argv is None:
+        sys.exit(code)
+    return code

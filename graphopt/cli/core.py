@@ -1,0 +1,145 @@
+"""The core verbs: optimize, inspect, passes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from graphopt.cli import cli
+from graphopt.errors import EmitError, PassConfigError
+
+console = Console(highlight=False)
+
+
+def _emitters() -> list[str]:
+    from graphopt.emit import EMITTERS
+
+    return list(EMITTERS)
+
+
+@cli.command(context_settings={"max_content_width": 100})
+@click.argument("model_file", metavar="MODEL.py[:FACTORY]")
+@click.option("-p", "--pass", "pass_specs", multiple=True, metavar="PASS[:k=v,...]",
+              help="A pass and its options; repeat for a pipeline (order matters). List values use '|'.")
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML pipeline file ([[pass]] tables); runs before -p passes.")
+@click.option("-o", "--out", type=click.Path(file_okay=False), help="Output folder [default: MODEL_optimized].")
+@click.option("--emit", "emit_format", default="torch", show_default=True,
+              help="Artifact format: " + ", ".join(["torch", "onnx", "ort", "pipeline"]) + " (the ones installed).")
+@click.option("--no-verify", is_flag=True, help="Skip the numeric checks (lint and shape propagation still run).")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the pipeline report as JSON here.")
+def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, out: str | None, emit_format: str,
+             no_verify: bool, force: bool, report_path: str | None) -> None:
+    """Capture MODEL.py, run the passes with verification, and emit the optimised model.
+
+    \b
+    Example:
+      graphopt optimize model.py -p channels_last -p cleanup -o out/
+      graphopt optimize model.py -p prune:ratio=0.5,mode=structured --emit onnx -o out/
+    """
+    from graphopt.emit import EMITTERS
+    from graphopt.emit._fs import check_output_folder
+    from graphopt.manager import PassManager
+    from graphopt.modelfile import load_model_file
+    from graphopt.pass_infra import build_pipeline
+    from graphopt.report import pass_table, print_coverage, summary_table
+
+    if not pass_specs and not config:
+        raise PassConfigError("no passes given", fix="add -p PASS (see `graphopt passes`) or --config FILE.toml")
+    passes = build_pipeline(pass_specs, config)
+    if emit_format not in EMITTERS:
+        raise PassConfigError(f"unknown --emit format '{emit_format}'", fix="choose one of " + ", ".join(EMITTERS))
+    model_path = model_file.rsplit(":", 1)[0] if not Path(model_file).exists() else model_file
+    out_path = Path(out) if out else Path(f"{Path(model_path).stem}_optimized")
+    check_output_folder(out_path, force)
+    if report_path and Path(report_path).exists() and not force:
+        raise EmitError("report file exists", where=report_path, fix="choose another --report path or pass --force")
+    spec = load_model_file(model_file)
+    from graphopt.capture import capture
+    from graphopt.ir import graph_meta
+
+    with console.status("capturing"):
+        gm = capture(spec.module, spec.example_inputs)
+    cost = graph_meta(gm)["cost"]
+    console.print(f"captured {type(spec.module).__name__}: {cost.nodes} nodes, {cost.macs / 1e9:.3f} GMACs, "
+                  f"{cost.params / 1e6:.3f} M params")
+    if cost.coverage["opaque"]:
+        print_coverage(console, cost)
+    if spec.data is not None:
+        graph_meta(gm)["calibration_data"] = spec.calibration_batches()
+    manager = PassManager(passes, verify=not no_verify, on_pass=lambda rec: console.print(pass_table(rec)))
+    gm, report = manager.run(gm, spec.example_inputs)
+    console.print(summary_table(report))
+    module_name, func_name = EMITTERS[emit_format].split(":")
+    import importlib
+
+    emit_fn = getattr(importlib.import_module(module_name), func_name)
+    with console.status(f"emitting {emit_format}"):
+        path = emit_fn(gm, out_path, report=report, force=force,
+                       source={"file": str(spec.path), "sha256": spec.sha256, "factory": spec.factory})
+    if report_path:
+        Path(report_path).write_text(report.to_json())
+    verdict = "verified" if report.verified else "NOT verified (--no-verify)"
+    console.print(f"[bold green]wrote[/] {path}/ ({emit_format}, {verdict})")
+
+
+@cli.command()
+@click.argument("model_file", metavar="MODEL.py[:FACTORY]")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--all-nodes", is_flag=True, help="Table: also list nodes without MACs or parameters.")
+@click.option("--draw", type=click.Path(dir_okay=False), help="Draw the graph to FILE.svg / FILE.png / FILE.pdf.")
+def inspect(model_file: str, fmt: str, all_nodes: bool, draw: str | None) -> None:
+    """What a model costs: per-layer shapes, MACs, params, coverage of the capture."""
+    from graphopt.capture import capture
+    from graphopt.modelfile import load_model_file
+    from graphopt.report import draw_graph, layer_rows, layer_table, print_coverage
+
+    if draw and Path(draw).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise PassConfigError(f"cannot draw to '{Path(draw).suffix}'", where=draw, fix="use .png, .svg or .pdf")
+    spec = load_model_file(model_file)
+    gm = capture(spec.module, spec.example_inputs)
+    cost = gm.meta["graphopt"]["cost"]
+    if fmt == "json":
+        doc = {"model": gm.meta["graphopt"]["source_class"], "inputs": gm.meta["graphopt"]["inputs"],
+               "macs": cost.macs, "backward_macs_estimate": cost.backward_macs, "params": cost.params,
+               "trainable_params": cost.trainable_params, "activation_bytes": cost.activation_bytes,
+               "coverage": cost.coverage["fraction"], "coverage_detail": cost.coverage,
+               "nodes": layer_rows(gm)}
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        console.print(layer_table(gm, cost, all_nodes))
+        console.print(f"forward {cost.macs / 1e9:.3f} GMACs (backward ~{cost.backward_macs / 1e9:.3f}), "
+                      f"{cost.params / 1e6:.3f} M params ({cost.trainable_params / 1e6:.3f} M trainable), "
+                      f"activations {cost.activation_bytes / 2**20:.1f} MiB")
+        print_coverage(console, cost)
+    if draw:
+        draw_graph(gm, draw)
+        if fmt == "table":
+            console.print(f"drew {draw}")
+
+
+@cli.command(name="passes")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def list_passes(fmt: str) -> None:
+    """Every registered pass with its semantics, options and defaults."""
+    from graphopt.pass_infra import available_passes
+
+    passes = available_passes()
+    if fmt == "json":
+        doc = {name: {"semantics": cls.semantics.value, "summary": cls.summary,
+                      "options": {k: {"type": o.describe(), "default": o.default, "help": o.help}
+                                  for k, o in cls.options.items()}} for name, cls in passes.items()}
+        click.echo(json.dumps(doc, indent=2, default=str))
+        return
+    t = Table(header_style="bold", show_lines=True)
+    t.add_column("pass")
+    t.add_column("semantics")
+    t.add_column("what it does / options (default)", overflow="fold")
+    for name, cls in passes.items():
+        opts = "\n".join(f"  [cyan]{k}[/]={o.default!r} ({o.describe()}): {o.help}" for k, o in cls.options.items())
+        t.add_row(name, cls.semantics.value, cls.summary + (("\n" + opts) if opts else ""))
+    console.print(t)
