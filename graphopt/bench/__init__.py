@@ -1,0 +1,1 @@
+"""Benchmark and training harness (timing, memory, training loops, datasets, reports, plots)."""
