@@ -163,6 +163,8 @@ class PassResult:
 
     ``reference``: optional module the rewritten graph must match *exactly* (e.g. the
     original with pruned channels masked to zero), checked in addition to the semantics.
+    ``reference_is_baseline``: the original is random in eval mode, so the semantics are
+    checked against ``reference`` instead of the original.
     ``notes``: measurements for the report (per-layer errors, counts ...), JSON-serialisable.
     """
 
@@ -172,6 +174,9 @@ class PassResult:
     declined: list[Decline] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
     reference: nn.Module | None = None
+    # True when the original graph is not a deterministic function in eval mode (e.g. dropout
+    # traced with training=True baked in): the semantic check then uses ``reference`` as baseline.
+    reference_is_baseline: bool = False
 
 
 class Pass(abc.ABC):

@@ -9,7 +9,9 @@
 All checks run in eval mode (deterministic: no dropout, BatchNorm uses running stats) with
 gradients enabled only where needed; the modules' training flags and buffers are restored.
 A pass may add a ``reference`` module that the rewrite must match exactly, and its own
-``check`` measurements.
+``check`` measurements. When the original graph is itself random in eval mode (training-mode
+randomness baked in by tracing in train mode), a pass may set ``reference_is_baseline``: the
+semantic check then compares with the reference instead (recorded in the verification details).
 """
 
 from __future__ import annotations
@@ -189,6 +191,19 @@ def verify_rewrite(pass_: "Pass", before: nn.Module, after: nn.Module,
                    inputs: Sequence[torch.Tensor], result: "PassResult") -> Verification:
     """Check ``after`` against ``before`` as ``pass_.semantics`` promises; never raises for a
     failed check (the caller decides), only returns the :class:`Verification`."""
+    if result.reference is not None and result.reference_is_baseline:
+        # The original graph is random even in eval mode (training-mode randomness such as
+        # stochastic depth baked in when it was traced in train mode), so no rewrite can equal
+        # it; the pass's reference states its deterministic eval-mode function instead.
+        ver = _verify_against(pass_, result.reference, after, inputs, result)
+        ver.details["baseline"] = ("the pass's reference: the original graph is random in eval mode "
+                                   "(training-mode randomness baked in at capture)")
+        return ver
+    return _verify_against(pass_, before, after, inputs, result)
+
+
+def _verify_against(pass_: "Pass", before: nn.Module, after: nn.Module,
+                    inputs: Sequence[torch.Tensor], result: "PassResult") -> Verification:
     from graphopt.pass_infra import Semantics
 
     sem = pass_.semantics
