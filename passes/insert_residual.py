@@ -46,7 +46,7 @@ from torch import fx, nn
 
 from graphopt.analysis.graph import to_networkx
 from graphopt.errors import PassConfigError
-from graphopt.ir import name_matches, output_shape
+from graphopt.ir import name_matches, output_shape, unique_attr_name
 from graphopt.manager import _copy_graph
 from graphopt.pass_infra import Decline, Option, Pass, PassResult, Rewrite, Semantics
 
@@ -266,9 +266,14 @@ class InsertResidual(Pass):
             return PassResult(gm, False, [], declined)
         gate = self.config["gate"]
         original = _copy_graph(gm) if gate != "preserve" else None
-        if not hasattr(gm, CONTAINER):
-            gm.add_submodule(CONTAINER, nn.Module())
-        container = gm.get_submodule(CONTAINER)
+        root = CONTAINER
+        existing = getattr(gm, root, None)
+        called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+        if existing is not None and (type(existing) is not nn.Module or root in called):
+            root = unique_attr_name(gm, CONTAINER)  # the model has its own `residual`
+        if not hasattr(gm, root):
+            gm.add_submodule(root, nn.Module())
+        container = gm.get_submodule(root)
         ref_blocks: dict[str, tuple[str, Callable]] = {}
         ref_skips = nn.ModuleDict()
         rewrites: list[Rewrite] = []
@@ -294,7 +299,7 @@ class InsertResidual(Pass):
                         container.add_module(pname, pool)
                         skip_mods.append(pool)
                         with graph.inserting_after(anchor):
-                            skip = graph.call_module(f"{CONTAINER}.{pname}", (skip,))
+                            skip = graph.call_module(f"{root}.{pname}", (skip,))
                         new_nodes.append(skip)
                         anchor = skip
                     conv = nn.Conv2d(shape_in[1], shape_out[1], 1, bias=False).to(dtype)
@@ -304,7 +309,7 @@ class InsertResidual(Pass):
                     container.add_module(cname, conv)
                     skip_mods.append(conv)
                     with graph.inserting_after(anchor):
-                        skip = graph.call_module(f"{CONTAINER}.{cname}", (skip,))
+                        skip = graph.call_module(f"{root}.{cname}", (skip,))
                     new_nodes.append(skip)
                     anchor = skip
                     proj_desc = (f"AvgPool2d({s}) + " if s > 1 else "") + (
@@ -313,7 +318,7 @@ class InsertResidual(Pass):
                 if gate == "preserve" and not b["projection"]:
                     gate_name = _fresh_param(container, f"{base}_gate", dtype)
                     with graph.inserting_after(anchor):
-                        g = graph.get_attr(f"{CONTAINER}.{gate_name}")
+                        g = graph.get_attr(f"{root}.{gate_name}")
                     with graph.inserting_after(g):
                         m = graph.call_function(torch.mul, (g, skip))
                     with graph.inserting_after(m):
@@ -323,7 +328,7 @@ class InsertResidual(Pass):
                 elif gate == "rezero":
                     gate_name = _fresh_param(container, f"{base}_gate", dtype)
                     with graph.inserting_after(anchor):
-                        g = graph.get_attr(f"{CONTAINER}.{gate_name}")
+                        g = graph.get_attr(f"{root}.{gate_name}")
                     with graph.inserting_after(g):
                         m = graph.call_function(torch.mul, (g, end))
                     with graph.inserting_after(m):
@@ -349,7 +354,7 @@ class InsertResidual(Pass):
                 f"skip around {b['first']} .. {last} ({', '.join(kinds)}): {formula}"
                 + (f", skip = {proj_desc}" if proj_desc else "")), {
                 "layers": b["layers"], "input": x.name, "output": end.name, "shape_in": list(shape_in),
-                "shape_out": list(shape_out), "gate": f"{CONTAINER}.{gate_name}" if gate_name else None,
+                "shape_out": list(shape_out), "gate": f"{root}.{gate_name}" if gate_name else None,
                 "projection": b["projection"]}))
         gm.recompile()
         reference = None

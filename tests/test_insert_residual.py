@@ -201,3 +201,19 @@ def test_full_vgg11_projection_trains(zoo):
     assert rec.verification.status == "passed" and rec.notes["blocks"] == 4
     losses = train_steps(gm, x, y, steps=4, lr=0.005)
     assert losses[-1] < losses[0]
+
+
+def test_model_with_its_own_residual_attribute():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.residual = nn.Conv2d(4, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.residual(x)))
+
+    x = (torch.randn(2, 4, 6, 6),)
+    gm, rec = run_pass("insert_residual", M().eval(), x)
+    assert rec.modified and rec.rewrites[0]["data"]["gate"] == "residual_1.residual_gate"
+    assert isinstance(gm.residual, nn.Conv2d) and len(list(gm.residual.parameters())) == 2
