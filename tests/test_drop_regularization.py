@@ -181,6 +181,6 @@ def test_vit_b_16(zoo):
     model = zoo("vit_b_16", image_size=64, dropout=0.1, attention_dropout=0.1)
     x = (torch.randn(1, 3, 64, 64),)
     gm, rec = run_pass("drop_regularization", model, x)
-    assert rec.notes["removed"]["Dropout"] == 2 * 12 + 1  # per encoder block: attention + MLP; + embedding
+    assert rec.notes["removed"]["Dropout"] == 3 * 12 + 1  # per encoder block: after attention + 2 in the MLP; + input
     assert rec.notes["removed"]["MultiheadAttention.dropout"] == 12
     assert rec.verification.status == "passed"
