@@ -145,7 +145,7 @@ def main() -> None:
     ]
     for arch, res in results.items():
         for label, r in res.items():
-            lines.append(f"| {arch} | {label} | {r['trainable_params']:,} | {r["backward_flops"] / 1e9:.4g} | "
+            lines.append(f"| {arch} | {label} | {r['trainable_params']:,} | {r['backward_flops'] / 1e9:.4g} | "
                          f"{r['backward_flops_vs_unfrozen']:.2f} | {r['backward_ms_median']:.1f} | "
                          f"{r['backward_time_vs_unfrozen']:.2f} | {r['step_ms_median']:.1f} | "
                          f"{r['step_time_vs_unfrozen']:.2f} |")
