@@ -296,6 +296,15 @@ def predicted_bubble(stage_costs: list[float], microbatches: int) -> dict[str, f
             "step_cost": step, "speedup_vs_one_device": (total / step) if step > 0 else 1.0}
 
 
+def _fmt(value: float, by: str) -> str:
+    if by == "time":
+        return f"{value * 1000:.3g} ms"
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= div:
+            return f"{value / div:.3g} {suffix}{UNITS[by]}"
+    return f"{value:.0f} {UNITS[by]}"
+
+
 def _shape(node: fx.Node) -> dict[str, Any]:
     tm = node.meta.get("tensor_meta")
     cost = node.meta.get("cost")
@@ -421,10 +430,22 @@ class Partition(Pass):
             node.meta["stage"] = assignment[node.name]
         graph_meta(gm)["partition"] = plan
 
-        rewrites = [Rewrite(f"cut after {c['after']}",
-                            f"stage {i} | {i + 1}: {len(c['tensors'])} tensor(s), {c['bytes']} bytes cross",
-                            data={"tensors": [t["name"] for t in c["tensors"]]})
-                    for i, c in enumerate(cut_report)]
+        rewrites: list[Rewrite] = []
+        total = plan["total_cost"] or 1.0
+        for i, d in enumerate(detail):
+            rewrites.append(Rewrite(f"stage {i}", f"{d['first']} .. {d['last']} ({d['nodes']} nodes): "
+                                    f"{_fmt(d['cost'], cfg['by'])} ({d['cost'] / total * 100:.1f}%), "
+                                    f"{d['params']} params", data={"cost": d["cost"]}))
+            if i < len(cut_report):
+                c = cut_report[i]
+                rewrites.append(Rewrite(f"cut after {c['after']}",
+                                        f"stage {i} | {i + 1}: {len(c['tensors'])} tensor(s), {c['bytes']} bytes "
+                                        f"cross ({', '.join(t['name'] for t in c['tensors'])})",
+                                        data={"tensors": [t["name"] for t in c["tensors"]], "bytes": c["bytes"]}))
+        b = plan["bubble"]
+        rewrites.append(Rewrite("plan", f"balance max/mean {balance:.3f}; {plan['cut_bytes_total']} bytes cross; "
+                                f"predicted bubble {b['predicted'] * 100:.1f}% at {b['microbatches']} microbatches "
+                                f"(balanced {b['ideal'] * 100:.1f}%)"))
         declined = [Decline(f"cut after {c.after}", c.reason if c.reason else
                             f"valid cut ({len(c.tensors)} tensor(s), {c.bytes} bytes), not needed for the best split")
                     for c in cuts if c.index not in chosen_set]
