@@ -149,7 +149,7 @@ class PassManager:
                 p.ensures(new)
                 new.graph.lint()
                 new.recompile()
-                new_cost = annotate(new, inputs)
+                new_cost = annotate(new, inputs) if result.modified else cost
             except Exception as exc:
                 raise PassError(f"pass '{p.name}' produced an invalid graph: {type(exc).__name__}: {exc}",
                                 fix="rerun with --no-verify to inspect it, and report the bug") from exc
