@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +95,32 @@ def _state_keys(gm: fx.GraphModule, node: fx.Node) -> set[tuple[str, Any]]:
     return keys
 
 
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul}
+
+
+def modifies_in_place(gm: fx.GraphModule, node: fx.Node, value: fx.Node) -> bool:
+    """Whether ``node`` writes into ``value`` (its first argument) in place.
+
+    A tensor received from another pipeline stage is a leaf that requires grad; autograd
+    refuses in-place writes into it, so no cut may send a tensor that is modified in place
+    afterwards (torchvision's ``ReLU(inplace=True)`` after a residual add, for example).
+    """
+    if not node.args or node.args[0] is not value:
+        return False
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (node.target in _INPLACE_OPERATORS or bool(node.kwargs.get("inplace"))
+                or (name.endswith("_") and not name.endswith("__")))
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.endswith("__")
+    return False
+
+
 def analyse_cuts(gm: fx.GraphModule, g: nx.DiGraph | None = None, max_crossing: int = 2) -> tuple[list[str], list[CutPoint]]:
     """The compute nodes in order and every position between two of them, valid or not."""
     g = to_networkx(gm) if g is None else g
@@ -141,7 +168,15 @@ def analyse_cuts(gm: fx.GraphModule, g: nx.DiGraph | None = None, max_crossing: 
         for k in range(min(where), max(where)):
             blocked.setdefault(k, labels[key])
 
+    inplace_after: dict[str, int] = {}  # value -> the last compute index that writes into it in place
+    for node in nodes:
+        if node.op in COMPUTE_OPS and node.args and isinstance(node.args[0], fx.Node) \
+                and modifies_in_place(gm, node, node.args[0]):
+            src = node.args[0].name
+            inplace_after[src] = max(inplace_after.get(src, -1), cidx[node.name])
+
     for cut in cuts:
+        written = [t for t in cut.tensors if inplace_after.get(t, -1) > cut.index]
         non_tensor = [t for t in cut.tensors if not _is_tensor_meta(g.nodes[t]["node"].meta.get("tensor_meta"))]
         if non_tensor:
             cut.reason = (f"non-tensor value '{non_tensor[0]}' would cross: only tensors can be sent between "
@@ -150,6 +185,9 @@ def analyse_cuts(gm: fx.GraphModule, g: nx.DiGraph | None = None, max_crossing: 
             cut.reason = f"{len(cut.tensors)} tensors cross here (more than max_crossing={max_crossing})"
         elif not cut.tensors:
             cut.reason = "nothing crosses here (the rest of the graph does not depend on this part)"
+        elif written:
+            cut.reason = (f"'{written[0]}' is modified in place after this point (e.g. ReLU(inplace=True)): "
+                          "a tensor received from another stage cannot be")
         elif cut.index in blocked:
             cut.reason = f"would split the uses of shared module/parameter '{blocked[cut.index]}' across stages"
     return compute, cuts

@@ -290,9 +290,46 @@ def test_real_architectures(zoo, name, stages):
     if stages == 2:
         assert plan["balance"] <= 1.10, plan["stage_costs"]
     assert all(len(c["tensors"]) <= 2 for c in plan["cuts"])
-    chained = SequentialStages(split_stages(gm)).eval()
+    stages_ = split_stages(gm)
+    chained = SequentialStages(stages_).eval()
     with torch.no_grad():
         torch.testing.assert_close(chained(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+    _run_like_a_pipeline_stage(stages_)
+
+
+def _run_like_a_pipeline_stage(stages):
+    """PipelineStage hands a stage its inputs as leaves that require grad: forward + backward."""
+    for st in stages[1:]:
+        xs = [x.detach().clone().requires_grad_(True) for x in st.meta["graphopt"]["example_inputs"]]
+        out = st.train()(*xs)
+        outs = list(out) if isinstance(out, tuple) else [out]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        assert all(x.grad is not None for x in xs)
+
+
+class InplaceAfterAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.relu = nn.ReLU(inplace=True)
+        self.c = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = self.relu(y + self.b(y))
+        return self.c(y)
+
+
+def test_no_cut_before_an_in_place_write():
+    torch.manual_seed(0)
+    model, inputs = InplaceAfterAdd(), (torch.randn(4, 8),)
+    gm, rec = run_pass("partition:stages=2,max_crossing=1", model, inputs)
+    reasons = {d["target"]: d["reason"] for d in rec.declined}
+    assert "'add' is modified in place after this point" in reasons["cut after add"]
+    _run_like_a_pipeline_stage(split_stages(gm))
+    gm, rec = run_pass("partition:stages=2,max_crossing=1,by=params", model, inputs)
+    _run_like_a_pipeline_stage(split_stages(gm))
 
 
 @pytest.mark.slow
@@ -302,3 +339,17 @@ def test_resnet50_balance_by_macs(zoo, stages):
     model = zoo("resnet50")
     gm, rec = run_pass(f"partition:stages={stages}", model, (torch.randn(1, 3, 224, 224),), verify=False)
     assert gm.meta["graphopt"]["partition"]["balance"] <= 1.10
+
+
+def test_profile_node_times(small_cnn):
+    from graphopt.analysis.profile import _needs_grad, profile_node_times
+
+    model, inputs = small_cnn
+    gm = graphopt.capture(model, inputs)
+    times = profile_node_times(gm, inputs, repeats=2)
+    compute = [n.name for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+    assert list(times) == compute
+    assert all(t["forward"] > 0 and t["total"] == t["forward"] + t["backward"] for t in times.values())
+    assert times["conv1"]["backward"] > 0  # weight gradient
+    flags = _needs_grad(gm)
+    assert flags["x"] is False and flags["conv1"] is True  # the model's input carries no gradient

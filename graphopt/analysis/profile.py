@@ -3,7 +3,8 @@
 Each compute node (``call_module`` / ``call_function`` / ``call_method``) is timed in
 isolation on the values it sees when the graph runs on its example inputs: a forward call,
 then ``torch.autograd.grad`` of its output (with a random cotangent) with respect to its
-floating-point inputs and its module's trainable parameters. Warm-up first, then the median
+module's trainable parameters and those of its inputs that carry gradients in a training step
+(values that depend on a trainable parameter: not the model's inputs). Warm-up first, then the median
 of ``repeats`` runs. On CUDA the device is synchronised around every timed region.
 
 This is what ``partition:by=time`` balances. It measures eager per-op time, so it includes
@@ -54,8 +55,28 @@ def _call(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     return getattr(self_obj, str(node.target))(*rest, **kwargs)
 
 
+def _needs_grad(gm: fx.GraphModule) -> dict[str, bool]:
+    """Which values carry gradients in a training step: those that depend on a trainable
+    parameter (the model's inputs do not; their gradient is never computed)."""
+    flags: dict[str, bool] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            flags[node.name] = False
+        elif node.op == "get_attr":
+            try:
+                flags[node.name] = gm.get_parameter(str(node.target)).requires_grad
+            except AttributeError:
+                flags[node.name] = False
+        else:
+            dep = any(flags.get(a.name, False) for a in node.all_input_nodes)
+            if node.op == "call_module":
+                dep = dep or any(p.requires_grad for p in gm.get_submodule(str(node.target)).parameters())
+            flags[node.name] = dep
+    return flags
+
+
 def _time_node(gm: fx.GraphModule, node: fx.Node, values: dict[str, Any], device: torch.device,
-               repeats: int, gen: torch.Generator) -> tuple[float, float]:
+               repeats: int, gen: torch.Generator, needs_grad: dict[str, bool]) -> tuple[float, float]:
     params = []
     if node.op == "call_module":
         params = [p for p in gm.get_submodule(str(node.target)).parameters() if p.requires_grad]
@@ -65,7 +86,7 @@ def _time_node(gm: fx.GraphModule, node: fx.Node, values: dict[str, Any], device
 
         def materialise(a: Any) -> Any:
             v = values[a.name]
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and needs_grad.get(a.name, False):
                 leaf = v.detach().requires_grad_(True)
                 leaves.append(leaf)
                 return leaf.clone()  # in-place ops (ReLU(inplace=True)) must not touch a leaf
@@ -113,10 +134,11 @@ def profile_node_times(gm: fx.GraphModule, inputs: Iterable[torch.Tensor], *, de
         rec.run(*xs)
     # BatchNorm running stats moved during recording and will move again: irrelevant on a copy.
     gen = torch.Generator().manual_seed(seed)
+    needs_grad = _needs_grad(work)
     out: dict[str, dict[str, float]] = {}
     for node in work.graph.nodes:
         if node.op not in COMPUTE_OPS:
             continue
-        fwd, bwd = _time_node(work, node, rec.values, device, repeats, gen)
+        fwd, bwd = _time_node(work, node, rec.values, device, repeats, gen, needs_grad)
         out[node.name] = {"forward": fwd, "backward": bwd, "total": fwd + bwd}
     return out
