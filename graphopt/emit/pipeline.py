@@ -48,7 +48,7 @@ def emit_pipeline(gm: fx.GraphModule, out: str | Path, *, report: Any = None, fo
                   source: dict[str, Any] | None = None) -> Path:
     """Write the stages of a partitioned graph (``-p partition:stages=N``) to ``out``."""
     from graphopt import __version__
-    from graphopt.dist.stages import SequentialStages, partition_plan, split_stages
+    from graphopt.dist.stages import partition_plan, split_stages
     from graphopt.manager import _json_default
 
     check_output_folder(out, force)
