@@ -353,3 +353,29 @@ def test_profile_node_times(small_cnn):
     assert times["conv1"]["backward"] > 0  # weight gradient
     flags = _needs_grad(gm)
     assert flags["x"] is False and flags["conv1"] is True  # the model's input carries no gradient
+
+
+class TwoInputs(nn.Module):
+    """The second input is only used at the end: it must travel through stage 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x, bias):
+        h = self.b(torch.relu(self.a(x)))
+        return h + bias, h.sum()
+
+
+def test_inputs_used_late_are_carried_and_tuple_outputs_kept():
+    torch.manual_seed(0)
+    model, inputs = TwoInputs(), (torch.randn(4, 8), torch.randn(4, 8))
+    gm, _ = run_pass("partition:stages=2", model, inputs)
+    plan = gm.meta["graphopt"]["partition"]
+    assert plan["stage_detail"][0]["inputs"] == ["x", "bias"]
+    assert "bias" in plan["stage_detail"][1]["inputs"]
+    out = SequentialStages(split_stages(gm))(*inputs)
+    ref = model(*inputs)
+    assert isinstance(out, tuple) and len(out) == 2
+    torch.testing.assert_close(out, ref)
