@@ -239,11 +239,11 @@ class PrecisionSweep:
                 n += 1
         return n
 
-    def _run(self, node: fx.Node, what: str) -> None:
-        """Execute ``node``; without a kernel for a half input, demote it to float32."""
+    def _run(self, node: fx.Node, what: str) -> bool:
+        """Execute ``node``; without a kernel for a half input, demote it to float32 (returns True)."""
         try:
             self.env[node] = self._exec(node)
-            return
+            return False
         except (RuntimeError, NotImplementedError, TypeError) as exc:
             halves = [s for s in node.all_input_nodes if _is_ftensor(self.env.get(s)) and self.env[s].dtype in HALF]
             if not halves:
@@ -253,6 +253,7 @@ class PrecisionSweep:
         self.env[node] = self._exec(node)
         self.res.declined.append(Decline(what, f"no {self._dname(self.low)} kernel on this device "
                                                f"({reason}): runs in float32"))
+        return True
 
     @staticmethod
     def _dname(dtype: torch.dtype) -> str:
@@ -386,8 +387,8 @@ class PrecisionSweep:
         path = str(node.target)
         if path in self.opaque or not _torch_nn_class(mod):
             return "decline", cls
-        if isinstance(mod, _OPAQUE_HEAVY):
-            return "decline", cls
+        if isinstance(mod, _OPAQUE_HEAVY):  # pure half: their parameters are half, so they run in half
+            return ("decline", cls) if self.mode == "mixed" else ("params", cls)
         if (type(mod) in _CONV_FN or type(mod) in _CONV_T_FN or isinstance(mod, (nn.Linear, nn.PReLU,
                                                                                nn.MultiheadAttention))):
             return "low", cls
@@ -504,7 +505,8 @@ class PrecisionSweep:
             for n in new:
                 if n.op == "call_function" and n.target in LOW_FUNCS:
                     casts = self._cast_args(n, self.low, (torch.float32,))
-                    self._run(n, label)
+                    if self._run(n, label):
+                        continue
                     self.res.low_ops[LOW_FUNCS[n.target]] = self.res.low_ops.get(LOW_FUNCS[n.target], 0) + 1
                     self.res.rewrites.append(Rewrite(label, f"{cls} -> {LOW_FUNCS[n.target]} in "
                                                             f"{self._dname(self.low)} on float32 parameters "
@@ -562,9 +564,12 @@ class PrecisionSweep:
             kind = "plain"  # e.g. ``int ** -0.5`` on shapes: no floating tensor involved
         if kind == "low":
             casts = self._cast_args(node, self.low, (torch.float32,))
+            if self._run(node, label):
+                return
             self.res.low_ops[op] = self.res.low_ops.get(op, 0) + 1
             if casts:
                 self.res.rewrites.append(Rewrite(label, f"{op} in {self._dname(self.low)} ({casts} inputs cast)"))
+            return
         elif kind == "fp32" and (self.mode == "mixed" or (self.keep_norms and op in NORM_FUNCS)):
             wants = self.mode == "mixed" or any(
                 _is_ftensor(self.env.get(s)) and self.env[s].dtype == torch.float32 for s in node.all_input_nodes)

@@ -393,3 +393,26 @@ def test_real_architectures_slow(zoo, name, spec):
     if name == "vit_b_16":
         assert rec.notes["low_precision_ops"]["multi_head_attention"] == 12
     assert_idempotent(spec, gm, (x,))
+
+
+class _WithLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.lstm = nn.LSTM(16, 16, batch_first=True)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h, _ = self.lstm(self.inp(x))
+        return self.out(h)
+
+
+def test_leaf_with_heavy_internals_is_declined_and_runs_float32():
+    torch.manual_seed(0)
+    gm, rec = run_pass("mixed_precision", _WithLSTM().eval(), (torch.randn(2, 5, 8),))
+    assert {"target": "lstm", "reason": "LSTM is a leaf module whose internals the rewrite does not reach: "
+                                        "runs in float32"} in rec.declined
+    lstm = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "lstm")
+    assert lstm.args[0].op == "call_method" and lstm.args[0].args[1] == torch.float32  # half input cast up
+    assert rec.notes["low_precision_ops"] == {"linear": 2}
+    assert rec.verification.status == "passed"
