@@ -682,12 +682,10 @@ def check_existing_policy(gm: fx.GraphModule, mode: str, dtype: str) -> None:
         raise PreconditionError(
             f"the graph already has a {pol.mode} {pol.dtype} precision policy",
             fix="apply one precision pass to the float32 model (re-capture it from the model file)")
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            continue
-        dt = output_dtype(n)
-        if pol is None and dt == torch.float64:
-            raise PreconditionError(f"node '{n.name}' computes in float64",
+    if pol is None:
+        wide = next((n for n, p in gm.named_parameters() if p.dtype == torch.float64), None)
+        if wide is not None:
+            raise PreconditionError(f"parameter '{wide}' is float64",
                                     fix="precision passes rewrite float32 models; convert the model to float32")
 
 

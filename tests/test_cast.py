@@ -127,3 +127,11 @@ def test_real_architectures_slow(zoo, name, spec):
     d = rec.verification.details["precision"]
     assert d["ratio_to_autocast"]["outputs"] <= 4.0 and d["ratio_to_autocast"]["grads"] <= 4.0
     assert_idempotent(spec, gm, (x,))
+
+
+def test_refuses_float64_model(small_cnn):
+    from graphopt.errors import PreconditionError
+
+    model, (x,) = small_cnn
+    with pytest.raises(PreconditionError, match="is float64"):
+        run_pass("cast", model.double(), (x.double(),))
