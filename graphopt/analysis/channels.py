@@ -378,6 +378,11 @@ class _Analyzer:
             return self.linear(node, mod, target, x, macs)
         if not tracked:
             return None
+        if isinstance(mod, nn.MultiheadAttention):
+            self.block_inputs(node, f"attention heads of nn.MultiheadAttention '{target}' are not pruned: its "
+                                    "embed_dim is both the head width sum and its input/output width, so heads "
+                                    "cannot go without narrowing the residual stream")
+            return None
         if len(node.args) != 1 or node.kwargs or not isinstance(x, ChanInfo):
             return self.unknown(node, "unexpected arguments")
         if isinstance(mod, _BNS):
