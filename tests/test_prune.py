@@ -336,7 +336,9 @@ def test_real_models(zoo, tmp_path, name):
     assert rec.after["params"] < rec.before["params"] and rec.after["macs"] < rec.before["macs"]
     if name == "vit_b_16":
         assert gm.get_submodule("encoder.layers.encoder_layer_0.mlp.0").out_features == 1536
-        assert any("MultiheadAttention" in d["reason"] for d in rec.declined)
+        stream = next(g for g in analyze_channels(gm).groups if "conv_proj" in g.producers)
+        assert any("MultiheadAttention" in r for r in stream.blocked)
+        assert any(d["target"].startswith("conv_proj") and "not prunable" in d["reason"] for d in rec.declined)
     if name == "convnext_tiny":
         assert any("LayerNorm" in d["reason"] or "layer_norm" in d["reason"] for d in rec.declined)
     _emit_load_train(gm, tmp_path, x, classes=1000)

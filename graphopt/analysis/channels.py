@@ -878,10 +878,13 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelGraph:
         classes = np.array(ordered + rest, dtype=np.int64)
         nodes = [n for n in order if node_classes.get(n, set()) & classes_set]
         grp = ChannelGroup(len(groups), classes, prods, nodes)
-        reasons = list(dict.fromkeys(blocked_reasons[c] for c in classes_set if c in blocked_reasons))
-        grp.blocked.extend(reasons)
         groups.append(grp)
     by_class = {int(c): g for g in groups for c in g.classes}
+    for atoms, reason in an.blocks:  # every reason, in graph order, once per group
+        for r in np.unique(root[atoms]):
+            g = by_class.get(int(r))
+            if g is not None and reason not in g.blocked:
+                g.blocked.append(reason)
     for con in an.constraints:
         rs = np.unique(root[con.atoms])
         gs = {id(by_class[int(r)]): by_class[int(r)] for r in rs if int(r) in by_class}
