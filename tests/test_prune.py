@@ -271,6 +271,7 @@ def test_criteria_choose_expected_channels(small_cnn, criterion):
     assert kept == [4, 5, 6, 7]
 
 
+@pytest.mark.zoo
 def test_global_scope_and_macs_target_and_round_to(zoo):
     model, x = zoo("resnet18"), (torch.randn(2, 3, 64, 64),)
     gm, rec = run_pass("prune:macs=0.5,scope=global,round_to=8", model, x)
@@ -310,6 +311,7 @@ def test_bad_options_are_one_line_errors():
         run_pass("prune:mode=unstructured,criterion=bn_scale", model, x)
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_real_models_small(zoo, tmp_path, name):
     model, x = zoo(name), (torch.randn(2, 3, 64, 64),)
@@ -326,6 +328,7 @@ SLOW_MODELS = ["resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficien
 
 
 @pytest.mark.slow
+@pytest.mark.zoo
 @pytest.mark.parametrize("name", SLOW_MODELS)
 def test_real_models(zoo, tmp_path, name):
     size = 224 if name == "vit_b_16" else 64
