@@ -210,3 +210,12 @@ def test_pass_manager_on_a_captured_graph(small_cnn):
     gm = graphopt.capture(module, inputs)
     out, report = graphopt.PassManager(["channels_last"]).run(gm, inputs)
     assert isinstance(out, fx.GraphModule) and report.verified
+
+
+def test_reports_are_strict_json_with_infinite_budgets(mlp):
+    import json
+
+    module, inputs = mlp
+    _, report = graphopt.optimize(module, inputs, [Scale(factor=1.05, budget=float("inf"))])
+    doc = json.loads(report.to_json(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert doc["passes"][0]["options"]["budget"] == "inf"
