@@ -49,7 +49,7 @@ def emit_pipeline(gm: fx.GraphModule, out: str | Path, *, report: Any = None, fo
     """Write the stages of a partitioned graph (``-p partition:stages=N``) to ``out``."""
     from graphopt import __version__
     from graphopt.dist.stages import partition_plan, split_stages
-    from graphopt.manager import _json_default
+    from graphopt.manager import dumps_json
 
     check_output_folder(out, force)
     try:
@@ -105,7 +105,7 @@ def emit_pipeline(gm: fx.GraphModule, out: str | Path, *, report: Any = None, fo
         if report is not None:
             manifest["verified"] = report.verified
             manifest["passes"] = [r.as_dict() for r in report.records]
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=_json_default))
+        (tmp / MANIFEST_FILE).write_text(dumps_json(manifest))
         chained = load_pipeline(tmp)
         _compare(reference, chained, inputs)
     return Path(out)
