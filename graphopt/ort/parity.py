@@ -1,0 +1,168 @@
+"""Does ORT train what PyTorch trains? Checks at emit time and step-by-step comparisons.
+
+- :func:`check_artifacts` (run by ``--emit ort`` before the folder is moved into place): on the
+  example inputs, ORT's eval outputs vs the module's eval outputs, and ORT's training-mode loss
+  and parameter gradients vs torch's.
+- :func:`compare_training`: from the same initial weights and batches, N ORT optimizer steps and
+  N torch steps (the torch optimizer with the same hyper-parameters); per-step losses and the
+  final weights compared.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from graphopt.ort.spec import OptimizerSpec, make_target, torch_loss
+
+__all__ = ["TOLERANCES", "check_artifacts", "compare_training", "ParityResult"]
+
+# fp32 graphs / graphs with half casts inside: (outputs max rel err, loss rel err, gradients rel L2)
+TOLERANCES = {"float32": (1e-4, 1e-4, 1e-3), "mixed": (2e-2, 2e-2, 5e-2)}
+
+
+def _rel_l2(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    num = sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a, b))
+    den = sum(float(y.double().pow(2).sum()) for y in b)
+    return math.sqrt(num) / max(math.sqrt(den), 1e-12)
+
+
+def check_artifacts(backend: Any, module: nn.Module, inputs: Sequence[torch.Tensor], *, half: bool,
+                    has_dropout: bool) -> dict[str, Any]:
+    """Compare an :class:`OrtTrainBackend` (fresh, untrained) with ``module`` on ``inputs``."""
+    from graphopt.verify import max_rel_error
+
+    tol_out, tol_loss, tol_grad = TOLERANCES["mixed" if half else "float32"]
+    inputs = tuple(inputs)
+    g = torch.Generator().manual_seed(0)
+    ref_mod = copy.deepcopy(module).eval()
+    with torch.no_grad():
+        ref = ref_mod(*inputs)
+    target = make_target(backend.loss, ref.float(), g)
+    eval_loss, out = backend.evaluate(inputs, target)
+    result: dict[str, Any] = {
+        "inputs": [list(t.shape) for t in inputs],
+        "eval_outputs_max_rel_error": max_rel_error([out.float()], [ref.float()]),
+        "eval_loss": eval_loss,
+        "tolerances": {"outputs_max_rel": tol_out, "loss_rel": tol_loss, "gradients_rel_l2": tol_grad},
+    }
+    # training mode: loss and gradients of one forward/backward (no optimizer step)
+    if has_dropout:
+        result["train_check"] = "skipped: the graph has active dropout (random masks differ between runtimes)"
+    else:
+        tmod = copy.deepcopy(module).train()
+        try:
+            tloss = torch_loss(backend.loss)(tmod(*inputs).float(), target)
+            tloss.backward()
+        except Exception as exc:  # e.g. BatchNorm with one value per channel
+            result["train_check"] = f"skipped: torch cannot run a training step on these inputs ({exc})"
+        else:
+            feeds = backend._feeds(inputs, target)
+            backend.module.train()
+            outs = backend.module(*feeds)
+            oloss = float(outs[0])
+            params = backend.state.parameters
+            tparams = dict(tmod.named_parameters())
+            og, tg = [], []
+            for oname, tname in backend.names.items():
+                p = tparams.get(tname)
+                if p is None or not p.requires_grad or p.grad is None:
+                    continue
+                grad = params[oname].grad
+                if grad is not None:
+                    og.append(torch.from_numpy(grad.copy()))
+                    tg.append(p.grad.detach())
+            backend.module.lazy_reset_grad()
+            tl = tloss.item()
+            result.update({"train_loss_ort": oloss, "train_loss_torch": tl,
+                           "train_loss_rel_error": abs(oloss - tl) / max(abs(tl), 1e-12),
+                           "gradients_compared": len(og), "gradients_rel_l2_error": _rel_l2(og, tg),
+                           "train_check": "compared"})
+    ok = result["eval_outputs_max_rel_error"] <= tol_out
+    if result["train_check"] == "compared":
+        ok = ok and result["train_loss_rel_error"] <= tol_loss and result["gradients_rel_l2_error"] <= tol_grad
+    result["passed"] = bool(ok)
+    return result
+
+
+@dataclass
+class ParityResult:
+    ort_losses: list[float]
+    torch_losses: list[float]
+    weights_max_abs_diff: float
+    weights_rel_l2: float
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_abs_loss_diff(self) -> float:
+        return max(abs(a - b) for a, b in zip(self.ort_losses, self.torch_losses))
+
+    @property
+    def max_rel_loss_diff(self) -> float:
+        return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(self.ort_losses, self.torch_losses))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ort_losses": self.ort_losses, "torch_losses": self.torch_losses,
+                "max_abs_loss_diff": self.max_abs_loss_diff, "max_rel_loss_diff": self.max_rel_loss_diff,
+                "weights_max_abs_diff": self.weights_max_abs_diff, "weights_rel_l2": self.weights_rel_l2,
+                **self.notes}
+
+
+def compare_training(module: nn.Module, batches: Iterable[tuple[Sequence[torch.Tensor], torch.Tensor]], *,
+                     loss: str = "cross_entropy", optimizer: OptimizerSpec | None = None,
+                     lr: float | None = None, folder: str | Path | None = None,
+                     threads: int | None = 1) -> ParityResult:
+    """N ORT steps vs N torch steps from the same weights on the same ``(inputs, target)`` batches.
+
+    ``module`` (an nn.Module or GraphModule; not modified) is captured and emitted as ORT artifacts
+    into ``folder`` (a temporary folder by default).
+    """
+    import graphopt
+    from graphopt.ort import emit_ort_artifacts
+    from graphopt.ort.backend import OrtTrainBackend
+
+    optimizer = optimizer or OptimizerSpec()
+    lr = optimizer.lr if lr is None else lr
+    batches = [(tuple(x) if isinstance(x, (tuple, list)) else (x,), y) for x, y in batches]
+    tmp = None
+    if folder is None:
+        tmp = tempfile.TemporaryDirectory(prefix="graphopt-parity-")
+        folder = Path(tmp.name) / "ort"
+    try:
+        first = batches[0][0]
+        gm = graphopt.capture(module, first)
+        emit_ort_artifacts(gm, folder, loss=loss, optimizer=optimizer, inputs=first, force=True)
+        backend = OrtTrainBackend(folder, threads=threads)
+        ref = copy.deepcopy(gm).train()
+        opt = optimizer.torch_optimizer(ref.parameters())
+        for group in opt.param_groups:
+            group["lr"] = lr
+        fn = torch_loss(loss)
+        ort_losses, torch_losses = [], []
+        for x, y in batches:
+            ort_losses.append(backend.train_step(x, y, lr))
+            opt.zero_grad(set_to_none=True)
+            out = ref(*x)
+            tl = fn(out.float(), y.long() if loss == "cross_entropy" else y.float())
+            tl.backward()
+            opt.step()
+            torch_losses.append(float(tl))
+        trained = backend.state_dict()
+        tsd = ref.state_dict()
+        keys = [k for k in trained if k in tsd and tsd[k].is_floating_point()]
+        wmax = max(float((trained[k].float() - tsd[k].float()).abs().max()) for k in keys)
+        wrel = _rel_l2([trained[k] for k in keys], [tsd[k] for k in keys])
+        counts_ok = all(int(trained[k]) == int(tsd[k]) for k in trained if k in tsd and not tsd[k].is_floating_point())
+        return ParityResult(ort_losses, torch_losses, wmax, wrel,
+                            {"steps": len(batches), "tensors_compared": len(keys), "int_buffers_equal": counts_ok,
+                             "optimizer": optimizer.as_dict(), "loss": loss})
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
