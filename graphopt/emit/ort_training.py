@@ -216,7 +216,9 @@ def summarize_check(check: dict[str, Any]) -> str:
     parts = [f"eval outputs max rel err {check['eval_outputs_max_rel_error']:.1e}"]
     if check.get("train_check") == "compared":
         parts.append(f"train loss rel err {check['train_loss_rel_error']:.1e}")
-        parts.append(f"{check['gradients_compared']} gradients rel L2 err {check['gradients_rel_l2_error']:.1e}")
+        parts.append(f"{check['gradients_compared']} gradients rel L2 err vs float64 {check['gradients_rel_l2_error']:.1e} "
+                     f"(torch float32: {check['torch_float32_gradients_rel_l2_error']:.1e}, budget "
+                     f"{check.get('gradients_budget', float('nan')):.1e})")
     else:
         parts.append(f"training check {check.get('train_check')}")
     return ", ".join(parts)

@@ -91,17 +91,29 @@ class OrtTrainBackend(TrainBackend):
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
+        from graphopt.ort.artifacts import quiet_native_stderr
+
         try:
-            self.state = CheckpointState.load_checkpoint(str(ckpt))
-            self.module = Module(str(self.folder / art["training_model"]), self.state,
-                                 str(self.folder / art["eval_model"]), session_options=opts)
-            self.optimizer = Optimizer(str(self.folder / art["optimizer_model"]), self.module)
+            with quiet_native_stderr():
+                self._load(CheckpointState, Module, Optimizer, ckpt, art, opts)
+        except ArtifactError:
+            raise
         except Exception as exc:
             from graphopt.ort.export import explain_failure
 
             _, what = explain_failure(exc)
             raise ArtifactError(f"ONNX Runtime cannot load the training artifacts: {what}", where=str(self.folder),
                                 fix="re-emit the folder with this graphopt/onnxruntime") from exc
+        self._post_init()
+
+    def _load(self, CheckpointState: Any, Module: Any, Optimizer: Any, ckpt: Path, art: dict[str, str],
+              opts: Any) -> None:
+        self.state = CheckpointState.load_checkpoint(str(ckpt))
+        self.module = Module(str(self.folder / art["training_model"]), self.state,
+                             str(self.folder / art["eval_model"]), session_options=opts)
+        self.optimizer = Optimizer(str(self.folder / art["optimizer_model"]), self.module)
+
+    def _post_init(self) -> None:
         self.loss = self.manifest["loss"]
         self.output = self.manifest["output"]
         self.names: dict[str, str] = self.manifest["names"]

@@ -86,6 +86,76 @@ def _flat_outputs(out: Any) -> list[torch.Tensor]:
                     fix="return tensors from forward()")
 
 
+class TorchHardtanh(nn.Module):
+    """hardtanh/ReLU6 written so that ORT differentiates it exactly as torch does.
+
+    Both export to ONNX ``Clip``, whose ORT gradient passes at the bounds (``lo <= x <= hi``);
+    torch's hardtanh/relu6 gradient does not (``lo < x < hi``). The difference matters: a channel
+    that is constant within a batch (e.g. dead after a ReLU) comes out of BatchNorm as exactly
+    ``beta = 0``; ORT then sends gradient back through it, which BatchNorm's backward amplifies
+    by 1/sqrt(eps). This form has the same forward values and torch's gradient mask (the
+    comparisons and the constants carry no gradient).
+    """
+
+    def __init__(self, min_val: float = -1.0, max_val: float = 1.0):
+        super().__init__()
+        self.min_val = float(min_val)
+        self.max_val = float(max_val)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return hardtanh_exact(x, self.min_val, self.max_val)
+
+
+def hardtanh_exact(x: torch.Tensor, min_val: float = -1.0, max_val: float = 1.0) -> torch.Tensor:
+    inside = (x > min_val) & (x < max_val)
+    edge = torch.where(x <= min_val, torch.full_like(x, min_val), torch.full_like(x, max_val))
+    return torch.where(inside, x, edge)
+
+
+def _hardtanh_args(node: Any) -> tuple[Any, float, float] | None:
+    import torch.nn.functional as F
+
+    args = list(node.args) + [None] * 3
+    if node.target in (F.relu6, torch.nn.functional.relu6):
+        return args[0], 0.0, 6.0
+    if node.target is F.hardtanh:
+        lo = node.kwargs.get("min_val", args[1] if args[1] is not None else -1.0)
+        hi = node.kwargs.get("max_val", args[2] if args[2] is not None else 1.0)
+        if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+            return args[0], float(lo), float(hi)
+    return None
+
+
+def prepare_for_ort_training(module: nn.Module) -> int:
+    """Rewrite (in place) what ORT differentiates differently from torch; returns how many sites."""
+    from torch import fx
+
+    count = 0
+    for name, child in list(module.named_modules()):
+        if isinstance(child, nn.Hardtanh) and not isinstance(child, TorchHardtanh):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, leaf, TorchHardtanh(child.min_val, child.max_val))
+            count += 1
+    if isinstance(module, fx.GraphModule):
+        changed = False
+        for node in list(module.graph.nodes):
+            if node.op != "call_function":
+                continue
+            parsed = _hardtanh_args(node)
+            if parsed is None:
+                continue
+            x, lo, hi = parsed
+            node.target = hardtanh_exact
+            node.args = (x, lo, hi)
+            node.kwargs = {}
+            changed = True
+            count += 1
+        if changed:
+            module.recompile()
+    return count
+
+
 def export_onnx(module: nn.Module, inputs: Sequence[torch.Tensor], *, training: bool, opset: int = DEFAULT_OPSET,
                 dynamic_batch: bool = True, where: str = "onnx export") -> ExportedGraph:
     """Export ``module`` (not modified) to an in-memory ONNX model.
@@ -98,6 +168,8 @@ def export_onnx(module: nn.Module, inputs: Sequence[torch.Tensor], *, training: 
     inputs = tuple(inputs)
     work = copy.deepcopy(module)
     work.train(training)
+    if training:
+        prepare_for_ort_training(work)
     originals = {k: v.detach().clone() for k, v in module.state_dict(keep_vars=False).items()}
     with torch.no_grad():
         probe = copy.deepcopy(module).train(False)(*inputs)

@@ -24,14 +24,35 @@ from graphopt.ort.spec import OptimizerSpec, make_target, torch_loss
 
 __all__ = ["TOLERANCES", "check_artifacts", "compare_training", "ParityResult"]
 
-# fp32 graphs / graphs with half casts inside: (outputs max rel err, loss rel err, gradients rel L2)
-TOLERANCES = {"float32": (1e-4, 1e-4, 1e-3), "mixed": (2e-2, 2e-2, 5e-2)}
+# fp32 graphs / graphs with half casts inside: (outputs max rel err, loss rel err, gradients rel L2).
+# The gradient bound catches gross errors (a wrong or missing gradient moves it to O(1)); ORT's
+# float32 gradients are not bit-for-bit torch's: measured 3e-6 (resnet18, as accurate as torch's
+# own float32) to 1e-2 (mobilenet_v2 at 64x64, batch 8) relative L2 from float64 torch.
+TOLERANCES = {"float32": (1e-4, 1e-4, 5e-2), "mixed": (2e-2, 2e-2, 1e-1)}
+# ORT's gradients may be this many times further from float64 than torch's own float32 gradients
+GRAD_SLACK = 4.0
 
 
 def _rel_l2(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     num = sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a, b))
     den = sum(float(y.double().pow(2).sum()) for y in b)
     return math.sqrt(num) / max(math.sqrt(den), 1e-12)
+
+
+def _torch_grads(module: nn.Module, inputs: Sequence[torch.Tensor], target: torch.Tensor, loss: str,
+                 dtype: torch.dtype | None) -> tuple[float, dict[str, torch.Tensor]]:
+    """One training-mode forward/backward of a copy of ``module`` (in ``dtype`` if given)."""
+    tmod = copy.deepcopy(module).train()
+    xs = tuple(inputs)
+    if dtype is not None:
+        tmod = tmod.to(dtype)
+        xs = tuple(x.to(dtype) if x.is_floating_point() else x for x in xs)
+    out = tmod(*xs)
+    t = target if not target.is_floating_point() or dtype is None else target.to(dtype)
+    tloss = torch_loss(loss)(out if dtype is not None else out.float(), t)
+    tloss.backward()
+    grads = {n: p.grad.detach().double() for n, p in tmod.named_parameters() if p.requires_grad and p.grad is not None}
+    return tloss.item(), grads
 
 
 def check_artifacts(backend: Any, module: nn.Module, inputs: Sequence[torch.Tensor], *, half: bool,
@@ -57,10 +78,9 @@ def check_artifacts(backend: Any, module: nn.Module, inputs: Sequence[torch.Tens
     if has_dropout:
         result["train_check"] = "skipped: the graph has active dropout (random masks differ between runtimes)"
     else:
-        tmod = copy.deepcopy(module).train()
         try:
-            tloss = torch_loss(backend.loss)(tmod(*inputs).float(), target)
-            tloss.backward()
+            tl, tgrads = _torch_grads(module, inputs, target, backend.loss, None)
+            _, tgrads64 = _torch_grads(module, inputs, target, backend.loss, torch.float64)
         except Exception as exc:  # e.g. BatchNorm with one value per channel
             result["train_check"] = f"skipped: torch cannot run a training step on these inputs ({exc})"
         else:
@@ -69,25 +89,32 @@ def check_artifacts(backend: Any, module: nn.Module, inputs: Sequence[torch.Tens
             outs = backend.module(*feeds)
             oloss = float(outs[0])
             params = backend.state.parameters
-            tparams = dict(tmod.named_parameters())
-            og, tg = [], []
+            og, tg, tg64 = [], [], []
             for oname, tname in backend.names.items():
-                p = tparams.get(tname)
-                if p is None or not p.requires_grad or p.grad is None:
+                if tname not in tgrads or not params[oname].requires_grad:
                     continue
                 grad = params[oname].grad
                 if grad is not None:
                     og.append(torch.from_numpy(grad.copy()))
-                    tg.append(p.grad.detach())
+                    tg.append(tgrads[tname])
+                    tg64.append(tgrads64[tname])
             backend.module.lazy_reset_grad()
-            tl = tloss.item()
+            ort_err = _rel_l2(og, tg64)
+            torch_err = _rel_l2(tg, tg64)
             result.update({"train_loss_ort": oloss, "train_loss_torch": tl,
                            "train_loss_rel_error": abs(oloss - tl) / max(abs(tl), 1e-12),
-                           "gradients_compared": len(og), "gradients_rel_l2_error": _rel_l2(og, tg),
+                           "gradients_compared": len(og),
+                           # against float64 torch: how far ORT's float32 gradients are from exact, next
+                           # to how far torch's own float32 gradients are (BatchNorm over few values per
+                           # channel makes them ill-conditioned in float32 in both runtimes)
+                           "gradients_rel_l2_error": ort_err, "torch_float32_gradients_rel_l2_error": torch_err,
+                           "gradients_rel_l2_error_vs_torch_float32": _rel_l2(og, tg),
                            "train_check": "compared"})
     ok = result["eval_outputs_max_rel_error"] <= tol_out
     if result["train_check"] == "compared":
-        ok = ok and result["train_loss_rel_error"] <= tol_loss and result["gradients_rel_l2_error"] <= tol_grad
+        grad_budget = max(tol_grad, GRAD_SLACK * result["torch_float32_gradients_rel_l2_error"])
+        result["gradients_budget"] = grad_budget
+        ok = ok and result["train_loss_rel_error"] <= tol_loss and result["gradients_rel_l2_error"] <= grad_budget
     result["passed"] = bool(ok)
     return result
 
@@ -118,11 +145,14 @@ class ParityResult:
 def compare_training(module: nn.Module, batches: Iterable[tuple[Sequence[torch.Tensor], torch.Tensor]], *,
                      loss: str = "cross_entropy", optimizer: OptimizerSpec | None = None,
                      lr: float | None = None, folder: str | Path | None = None,
-                     threads: int | None = 1) -> ParityResult:
+                     threads: int | None = 1, float64_reference: bool = True) -> ParityResult:
     """N ORT steps vs N torch steps from the same weights on the same ``(inputs, target)`` batches.
 
     ``module`` (an nn.Module or GraphModule; not modified) is captured and emitted as ORT artifacts
-    into ``folder`` (a temporary folder by default).
+    into ``folder`` (a temporary folder by default). With ``float64_reference`` torch also trains a
+    float64 copy: float32 training (in either runtime) drifts from exact arithmetic, fast where
+    BatchNorm normalises over few values, and ``notes["torch_float32_drift"]`` (max relative loss
+    difference float32 vs float64 torch) says how much of an ORT-vs-torch difference that explains.
     """
     import graphopt
     from graphopt.ort import emit_ort_artifacts
@@ -153,7 +183,24 @@ def compare_training(module: nn.Module, batches: Iterable[tuple[Sequence[torch.T
             tl = fn(out.float(), y.long() if loss == "cross_entropy" else y.float())
             tl.backward()
             opt.step()
-            torch_losses.append(float(tl))
+            torch_losses.append(tl.item())
+        notes: dict[str, Any] = {}
+        if float64_reference:
+            ref64 = copy.deepcopy(gm).double().train()
+            opt64 = optimizer.torch_optimizer(ref64.parameters())
+            for group in opt64.param_groups:
+                group["lr"] = lr
+            losses64 = []
+            for x, y in batches:
+                opt64.zero_grad(set_to_none=True)
+                out = ref64(*(t.double() if t.is_floating_point() else t for t in x))
+                tl = fn(out, y.long() if loss == "cross_entropy" else y.double())
+                tl.backward()
+                opt64.step()
+                losses64.append(tl.item())
+            notes["torch_float64_losses"] = losses64
+            notes["torch_float32_drift"] = max(abs(a - b) / abs(b) for a, b in zip(torch_losses, losses64))
+            notes["ort_float32_drift"] = max(abs(a - b) / abs(b) for a, b in zip(ort_losses, losses64))
         trained = backend.state_dict()
         tsd = ref.state_dict()
         keys = [k for k in trained if k in tsd and tsd[k].is_floating_point()]
@@ -161,7 +208,7 @@ def compare_training(module: nn.Module, batches: Iterable[tuple[Sequence[torch.T
         wrel = _rel_l2([trained[k] for k in keys], [tsd[k] for k in keys])
         counts_ok = all(int(trained[k]) == int(tsd[k]) for k in trained if k in tsd and not tsd[k].is_floating_point())
         return ParityResult(ort_losses, torch_losses, wmax, wrel,
-                            {"steps": len(batches), "tensors_compared": len(keys), "int_buffers_equal": counts_ok,
+                            {**notes, "steps": len(batches), "tensors_compared": len(keys), "int_buffers_equal": counts_ok,
                              "optimizer": optimizer.as_dict(), "loss": loss})
     finally:
         if tmp is not None:
