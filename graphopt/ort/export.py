@@ -15,7 +15,6 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
