@@ -6,6 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints/cpu-py311.txt
 PYTEST_ARGS ?=
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip repeats one warning per package for this machine's offline index folders; keep the log readable
+PIPQUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: setup demo test test-slow test-all bench clean
 
@@ -13,7 +17,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[ort,zoo,bench,dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[ort,zoo,bench,dev]" $(PIPQUIET)
 	@touch $@
 
 demo: setup

@@ -111,8 +111,8 @@ class _Imports:
         if cls.__module__.startswith("torch.nn") and getattr(nn, cls.__name__, None) is cls:
             return f"nn.{cls.__name__}"
         if "<locals>" in cls.__qualname__ or cls.__module__.startswith("graphopt_user_model_"):
-            raise EmitError(f"class {cls.__qualname__} is defined in the model file, not in an importable "
-                            "package, so standalone code cannot construct it",
+            raise EmitError(f"class {cls.__qualname__} is defined in the model file or inside a function, "
+                            "not in an importable package, so standalone code cannot construct it",
                             fix="make the model fully traceable (no opaque modules) or move the class "
                                 "into an installed package")
         alias = f"{cls.__module__.replace('.', '_')}_{cls.__qualname__.replace('.', '_')}"
@@ -186,12 +186,12 @@ def generate_source(gm: fx.GraphModule, class_name: str, header: str = "") -> tu
         for cname, child in module.named_children():
             cpath = f"{path}.{cname}" if path else cname
             if cpath in called:
-                ref = imports.cls_ref(type(child))
                 try:
+                    ref = imports.cls_ref(type(child))
                     kwargs = _ctor_kwargs(child)
                 except EmitError as exc:
                     raise EmitError(f"module '{cpath}' ({type(child).__name__}): {exc.what}",
-                                    fix="report it: this module type needs a constructor rule") from exc
+                                    fix=exc.fix or "report it: this module type needs a constructor rule") from exc
                 ctor = f"{ref}({', '.join(f'{k}={_fmt(v)}' for k, v in kwargs.items())})"
                 _check_ctor(cpath, child, ctor, imports)
             else:
@@ -356,8 +356,8 @@ def emit_torch_folder(gm: fx.GraphModule, out: str | Path, *, report: Any = None
             manifest["passes"] = [r.as_dict() for r in report.records]
         if extra:
             manifest.update(extra)
-        from graphopt.manager import _json_default
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=_json_default))
+        from graphopt.manager import dumps_json
+        (tmp / MANIFEST_FILE).write_text(dumps_json(manifest))
         # the folder must load and compute what the graph computes before it is moved into place
         reloaded = load(tmp)
         inputs = check_inputs if check_inputs is not None else meta.get("example_inputs")
