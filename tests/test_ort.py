@@ -438,3 +438,20 @@ def test_real_inference_onnx_matches(zoo, name, tmp_path):
     out = go.emit_onnx_model(m, tmp_path / "onnx", inputs=(torch.randn(2, 3, hw, hw),))
     check = json.loads((out / "manifest.json").read_text())["check"]
     assert check["passed"] and check["max_rel_error"] <= 1e-4
+
+
+@pytest.mark.parametrize("spec,tol", [("prune:ratio=0.5,mode=structured", 1e-5), ("mixed_precision", 1e-3)])
+def test_pass_variants_train_in_ort(spec, tol, tmp_path):
+    """Rewritten graphs (pruned; float32 weights with half compute) emit, check and train like torch."""
+    from tests.conftest import SmallCNN
+
+    if spec.split(":")[0] not in graphopt.available_passes():
+        pytest.skip(f"pass {spec} not in this tree")
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    gm, report = graphopt.optimize(SmallCNN(c=16).eval(), (x,), [spec])
+    out = go.emit_ort_artifacts(gm, tmp_path / "ort", report=report)
+    check = json.loads((out / "manifest.json").read_text())["check"]
+    assert check["passed"] and check["train_check"] == "compared"
+    r = go.compare_training(gm, batches(3), optimizer=OptimizerSpec.create("sgd", lr=0.05))
+    assert r.max_rel_loss_diff <= tol, (r.ort_losses, r.torch_losses)  # measured: prune ~1e-7, mixed ~1e-4
