@@ -14,4 +14,6 @@ __all__ = ["emit_torch_folder", "load", "EMITTERS"]
 EMITTERS: dict[str, str] = {
     "torch": "graphopt.emit.torch_folder:emit_torch_folder",
     "pipeline": "graphopt.emit.pipeline:emit_pipeline",
+    "onnx": "graphopt.emit.onnx:emit_onnx",
+    "ort": "graphopt.emit.ort_training:emit_ort",
 }
