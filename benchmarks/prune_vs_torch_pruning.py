@@ -155,7 +155,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "torch_pruning_version": tp.__version__,
-        "graphopt": graphopt.__version__,
+        "graphopt_version": graphopt.__version__,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_start": list(load_start),
         "loadavg_end": list(load_end),

@@ -30,7 +30,6 @@ def test_rewrites_inputs_and_conv_weights(small_cnn):
 def test_gradient_check_falls_back_to_float64_when_relu_masks_flip():
     """Two graphs computing the same function, but rounding differently in float32, so that
     ReLU masks near zero flip: the float32 gradient check fails, float64 settles it."""
-    from graphopt.pass_infra import PassResult
     from graphopt.verify import Verification, _check_grads
 
     class A(nn.Module):

@@ -22,7 +22,7 @@ class Messy(nn.Module):
 
     def forward(self, x):
         y = self.ident(self.conv(x))
-        dead = torch.sigmoid(y) * 3  # noqa: F841 - dead code
+        torch.sigmoid(y) * 3  # dead code: result unused
         y = self.drop0(y) * 1
         y = y + 0
         y = y.float()  # already float32

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickletools  # noqa: F401 - only to make clear what we check for: no pickle opcodes
-from pathlib import Path
 
 import pytest
 import torch

@@ -11,7 +11,7 @@ from torch import nn
 
 import graphopt
 from graphopt.analysis.channels import analyze_channels
-from graphopt.errors import PassConfigError, PreconditionError
+from graphopt.errors import PassConfigError
 from graphopt.prune import prune_iterative, sparsity_of, to_semi_structured
 from tests.helpers import count_calls, count_modules, outputs, run_pass, train_steps
 

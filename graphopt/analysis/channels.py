@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import networkx as nx
 import numpy as np
@@ -848,7 +848,6 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelGraph:
     an = _Analyzer(gm)
     an.run()
     root = an.uf.roots()
-    n_atoms = len(root)
     blocked_reasons: dict[int, str] = {}
     for atoms, reason in an.blocks:
         for r in np.unique(root[atoms]):

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
-from graphopt.emit._fs import atomic_folder, check_output_folder, sha256_file
+from graphopt.emit._fs import atomic_folder, check_output_folder, resolve_inputs, sha256_file
 from graphopt.emit.ort_training import _has_half_casts, as_bool, parse_options
 from graphopt.errors import EmitError
 
@@ -79,12 +79,7 @@ def emit_onnx_model(module: nn.Module, out: str | Path, *, inputs: Sequence[torc
     ort = require_ort("--emit onnx")
     check_output_folder(out, force)
     meta = module.meta.get("graphopt", {}) if isinstance(module, fx.GraphModule) else {}
-    if inputs is None:
-        inputs = meta.get("example_inputs")
-        if inputs is None:
-            raise EmitError("no example inputs to export with", where=str(out),
-                            fix="capture the model with graphopt.capture/optimize, or pass inputs=")
-    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    inputs = resolve_inputs(module, inputs, out)
     exported = export_onnx(module, inputs, training=False, opset=opset or DEFAULT_OPSET,
                            dynamic_batch=dynamic_batch, where=str(out))
     half = _has_half_casts(exported.model)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
-from graphopt.emit._fs import atomic_folder, check_output_folder, sha256_file
+from graphopt.emit._fs import atomic_folder, check_output_folder, resolve_inputs, sha256_file
 from graphopt.errors import EmitError, PassConfigError
 
 __all__ = ["emit_ort", "emit_ort_artifacts", "preflight", "check_summary", "OPTIONS"]
@@ -130,12 +130,7 @@ def emit_ort_artifacts(module: nn.Module, out: str | Path, *, loss: str | None =
     require_ort_training("--emit ort")
     check_output_folder(out, force)
     meta = module.meta.get("graphopt", {}) if isinstance(module, fx.GraphModule) else {}
-    if inputs is None:
-        inputs = meta.get("example_inputs")
-        if inputs is None:
-            raise EmitError("no example inputs to export with", where=str(out),
-                            fix="capture the model with graphopt.capture/optimize, or pass inputs=")
-    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    inputs = resolve_inputs(module, inputs, out)
     if not isinstance(module, fx.GraphModule):
         import graphopt
 

@@ -19,14 +19,13 @@ stage: ``device_map``).
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
 
-from graphopt.emit._fs import atomic_folder, check_output_folder
+from graphopt.emit._fs import atomic_folder, check_output_folder, read_manifest
 from graphopt.emit.torch_folder import MANIFEST_FILE, MODULE_FILE, WEIGHTS_FILE, emit_torch_folder, load
 from graphopt.errors import ArtifactError, EmitError, PreconditionError
 
@@ -132,25 +131,8 @@ def _compare(reference: Any, chained: nn.Module, inputs: Sequence[torch.Tensor])
 def read_pipeline_manifest(folder: str | Path, *, check_files: bool = True) -> dict[str, Any]:
     """The pipeline manifest, after checking that every stage folder has its files."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ArtifactError("pipeline folder not found" if not folder.exists() else "not a folder",
-                            where=str(folder), fix="give the folder `graphopt optimize --emit pipeline -o` wrote")
-    mpath = folder / MANIFEST_FILE
-    if not mpath.is_file():
-        raise ArtifactError(f"{MANIFEST_FILE} is missing", where=str(folder),
-                            fix="give the folder `graphopt optimize --emit pipeline -o` wrote")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{MANIFEST_FILE} is not valid JSON ({exc})", where=str(folder),
-                            fix="re-emit the folder") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        kind = manifest.get("format") if isinstance(manifest, dict) else None
-        raise ArtifactError(f"not a pipeline folder (format {kind!r})", where=str(folder),
-                            fix="emit one with `graphopt optimize MODEL.py -p partition:stages=N --emit pipeline`")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ArtifactError(f"written by a newer graphopt (format {manifest.get('format_version')})",
-                            where=str(folder), fix="upgrade graphopt")
+    manifest = read_manifest(folder, fmt=FORMAT, version=FORMAT_VERSION, what="pipeline folder",
+                             emit_hint="graphopt optimize MODEL.py -p partition:stages=N --emit pipeline -o OUT")
     if check_files:
         for entry in manifest.get("stages", []):
             sdir = folder / entry["folder"]

@@ -21,7 +21,6 @@ import inspect
 import json
 import keyword
 import re
-import sys
 import typing
 from pathlib import Path
 from types import ModuleType
@@ -32,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
-from graphopt.emit._fs import atomic_folder, sha256_file
+from graphopt.emit._fs import atomic_folder, read_manifest, sha256_file
 from graphopt.errors import ArtifactError, EmitError
 
 __all__ = ["emit_torch_folder", "load", "generate_source", "FORMAT", "FORMAT_VERSION"]
@@ -381,25 +380,8 @@ def _check_same(gm: fx.GraphModule, reloaded: nn.Module, inputs: tuple[torch.Ten
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
-    if not folder.exists():
-        raise ArtifactError("folder not found", where=str(folder), fix="check the path")
-    if not folder.is_dir():
-        raise ArtifactError("not a folder", where=str(folder), fix="give the folder graphopt wrote")
-    mpath = folder / MANIFEST_FILE
-    if not mpath.is_file():
-        raise ArtifactError(f"{MANIFEST_FILE} is missing", where=str(folder),
-                            fix="give a folder written by `graphopt optimize -o`")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{MANIFEST_FILE} is not valid JSON ({exc})", where=str(folder),
-                            fix="re-emit the folder") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{MANIFEST_FILE} is not a graphopt torch-folder manifest", where=str(folder))
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ArtifactError(f"written by a newer graphopt (format {manifest.get('format_version')})",
-                            where=str(folder), fix="upgrade graphopt")
-    return manifest
+    return read_manifest(folder, fmt=FORMAT, version=FORMAT_VERSION, what="graphopt torch folder",
+                         emit_hint="graphopt optimize -o")
 
 
 def load(folder: str | Path, *, verify_checksums: bool = True) -> nn.Module:

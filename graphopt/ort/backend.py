@@ -38,22 +38,11 @@ _STEPS_PROPERTY = "graphopt_steps"
 def read_ort_manifest(folder: str | Path, verify_checksums: bool = True) -> dict[str, Any]:
     from graphopt.emit._fs import sha256_file
 
+    from graphopt.emit._fs import read_manifest
+
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ArtifactError("ORT artifacts folder not found", where=str(folder), fix="check the path")
-    mpath = folder / MANIFEST
-    try:
-        manifest = json.loads(mpath.read_text())
-    except FileNotFoundError as exc:
-        raise ArtifactError(f"{MANIFEST} is missing", where=str(folder),
-                            fix="give a folder written by `graphopt optimize --emit ort`") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{MANIFEST} is not valid JSON ({exc})", where=str(folder), fix="re-emit it") from exc
-    if manifest.get("format") != ORT_FORMAT:
-        raise ArtifactError(f"not an ORT training folder (format {manifest.get('format')!r})", where=str(folder),
-                            fix="give a folder written by `graphopt optimize --emit ort`")
-    if manifest.get("format_version", 0) > ORT_FORMAT_VERSION:
-        raise ArtifactError("written by a newer graphopt", where=str(folder), fix="upgrade graphopt")
+    manifest = read_manifest(folder, fmt=ORT_FORMAT, version=ORT_FORMAT_VERSION, what="ORT training folder",
+                             emit_hint="graphopt optimize --emit ort")
     for fname, digest in manifest.get("files", {}).items():
         fpath = folder / fname
         if not fpath.is_file():

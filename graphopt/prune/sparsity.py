@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphopt.ir import name_matches, unique_attr_name
+from graphopt.ir import name_matches
 from graphopt.prune.structured import copy_graph_module
 
 __all__ = ["MaskedWeight", "SparsityResult", "find_masked_weights", "prune_sparse", "sparsity_of",
