@@ -110,7 +110,7 @@ class TrainResult:
     name: str
     config: TrainConfig
     history: list[EpochRecord] = field(default_factory=list)
-    stop_reason: str = "epochs"
+    stop_reason: str = "all epochs run"
     best_epoch: float | None = None
     best_value: float | None = None
     time_to_target_s: float | None = None
@@ -321,7 +321,7 @@ class Trainer:
         self.epoch += 1
         if self.epoch >= cfg.epochs and not self.done:
             self.done = True
-            self.result.stop_reason = "epochs"
+            self.result.stop_reason = "all epochs run"
         self.result.steps = self.step
         return records
 
