@@ -52,16 +52,20 @@ class Block:
         return {"path": self.path, "class": self.cls, "shape": list(self.shape), "nodes": len(self.nodes)}
 
 
-def _paths(node: fx.Node) -> list[str]:
+def _paths(node: fx.Node) -> list[tuple[str, str]]:
+    """(module path, original class name) of every module whose forward produced ``node``
+    (GraphModule keeps the hierarchy but not the classes of container modules)."""
     stack = node.meta.get("nn_module_stack") or {}
     out = []
     for key, val in stack.items():
         path = val[0] if isinstance(val, tuple) else key
-        out.append(str(path))
+        cls = val[1] if isinstance(val, tuple) and len(val) > 1 else None
+        name = getattr(cls, "__name__", None) or (str(cls).rsplit(".", 1)[-1].strip("'>") if cls else "")
+        out.append((str(path), name))
     return out
 
 
-def _candidate(gm: fx.GraphModule, path: str, nodes: list[fx.Node]) -> Block | None:
+def _candidate(gm: fx.GraphModule, path: str, cls: str, nodes: list[fx.Node]) -> Block | None:
     try:
         mod = gm.get_submodule(path)
     except AttributeError:
@@ -79,16 +83,29 @@ def _candidate(gm: fx.GraphModule, path: str, nodes: list[fx.Node]) -> Block | N
     shape_in, shape_out = output_shape(entry), output_shape(exit_)
     if shape_in is None or shape_in != shape_out or output_dtype(entry) != output_dtype(exit_):
         return None
-    return Block(path, type(mod).__name__, entry, exit_, nodes, shape_in)
+    return Block(path, cls or type(mod).__name__, entry, exit_, nodes, shape_in)
+
+
+def _depth(path: str) -> int:
+    return 0 if not path else path.count(".") + 1
 
 
 def find_blocks(gm: fx.GraphModule, globs: Sequence[str] | None = None) -> list[Block]:
     """Shape-preserving blocks, in graph order (``globs``: only module paths matching them)."""
     by_path: dict[str, list[fx.Node]] = {}
+    classes: dict[str, str] = {}
     for node in gm.graph.nodes:
-        for p in _paths(node):
+        for p, cls in _paths(node):
             by_path.setdefault(p, []).append(node)
-    cands = [b for p, ns in by_path.items() if p and (b := _candidate(gm, p, ns)) is not None]
+            classes.setdefault(p, cls)
+    cands = [b for p, ns in by_path.items() if p and (b := _candidate(gm, p, classes[p], ns)) is not None]
+    # a container of repeated blocks (>= 2 direct children of one class that are blocks themselves,
+    # e.g. a ResNet stage) is not a block: its children are
+    kids: dict[str, dict[str, int]] = {}
+    for b in cands:
+        per_class = kids.setdefault(b.stage, {})
+        per_class[b.cls] = per_class.get(b.cls, 0) + 1
+    cands = [b for b in cands if max(kids.get(b.path, {}).values(), default=0) < 2]
     if globs:
         chosen = [b for b in cands if name_matches(b.path, globs)]
     else:
@@ -106,7 +123,7 @@ def find_blocks(gm: fx.GraphModule, globs: Sequence[str] | None = None) -> list[
 
         # the level with most blocks first; nothing nested in a chosen block or inside a chosen
         # stage's other children (e.g. the depthwise unit inside a MobileNet inverted residual)
-        for stage, blocks in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0].count("."), kv[0])):
+        for stage, blocks in sorted(groups.items(), key=lambda kv: (-len(kv[1]), -_depth(kv[0]), kv[0])):
             if any(nested(b.path, c.path) for b in blocks for c in chosen):
                 continue
             if any(inside(stage + ".", s) for s in chosen_stages):

@@ -245,14 +245,23 @@ class Trainer:
         self._check_outputs()
 
     def _check_outputs(self) -> None:
+        """Run one test batch before training so that a model/data mismatch is one clear error."""
+        from graphopt.bench.data import num_classes
+
         inputs, target = next(iter(self.test_batches))
-        loss, out = self.backend.evaluate(inputs, target)
+        classes = num_classes(self.splits.train)
+        try:
+            loss, out = self.backend.evaluate(inputs, target)
+        except Exception as exc:
+            hint = f" (the data has {classes} classes)" if classes else ""
+            raise GraphoptError(f"the model does not run on the data: {type(exc).__name__}: {exc}{hint}",
+                                where=self.name, fix="make the model's input and output match the data") from exc
+        if classes and _accuracy(out, target) is not None and out.shape[1] < classes:
+            raise GraphoptError(f"the model outputs {out.shape[1]} classes but the data has {classes}",
+                                where=self.name,
+                                fix="give the model a classifier with as many outputs as the data has classes")
         if not math.isfinite(loss):
             log.warning("%s: initial test loss is %s", self.name, loss)
-        if _accuracy(out, target) is not None and out.shape[1] <= int(target.max()):
-            raise GraphoptError(f"the model outputs {out.shape[1]} classes but the data has labels up to "
-                                f"{int(target.max())}", where=self.name,
-                                fix="give the model a classifier with as many outputs as the data has classes")
 
     def _eval(self, batches: Batches | None) -> tuple[float | None, float | None]:
         if batches is None:
