@@ -131,21 +131,17 @@ def _pipeline(spec: Any, pass_specs: tuple[str, ...], config: str | None, verify
 
 
 def _bench_batch(spec: Any, batch_size: int | None):
-    """Inputs and target for the step benchmark: a real batch from data() when the file has one."""
+    """Inputs and target for the step benchmark: random inputs (step time does not depend on the
+    values) and a matching random target; a real batch from data() when the model file's loss
+    does not accept the random target."""
     import torch
 
     from graphopt.bench.compare import synthetic_target
     from graphopt.bench.data import as_tensors
+    from graphopt.bench.torch_backend import default_loss
 
     ex = spec.example_inputs
     n = batch_size or int(ex[0].shape[0])
-    if spec.data is not None:
-        from graphopt.modelfile import _call
-
-        train = _call(spec.data, spec.path, "data()")[0]
-        cols = as_tensors(train, limit=n)
-        if len(cols[0]) >= n:
-            return tuple(cols[:-1]), cols[-1], "a real batch from data()"
     inputs = []
     g = torch.Generator().manual_seed(0)
     for t in ex:
@@ -155,7 +151,23 @@ def _bench_batch(spec: Any, batch_size: int | None):
             reps = -(-n // t.shape[0])
             inputs.append(t.repeat(reps, *([1] * (t.dim() - 1)))[:n])
     inputs = tuple(inputs)
-    return inputs, synthetic_target(spec.module, inputs), "random inputs and targets"
+    target = synthetic_target(spec.module, inputs)
+    try:
+        with torch.no_grad():
+            spec.module.eval()
+            (spec.loss or default_loss)(spec.module(*inputs).float(), target)
+        return inputs, target, "random inputs and targets"
+    except Exception:
+        if spec.data is None:
+            raise
+    finally:
+        spec.module.train()
+    from graphopt.modelfile import _call
+
+    cols = as_tensors(_call(spec.data, spec.path, "data()")[0], limit=n)
+    if len(cols[0]) < n:
+        raise GraphoptError(f"data() has fewer than {n} training items", fix="use a smaller --batch-size")
+    return tuple(cols[:-1]), cols[-1], "a real batch from data()"
 
 
 @cli.command(context_settings={"max_content_width": 100})
