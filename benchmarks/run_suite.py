@@ -303,7 +303,8 @@ def index_markdown(suite: Suite, wall: float) -> str:
             cols = list(s["rows"][0])
             lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
             for r in s["rows"]:
-                lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+                lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v))
+                                               for v in r.values()) + " |")
             lines += ["", f"Best: **{s['best']}** ({s['criterion']})."]
         elif s["kind"] == "prune_finetune":
             lines.append(f"trained {s['trained_accuracy']:.4f} -> pruned {s['pruned_accuracy']:.4f} -> fine-tuned "
