@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh CPU machine (Python 3.11, pip configured offline):
 #   make demo   set up .venv, then optimise and benchmark the example model
+#   make bench  the benchmark suite (BENCH_ARGS=--quick for a short run) -> benchmarks/results/cpu/
 #   make test   set up .venv, then run the default (fast) test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,6 +11,8 @@ SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 # pip repeats one warning per package for this machine's offline index folders; keep the log readable
 PIPQUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+BENCH_ARGS ?=
 
 .PHONY: setup demo test test-slow test-all bench clean
 
@@ -25,6 +28,11 @@ demo: setup
 	mkdir -p out
 	$(VENV)/bin/graphopt inspect examples/resnet18.py --draw out/resnet18-graph.png | tail -n 4
 	$(VENV)/bin/graphopt optimize examples/resnet18.py -p channels_last -p cleanup -o out/resnet18
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/graphopt bench examples/resnet18.py -p channels_last -p cleanup \
+		--batch-size 4 --steps 6 --warmup 1 --rounds 3 -o out/resnet18-bench --force
+
+bench: setup
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/run_suite.py $(BENCH_ARGS)
 
 test: setup
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -n 2 $(PYTEST_ARGS)
