@@ -349,14 +349,31 @@ def test_cli_bench_train_time_to_accuracy(model_file, tmp_path):
     assert (out / "train.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_train_writes_weights(model_file, tmp_path):
+def test_cli_train_writes_the_trained_model(model_file, tmp_path):
+    import graphopt
+
     out = tmp_path / "r"
     assert main(["train", str(model_file), "--data", "digits", "--epochs", "1", "--schedule", "onecycle",
                  "--progress", "tqdm", "-o", str(out), "--backend", "torch"]) == 0
-    from safetensors.torch import load_file
-
-    assert "stem.weight" in load_file(str(out / "weights.safetensors"))
     assert json.loads((out / "train.json").read_text())["config"]["schedule"] == "onecycle"
+    trained = graphopt.load(out / "model")
+    assert trained.graphopt_manifest["format"] == "graphopt.torch_folder" and hasattr(trained, "stem")
+
+
+def test_torch_backend_writes_its_trained_weights(tmp_path):
+    from graphopt.bench.torch_backend import TorchBackend
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x = torch.randn(4, 1, 8, 8)
+    backend = TorchBackend.from_config(net, TrainConfig(lr=0.1), example_inputs=(x,))
+    before = {k: v.clone() for k, v in backend.state_dict().items()}
+    backend.train_step((x,), torch.tensor([0, 1, 2, 0]), 0.1)
+    after = backend.state_dict()
+    assert not torch.equal(after["0.weight"], before["0.weight"])
+    loaded = graphopt.load(backend.write_torch_folder(tmp_path / "model"))
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, after[k], rtol=0, atol=0)
 
 
 def test_cli_sweeps(model_file, tmp_path):

@@ -455,3 +455,96 @@ def test_pass_variants_train_in_ort(spec, tol, tmp_path):
     assert check["passed"] and check["train_check"] == "compared"
     r = go.compare_training(gm, batches(3), optimizer=OptimizerSpec.create("sgd", lr=0.05))
     assert r.max_rel_loss_diff <= tol, (r.ort_losses, r.torch_losses)  # measured: prune ~1e-7, mixed ~1e-4
+
+
+# -- the ORT backend inside the training harness (graphopt train --backend ort) -------------------------
+HARNESS_MODEL = '''
+import torch
+from torch import nn
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+def example_inputs():
+    return (torch.randn(4, 1, 8, 8),)
+
+def loss(output, target):
+    return nn.functional.cross_entropy(output, target)
+'''
+
+
+@pytest.mark.ort
+def test_harness_trains_with_the_ort_backend_like_the_torch_backend():
+    """Same data, schedule and initial weights: ORT and torch follow the same loss curve."""
+    from graphopt.bench import TrainConfig, fit
+    from graphopt.bench.data import load_builtin
+
+    train, test = load_builtin("digits")
+    data = (torch.utils.data.Subset(train, range(256)), torch.utils.data.Subset(test, range(128)))
+    results = {}
+    for backend in ("torch", "ort"):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+        cfg = TrainConfig(epochs=2, batch_size=32, optimizer="adamw", lr=3e-3, weight_decay=0.01,
+                          schedule="cosine", val_fraction=0.0, backend=backend)
+        results[backend] = fit(net, data, cfg, example_inputs=(torch.randn(4, 1, 8, 8),))
+    t, o = results["torch"], results["ort"]
+    assert type(o.backend).__name__ == "OrtTrainBackend"
+    tl = [h.train_loss for h in t.history]
+    ol = [h.train_loss for h in o.history]
+    assert ol[-1] < ol[0]
+    for a, b in zip(ol, tl):
+        assert abs(a - b) <= 2e-3 * max(1.0, abs(b)), (ol, tl)
+
+
+@pytest.mark.ort
+def test_cli_train_backend_ort_writes_torch_folder_and_onnx(tmp_path):
+    import onnxruntime as ort
+
+    import graphopt
+    from graphopt.cli import main
+
+    mf = tmp_path / "m.py"
+    mf.write_text(HARNESS_MODEL)
+    out = tmp_path / "run"
+    assert main(["train", str(mf), "--backend", "ort", "--optimizer", "adamw", "--lr", "0.003", "--data", "digits",
+                 "--epochs", "1", "--batch-size", "64", "--progress", "none", "-o", str(out)]) == 0
+    trained = graphopt.load(out / "model").eval()
+    x = torch.randn(3, 1, 8, 8)
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(onnx_out), trained(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.ort
+def test_cli_train_backend_ort_rejects_momentum_sgd(tmp_path, capsys):
+    from graphopt.cli import main
+
+    mf = tmp_path / "m.py"
+    mf.write_text(HARNESS_MODEL)
+    assert main(["train", str(mf), "--backend", "ort", "--optimizer", "sgd", "--data", "digits", "--epochs", "1",
+                 "--progress", "none"]) == 2
+    assert "has no momentum" in capsys.readouterr().err
+
+
+@pytest.mark.ort
+def test_a_native_onnxruntime_crash_becomes_a_one_line_error(tmp_path):
+    """onnxruntime-training 1.19 segfaults in a training step of an adaptive average pool with output
+    2x2 (AveragePoolGrad); the emitter probes a step in a child process so the user's process lives."""
+    from graphopt.emit.ort_training import emit_ort_artifacts
+    from graphopt.errors import EmitError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10))
+    try:
+        emit_ort_artifacts(net, tmp_path / "a", inputs=(torch.randn(4, 1, 8, 8),))
+    except EmitError as exc:  # this onnxruntime crashes natively here
+        assert "crashed (SIGSEGV)" in str(exc) and "AveragePoolGrad" in str(exc)
+        assert list(tmp_path.iterdir()) == []  # nothing left behind
+    else:  # a fixed onnxruntime trains it
+        assert (tmp_path / "a" / "manifest.json").exists()

@@ -35,6 +35,7 @@ class TrainBackend(abc.ABC):
 # (TrainConfig: graphopt.bench.train). Adding a backend is one line here.
 BACKENDS: dict[str, str] = {
     "torch": "graphopt.bench.torch_backend:TorchBackend.from_config",
+    "ort": "graphopt.ort.backend:OrtTrainBackend.from_config",
 }
 
 

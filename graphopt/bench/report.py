@@ -349,4 +349,6 @@ def write_outputs(out: str | Path, files: Mapping[str, str | bytes | Callable[[P
 
 
 def dump_json(doc: Any) -> str:
-    return json.dumps(doc, indent=2, default=str)
+    from graphopt.manager import dumps_json
+
+    return dumps_json(doc)

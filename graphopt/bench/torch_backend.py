@@ -13,6 +13,8 @@ The loss is always computed in float32 (``loss_fn(output.float(), target)``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import logging
 from typing import Any, Callable
 
@@ -106,9 +108,33 @@ class TorchBackend(TrainBackend):
     def from_config(cls, module: nn.Module, config: Any, *, loss: Callable[..., torch.Tensor] | None = None,
                     example_inputs: Any = None) -> "TorchBackend":
         """Factory used by the backend registry (``config`` is a :class:`graphopt.bench.TrainConfig`)."""
-        return cls(module, loss=loss, optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
-                   weight_decay=config.weight_decay, nesterov=config.nesterov, device=config.device,
-                   precision=config.precision, compile=config.compile, grad_clip=config.grad_clip)
+        backend = cls(module, loss=loss, optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
+                      weight_decay=config.weight_decay, nesterov=config.nesterov, device=config.device,
+                      precision=config.precision, compile=config.compile, grad_clip=config.grad_clip)
+        backend.example_inputs = tuple(example_inputs) if example_inputs is not None else None
+        return backend
+
+    example_inputs: tuple[torch.Tensor, ...] | None = None
+
+    def write_torch_folder(self, out: str | Path, *, force: bool = False) -> Path:
+        """The trained model as a graphopt torch folder (``graphopt.load`` reads it)."""
+        import copy
+
+        from torch import fx
+
+        import graphopt
+
+        module = copy.deepcopy(self.module).to("cpu")
+        inputs = tuple(t.cpu() for t in self.example_inputs) if self.example_inputs is not None else None
+        if isinstance(module, fx.GraphModule) and "graphopt" in module.meta:
+            gm = module
+            inputs = inputs or module.meta["graphopt"].get("example_inputs")
+        else:
+            if inputs is None:
+                raise GraphoptError("no example inputs to capture the trained model with",
+                                    fix="build the backend with example_inputs=")
+            gm = graphopt.capture(module, inputs)
+        return graphopt.emit_torch_folder(gm, out, force=force, check_inputs=inputs)
 
     # -- data movement -------------------------------------------------------------------------
     def prepare(self, inputs: tuple[torch.Tensor, ...], target: torch.Tensor

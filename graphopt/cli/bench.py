@@ -287,7 +287,7 @@ def _bench_train(spec: Any, variants: dict[str, Any], kw: dict[str, Any], batch_
               help="Training backend (see graphopt.bench.backend.BACKENDS).")
 @click.option("--no-verify", is_flag=True, help="Skip the rewrite's numeric checks.")
 @click.option("-o", "--out", type=click.Path(file_okay=False),
-              help="Also write train.json, train.md, train.png and the trained weights.safetensors here.")
+              help="Also write train.json, train.md, train.png and the trained model (model/, a torch folder; + model.onnx with --backend ort) here.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 def train(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | None, batch_size: int,
           backend: str, no_verify: bool, out: str | None, force: bool, **kw: Any) -> None:
@@ -323,18 +323,19 @@ def train(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
                   example_inputs=spec.example_inputs)
     console.print(rep.history_table(res))
     if out_path is not None:
-        from safetensors.torch import save_file
-
         doc = {"kind": "training", "model_file": str(spec.path), "data": desc, "env": env, "pipeline": pipeline_doc,
                **res.as_dict()}
-        state = {k: v.contiguous() for k, v in res.backend.state_dict().items()}
-        rep.write_outputs(out_path, {
+        files = {
             "train.json": rep.dump_json(doc),
             "train.md": rep.training_markdown({res.name: res}, env, f"Training: {res.name}", desc),
             "train.png": lambda p: rep.plot_training({res.name: res}, p, cfg.target_accuracy, res.name),
-            "weights.safetensors": lambda p: save_file(state, str(p)),
-        }, force=force)
-        console.print(f"[bold green]wrote[/] {out_path}/ (train.json, train.md, train.png, weights.safetensors)")
+            # the trained model, reloadable with graphopt.load(OUT/model) whichever runtime trained it
+            "model": lambda p: res.backend.write_torch_folder(p),
+        }
+        if hasattr(res.backend, "export_inference"):  # ORT: the trained inference model too
+            files["model.onnx"] = lambda p: res.backend.export_inference(p)
+        rep.write_outputs(out_path, files, force=force)
+        console.print(f"[bold green]wrote[/] {out_path}/ ({', '.join(files)})")
 
 
 @cli.group()

@@ -95,6 +95,35 @@ class OrtTrainBackend(TrainBackend):
                                 fix="re-emit the folder with this graphopt/onnxruntime") from exc
         self._post_init()
 
+    @classmethod
+    def from_config(cls, module: Any, config: Any, *, loss: Any = None, example_inputs: Any = None) -> "OrtTrainBackend":
+        """Factory of the harness's backend registry (``graphopt train --backend ort``).
+
+        Emits ORT training artifacts for ``module`` into a temporary folder the backend owns, with
+        ``config``'s optimizer mapped to ORT's (AdamW with torch's semantics, or plain SGD) and the
+        model file's ``loss`` mapped to an ORT loss, then loads them.
+        """
+        import tempfile
+
+        from graphopt.emit.ort_training import emit_ort_artifacts
+        from graphopt.errors import PassConfigError
+        from graphopt.ort.spec import OptimizerSpec
+
+        if str(getattr(config, "device", "cpu")) != "cpu":
+            raise PassConfigError("the ORT backend trains on the CPU build of onnxruntime-training",
+                                  fix="use --device cpu, or --backend torch on a GPU")
+        if config.optimizer not in ("adamw", "sgd"):
+            raise PassConfigError(f"optimizer '{config.optimizer}' is not available in ONNX Runtime training",
+                                  fix="use --optimizer adamw or --optimizer sgd --momentum 0")
+        spec = OptimizerSpec(name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
+                             momentum=config.momentum if config.optimizer == "sgd" else 0.0)
+        tmp = tempfile.TemporaryDirectory(prefix="graphopt-ort-")
+        folder = Path(tmp.name) / "artifacts"
+        emit_ort_artifacts(module, folder, optimizer=spec, inputs=example_inputs, model_loss=loss)
+        backend = cls(folder, threads=torch.get_num_threads())
+        backend._tmp = tmp  # the artifacts live as long as the backend
+        return backend
+
     def _load(self, CheckpointState: Any, Module: Any, Optimizer: Any, ckpt: Path, art: dict[str, str],
               opts: Any) -> None:
         self.state = CheckpointState.load_checkpoint(str(ckpt))

@@ -231,3 +231,63 @@ def compare_training(module: nn.Module, batches: Iterable[tuple[Sequence[torch.T
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+_CRASH_PROBE = r"""
+import sys
+import numpy as np
+import torch
+from graphopt.ort.backend import OrtTrainBackend
+
+folder, npz = sys.argv[1], sys.argv[2]
+arrays = np.load(npz, allow_pickle=False)
+inputs = tuple(torch.from_numpy(arrays[k]) for k in sorted(arrays.files))
+backend = OrtTrainBackend(folder, threads=1, verify_checksums=False)
+target = torch.zeros(inputs[0].shape[0], dtype=torch.long)
+_, out = backend.evaluate(inputs, target)
+if backend.loss != "cross_entropy":
+    target = torch.zeros_like(out)
+else:
+    target = out.argmax(-1) if out.dim() > 1 else target
+backend.train_step(inputs, target, 1e-3)
+"""
+
+
+def probe_for_crash(folder: Path, inputs: tuple[torch.Tensor, ...], where: str, timeout: float = 600) -> None:
+    """Run one eval and one training step of the artifacts in a child process first.
+
+    Some graphs make onnxruntime-training 1.19 crash natively (a segmentation fault in a gradient
+    kernel, e.g. AveragePoolGrad for an adaptive average pool with output > 1 seen here), which
+    would kill the user's process with no message. A crash in the child becomes a one-line error;
+    any other failure is left to the in-process check, which explains it.
+    """
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+
+    from graphopt.errors import EmitError
+
+    with tempfile.TemporaryDirectory(prefix="graphopt-ort-probe-") as tmp:
+        npz = Path(tmp) / "inputs.npz"
+        np.savez(npz, **{f"x{i:03d}": t.detach().cpu().numpy() for i, t in enumerate(inputs)})
+        try:
+            proc = subprocess.run([sys.executable, "-c", _CRASH_PROBE, str(folder), str(npz)],
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise EmitError(f"ONNX Runtime did not finish one training step in {timeout:.0f} s", where=where,
+                            fix="use --emit onnx for inference, or train with --backend torch") from exc
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        import onnx
+
+        ops = sorted({n.op_type for n in onnx.load(str(folder / "training_model.onnx"), load_external_data=False).graph.node
+                      if n.op_type.endswith("Grad")})
+        raise EmitError(f"onnxruntime-training crashed ({name}) running one training step of this graph "
+                        f"(gradient operators: {', '.join(ops)})", where=where,
+                        fix="this is an onnxruntime-training bug; --emit onnx and --backend torch are unaffected")
