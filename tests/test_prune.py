@@ -464,3 +464,31 @@ def test_cli_prune(tmp_path):
     m = graphopt.load(tmp_path / "out")
     assert m.get_submodule("0").out_channels == 4
     assert main(["optimize", str(mf), "-p", "prune:mode=5:8", "-o", str(tmp_path / "o2")]) == 2
+
+
+def test_cli_prune_iterative_fine_tunes_between_rounds(tmp_path):
+    """Issue 4 item 5: k% per round over N rounds, fine-tuned with the training harness in between."""
+    import json
+
+    import graphopt
+    from graphopt.cli import main
+
+    mf = tmp_path / "m.py"
+    mf.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def model():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),\n"
+        "                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))\n\n"
+        "def example_inputs():\n    return (torch.randn(4, 1, 8, 8),)\n")
+    out = tmp_path / "run"
+    assert main(["prune-iterative", str(mf), "--rounds", "2", "--ratio-per-round", "0.5", "--data", "digits",
+                 "--epochs-per-round", "1", "--optimizer", "adam", "--lr", "0.01", "--progress", "none",
+                 "-o", str(out)]) == 0
+    doc = json.loads((out / "prune.json").read_text())
+    rounds = doc["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[0]["macs"] > rounds[1]["macs"] > rounds[2]["macs"]
+    assert all(r["test_accuracy"] is not None for r in rounds)
+    model = graphopt.load(out / "model")
+    assert model.get_submodule("0").out_channels == 4  # 16 -> 8 -> 4 channels
