@@ -1,11 +1,18 @@
 # Two commands do everything on a fresh CPU machine (Python 3.11, pip configured offline):
 #   make demo   set up .venv, then optimise and benchmark the example model
+#   make bench  the benchmark suite (BENCH_ARGS=--quick for a short run) -> benchmarks/results/cpu/
 #   make test   set up .venv, then run the default (fast) test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints/cpu-py311.txt
 PYTEST_ARGS ?=
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip repeats one warning per package for this machine's offline index folders; keep the log readable
+PIPQUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+BENCH_ARGS ?=
 
 .PHONY: setup demo test test-slow test-all bench clean
 
@@ -13,7 +20,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[ort,zoo,bench,dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[ort,zoo,bench,dev]" $(PIPQUIET)
 	@touch $@
 
 demo: setup
@@ -21,6 +28,11 @@ demo: setup
 	mkdir -p out
 	$(VENV)/bin/graphopt inspect examples/resnet18.py --draw out/resnet18-graph.png | tail -n 4
 	$(VENV)/bin/graphopt optimize examples/resnet18.py -p channels_last -p cleanup -o out/resnet18
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/graphopt bench examples/resnet18.py -p channels_last -p cleanup \
+		--batch-size 4 --steps 6 --warmup 1 --rounds 3 -o out/resnet18-bench --force
+
+bench: setup
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/run_suite.py $(BENCH_ARGS)
 
 test: setup
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -n 2 $(PYTEST_ARGS)

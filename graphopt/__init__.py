@@ -24,6 +24,7 @@ from graphopt.pass_infra import (
     get_pass, parse_pass_spec, register_pass,
 )
 from graphopt.verify import Verification
+from graphopt.prune import prune_iterative, to_semi_structured  # noqa: E402  (pruning library)
 
 __all__ = [
     "__version__",
@@ -33,6 +34,8 @@ __all__ = [
     "Pass", "PassResult", "Rewrite", "Decline", "Semantics", "Option", "PassManager", "PassRecord",
     "PipelineReport", "Verification", "optimize", "register_pass", "available_passes", "get_pass",
     "create_pass", "build_pipeline", "parse_pass_spec",
+    # pruning
+    "prune_iterative", "to_semi_structured",
     # model files and artifacts
     "ModelSpec", "load_model_file", "emit_torch_folder", "load",
     # errors

@@ -70,13 +70,30 @@ class PipelineReport:
                 "after": self.after.as_dict(), "passes": [r.as_dict() for r in self.records]}
 
     def to_json(self, **kw: Any) -> str:
-        return json.dumps(self.as_dict(), indent=2, default=_json_default, **kw)
+        return dumps_json(self.as_dict(), **kw)
 
     def __getitem__(self, name: str) -> PassRecord:
         for r in self.records:
             if r.name == name:
                 return r
         raise KeyError(name)
+
+
+def _finite(obj: Any) -> Any:
+    """Strict JSON has no Infinity/NaN: write them as the strings "inf", "-inf", "nan"."""
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, **kw: Any) -> str:
+    """Strict JSON (non-finite floats as strings) of reports and manifests."""
+    kw.setdefault("indent", 2)
+    return json.dumps(_finite(json.loads(json.dumps(obj, default=_json_default))), allow_nan=False, **kw)
 
 
 def _json_default(obj: Any) -> Any:
@@ -149,7 +166,7 @@ class PassManager:
                 p.ensures(new)
                 new.graph.lint()
                 new.recompile()
-                new_cost = annotate(new, inputs)
+                new_cost = annotate(new, inputs) if result.modified else cost
             except Exception as exc:
                 raise PassError(f"pass '{p.name}' produced an invalid graph: {type(exc).__name__}: {exc}",
                                 fix="rerun with --no-verify to inspect it, and report the bug") from exc

@@ -149,38 +149,42 @@ def _has_half(module: nn.Module) -> bool:
 
 
 def _check_grads(before: nn.Module, after: nn.Module, inputs: Sequence[torch.Tensor],
-                 ver: Verification, limit: float) -> dict[str, Any]:
-    """Input gradients of both graphs, compared in float64 where possible.
+                 ver: Verification, limit: float,
+                 grads: tuple[list[torch.Tensor | None], list[torch.Tensor | None]] | None = None) -> dict[str, Any]:
+    """Input gradients of both graphs: relative L2 error in their own dtype, re-checked in float64
+    when that fails.
 
     Gradients of piecewise-linear networks (ReLU, max-pool) are discontinuous: a float32
     rounding difference of 1e-7 can flip a ReLU mask near zero and change a gradient element
-    by O(1). In float64 such flips are vanishingly rare, so an exact rewrite matches to ~1e-10
-    there; graphs that hold half-precision casts are compared in their own dtype instead,
-    by relative L2 norm.
+    by O(1) (seen on ResNet-18 + channels_last: 0.2% relative L2, 2% max). In float64 such flips
+    are vanishingly rare, so an exact rewrite matches there to ~1e-10; a real bug does not.
+    Graphs holding half-precision casts are judged in their own dtype only.
     """
     import copy
 
     if not any(x.is_floating_point() for x in inputs):
         return {"input_grads": "not checked (no floating inputs)"}
-    use64 = not (_has_half(before) or _has_half(after))
-    if use64:
+    # first in the graphs' own dtype (cheap); only a mismatch there is re-checked in float64
+    if grads is None:
+        _, ref_g = run_with_grads(before, inputs, True)
+        _, new_g = run_with_grads(after, inputs, True)
+    else:
+        ref_g, new_g = grads
+    pairs = [(a, b) for a, b in zip(new_g, ref_g) if a is not None and b is not None]
+    if not pairs:
+        return {"input_grads": "not checked (no floating inputs reach the outputs)"}
+    gerr, glim, metric = rel_l2_error(*zip(*pairs)), limit * GRAD_TOL_FACTOR, "rel_l2_error"
+    if gerr > glim and not (_has_half(before) or _has_half(after)):
         try:
             b64, a64 = copy.deepcopy(before).double(), copy.deepcopy(after).double()
             x64 = [x.double() if x.is_floating_point() else x for x in inputs]
             _, ref_g = run_with_grads(b64, x64, True)
             _, new_g = run_with_grads(a64, x64, True)
+            pairs = [(a, b) for a, b in zip(new_g, ref_g) if a is not None and b is not None]
+            gerr = max_rel_error(*zip(*pairs))
+            glim, metric = 10 * tolerance_for(torch.float64), "max_rel_error (float64)"
         except (RuntimeError, TypeError, NotImplementedError):
-            use64 = False
-    if not use64:
-        _, ref_g = run_with_grads(before, inputs, True)
-        _, new_g = run_with_grads(after, inputs, True)
-    pairs = [(a, b) for a, b in zip(new_g, ref_g) if a is not None and b is not None]
-    if not pairs:
-        return {"input_grads": "not checked (no floating inputs reach the outputs)"}
-    if use64:
-        gerr, glim, metric = max_rel_error(*zip(*pairs)), 10 * tolerance_for(torch.float64), "max_rel_error (float64)"
-    else:
-        gerr, glim, metric = rel_l2_error(*zip(*pairs)), limit * GRAD_TOL_FACTOR, "rel_l2_error"
+            pass
     if gerr > glim:
         ver.status = "failed"
         ver.message = f"input gradients differ: {metric} {gerr:.2e} > {glim:.1e}"
@@ -232,7 +236,7 @@ def _verify_against(pass_: "Pass", before: nn.Module, after: nn.Module,
         value = max_rel_error(new_f, ref_f)
         ver = Verification("passed" if value <= limit else "failed", sem.value, "max_rel_error", value, limit)
         if want_grads:
-            details.update(_check_grads(before, after, inputs, ver, limit))
+            details.update(_check_grads(before, after, inputs, ver, limit, (ref_grads, new_grads)))
 
     if result.reference is not None:
         rout, _ = run_with_grads(result.reference, inputs, False)

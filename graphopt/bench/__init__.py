@@ -1,1 +1,29 @@
-"""Benchmark and training harness (timing, memory, training loops, datasets, reports, plots)."""
+"""Benchmark and training harness: timing, memory, training loops, datasets, sweeps, reports, plots.
+
+    from graphopt.bench import compare, fit, TrainConfig
+    res = compare({"original": model, "rewritten": gm}, inputs, steps=30)   # -> BenchResult
+    run = fit(model, (train_ds, test_ds), TrainConfig(epochs=10, schedule="cosine"))  # -> TrainResult
+"""
+
+from __future__ import annotations
+
+from graphopt.bench.backend import BACKENDS, TrainBackend, create_backend
+from graphopt.bench.compare import BenchResult, VariantResult, compare, synthetic_target
+from graphopt.bench.data import BUILTIN as DATASETS
+from graphopt.bench.data import Batches, DataSplits, adapt, load_builtin
+from graphopt.bench.depth import DepthChange, change_depth, find_blocks
+from graphopt.bench.measure import MemoryProbe, StepTimer, environment, measure_peak_flops, thread_settings
+from graphopt.bench.schedules import SCHEDULES, Schedule, lr_schedule
+from graphopt.bench.sweep import SweepResult, sweep_batch_size, sweep_depth
+from graphopt.bench.torch_backend import OPTIMIZERS, TorchBackend
+from graphopt.bench.train import EarlyStopping, EpochRecord, TrainConfig, Trainer, TrainResult, fit, fit_many
+
+__all__ = [
+    "TrainBackend", "TorchBackend", "BACKENDS", "create_backend", "OPTIMIZERS",
+    "TrainConfig", "TrainResult", "EpochRecord", "EarlyStopping", "Trainer", "fit", "fit_many",
+    "SCHEDULES", "Schedule", "lr_schedule",
+    "DATASETS", "load_builtin", "adapt", "Batches", "DataSplits",
+    "compare", "BenchResult", "VariantResult", "synthetic_target",
+    "MemoryProbe", "StepTimer", "environment", "measure_peak_flops", "thread_settings",
+    "change_depth", "find_blocks", "DepthChange", "sweep_depth", "sweep_batch_size", "SweepResult",
+]

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-__all__ = ["TrainBackend"]
+__all__ = ["TrainBackend", "BACKENDS", "create_backend"]
 
 
 class TrainBackend(abc.ABC):
@@ -28,3 +28,27 @@ class TrainBackend(abc.ABC):
     @abc.abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The current (trained) weights under the torch module's parameter/buffer names."""
+
+
+# Backends by name: "module:callable", where the callable is a factory
+#     factory(module: nn.Module, config: TrainConfig, *, loss, example_inputs) -> TrainBackend
+# (TrainConfig: graphopt.bench.train). Adding a backend is one line here.
+BACKENDS: dict[str, str] = {
+    "torch": "graphopt.bench.torch_backend:TorchBackend.from_config",
+    "ort": "graphopt.ort.backend:OrtTrainBackend.from_config",
+}
+
+
+def create_backend(name: str, module, config, *, loss=None, example_inputs=None) -> TrainBackend:
+    """Build the backend registered as ``name`` for ``module`` with the training ``config``."""
+    import importlib
+
+    from graphopt.errors import PassConfigError
+
+    if name not in BACKENDS:
+        raise PassConfigError(f"unknown training backend '{name}'", fix="choose one of " + ", ".join(BACKENDS))
+    mod_name, _, attr = BACKENDS[name].partition(":")
+    obj = importlib.import_module(mod_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj(module, config, loss=loss, example_inputs=example_inputs)

@@ -35,6 +35,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 # command modules register themselves on `cli`
 from graphopt.cli import core  # noqa: E402,F401
+from graphopt.cli import dist  # noqa: E402,F401
+from graphopt.cli import bench  # noqa: E402,F401
+from graphopt.cli import prune  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:

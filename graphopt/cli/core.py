@@ -29,11 +29,14 @@ def _emitters() -> list[str]:
 @click.option("-o", "--out", type=click.Path(file_okay=False), help="Output folder [default: MODEL_optimized].")
 @click.option("--emit", "emit_format", default="torch", show_default=True,
               help="Artifact format: " + ", ".join(["torch", "onnx", "ort", "pipeline"]) + " (the ones installed).")
+@click.option("--emit-option", "emit_options", multiple=True, metavar="KEY=VALUE",
+              help="An option of the emitter, repeatable (--emit ort: loss=, optimizer=adamw|sgd, lr=, "
+                   "weight_decay=, eps=, betas='b1|b2'; --emit onnx: opset=, dynamic_batch=).")
 @click.option("--no-verify", is_flag=True, help="Skip the numeric checks (lint and shape propagation still run).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the pipeline report as JSON here.")
 def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, out: str | None, emit_format: str,
-             no_verify: bool, force: bool, report_path: str | None) -> None:
+             emit_options: tuple[str, ...], no_verify: bool, force: bool, report_path: str | None) -> None:
     """Capture MODEL.py, run the passes with verification, and emit the optimised model.
 
     \b
@@ -53,6 +56,23 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
     passes = build_pipeline(pass_specs, config)
     if emit_format not in EMITTERS:
         raise PassConfigError(f"unknown --emit format '{emit_format}'", fix="choose one of " + ", ".join(EMITTERS))
+    import importlib
+    import inspect as _inspect
+
+    module_name, func_name = EMITTERS[emit_format].split(":")
+    emit_module = importlib.import_module(module_name)
+    emit_fn = getattr(emit_module, func_name)
+    options: dict[str, str] = {}
+    for item in emit_options:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PassConfigError(f"--emit-option '{item}' is not KEY=VALUE", fix="e.g. --emit-option loss=mse")
+        options[key.strip()] = value.strip()
+    emit_params = _inspect.signature(emit_fn).parameters
+    if options and "options" not in emit_params:
+        raise PassConfigError(f"--emit {emit_format} takes no --emit-option")
+    if hasattr(emit_module, "preflight"):  # missing optional packages / bad options: before any work
+        emit_module.preflight(options)
     model_path = model_file.rsplit(":", 1)[0] if not Path(model_file).exists() else model_file
     out_path = Path(out) if out else Path(f"{Path(model_path).stem}_optimized")
     check_output_folder(out_path, force)
@@ -74,15 +94,27 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
     manager = PassManager(passes, verify=not no_verify, on_pass=lambda rec: console.print(pass_table(rec)))
     gm, report = manager.run(gm, spec.example_inputs)
     console.print(summary_table(report))
-    module_name, func_name = EMITTERS[emit_format].split(":")
-    import importlib
-
-    emit_fn = getattr(importlib.import_module(module_name), func_name)
+    extra_kw: dict[str, object] = {}
+    if "options" in emit_params:
+        extra_kw["options"] = options
+    if "spec" in emit_params:
+        extra_kw["spec"] = spec
     with console.status(f"emitting {emit_format}"):
         path = emit_fn(gm, out_path, report=report, force=force,
-                       source={"file": str(spec.path), "sha256": spec.sha256, "factory": spec.factory})
+                       source={"file": str(spec.path), "sha256": spec.sha256, "factory": spec.factory}, **extra_kw)
+    emit_check = None
+    manifest_path = Path(path) / "manifest.json"
+    if emit_format != "torch" and manifest_path.is_file():
+        emit_check = json.loads(manifest_path.read_text()).get("check")
+        if emit_check and hasattr(emit_module, "check_summary"):
+            console.print(emit_module.check_summary(emit_check))
     if report_path:
-        Path(report_path).write_text(report.to_json())
+        doc = report.as_dict()
+        if emit_check:
+            doc["emit"] = {"format": emit_format, "check": emit_check}
+        from graphopt.manager import _json_default
+
+        Path(report_path).write_text(json.dumps(doc, indent=2, default=_json_default))
     verdict = "verified" if report.verified else "NOT verified (--no-verify)"
     console.print(f"[bold green]wrote[/] {path}/ ({emit_format}, {verdict})")
 

@@ -13,4 +13,7 @@ __all__ = ["emit_torch_folder", "load", "EMITTERS"]
 # name -> "module:function"; each function takes (gm, out, *, report, force, spec) -> Path
 EMITTERS: dict[str, str] = {
     "torch": "graphopt.emit.torch_folder:emit_torch_folder",
+    "pipeline": "graphopt.emit.pipeline:emit_pipeline",
+    "onnx": "graphopt.emit.onnx:emit_onnx",
+    "ort": "graphopt.emit.ort_training:emit_ort",
 }

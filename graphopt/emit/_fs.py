@@ -61,3 +61,55 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+MANIFEST_NAME = "manifest.json"
+
+
+def read_manifest(folder: str | Path, *, fmt: str, version: int, what: str, emit_hint: str) -> dict:
+    """The manifest of an artifact folder of format ``fmt``, with one-line errors for a missing
+    folder, a missing or invalid manifest, another format, or a newer format version.
+
+    ``what`` names the folder kind in messages ("pipeline folder"), ``emit_hint`` is the command
+    that writes one (for the fix).
+    """
+    import json
+
+    from graphopt.errors import ArtifactError
+
+    folder = Path(folder)
+    if not folder.exists():
+        raise ArtifactError(f"{what} not found", where=str(folder), fix="check the path")
+    if not folder.is_dir():
+        raise ArtifactError("not a folder", where=str(folder), fix=f"give the folder `{emit_hint}` wrote")
+    mpath = folder / MANIFEST_NAME
+    if not mpath.is_file():
+        raise ArtifactError(f"{MANIFEST_NAME} is missing", where=str(folder), fix=f"give the folder `{emit_hint}` wrote")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{MANIFEST_NAME} is not valid JSON ({exc})", where=str(folder),
+                            fix="re-emit the folder") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        kind = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ArtifactError(f"not a {what} (manifest format {kind!r})", where=str(folder),
+                            fix=f"give the folder `{emit_hint}` wrote")
+    if manifest.get("format_version", 0) > version:
+        raise ArtifactError(f"written by a newer graphopt (format {manifest.get('format_version')})",
+                            where=str(folder), fix="upgrade graphopt")
+    return manifest
+
+
+def resolve_inputs(module, inputs, out) -> tuple:
+    """Example inputs for an exporter: given ones, else those the graph was optimised with."""
+    from torch import fx
+
+    from graphopt.errors import EmitError
+
+    if inputs is None:
+        meta = module.meta.get("graphopt", {}) if isinstance(module, fx.GraphModule) else {}
+        inputs = meta.get("example_inputs")
+        if inputs is None:
+            raise EmitError("no example inputs to export with", where=str(out),
+                            fix="capture the model with graphopt.capture/optimize, or pass inputs=")
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)

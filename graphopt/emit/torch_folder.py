@@ -21,7 +21,6 @@ import inspect
 import json
 import keyword
 import re
-import sys
 import typing
 from pathlib import Path
 from types import ModuleType
@@ -32,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
-from graphopt.emit._fs import atomic_folder, sha256_file
+from graphopt.emit._fs import atomic_folder, read_manifest, sha256_file
 from graphopt.errors import ArtifactError, EmitError
 
 __all__ = ["emit_torch_folder", "load", "generate_source", "FORMAT", "FORMAT_VERSION"]
@@ -111,8 +110,8 @@ class _Imports:
         if cls.__module__.startswith("torch.nn") and getattr(nn, cls.__name__, None) is cls:
             return f"nn.{cls.__name__}"
         if "<locals>" in cls.__qualname__ or cls.__module__.startswith("graphopt_user_model_"):
-            raise EmitError(f"class {cls.__qualname__} is defined in the model file, not in an importable "
-                            "package, so standalone code cannot construct it",
+            raise EmitError(f"class {cls.__qualname__} is defined in the model file or inside a function, "
+                            "not in an importable package, so standalone code cannot construct it",
                             fix="make the model fully traceable (no opaque modules) or move the class "
                                 "into an installed package")
         alias = f"{cls.__module__.replace('.', '_')}_{cls.__qualname__.replace('.', '_')}"
@@ -186,12 +185,12 @@ def generate_source(gm: fx.GraphModule, class_name: str, header: str = "") -> tu
         for cname, child in module.named_children():
             cpath = f"{path}.{cname}" if path else cname
             if cpath in called:
-                ref = imports.cls_ref(type(child))
                 try:
+                    ref = imports.cls_ref(type(child))
                     kwargs = _ctor_kwargs(child)
                 except EmitError as exc:
                     raise EmitError(f"module '{cpath}' ({type(child).__name__}): {exc.what}",
-                                    fix="report it: this module type needs a constructor rule") from exc
+                                    fix=exc.fix or "report it: this module type needs a constructor rule") from exc
                 ctor = f"{ref}({', '.join(f'{k}={_fmt(v)}' for k, v in kwargs.items())})"
                 _check_ctor(cpath, child, ctor, imports)
             else:
@@ -356,8 +355,8 @@ def emit_torch_folder(gm: fx.GraphModule, out: str | Path, *, report: Any = None
             manifest["passes"] = [r.as_dict() for r in report.records]
         if extra:
             manifest.update(extra)
-        from graphopt.manager import _json_default
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=_json_default))
+        from graphopt.manager import dumps_json
+        (tmp / MANIFEST_FILE).write_text(dumps_json(manifest))
         # the folder must load and compute what the graph computes before it is moved into place
         reloaded = load(tmp)
         inputs = check_inputs if check_inputs is not None else meta.get("example_inputs")
@@ -381,25 +380,8 @@ def _check_same(gm: fx.GraphModule, reloaded: nn.Module, inputs: tuple[torch.Ten
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
-    if not folder.exists():
-        raise ArtifactError("folder not found", where=str(folder), fix="check the path")
-    if not folder.is_dir():
-        raise ArtifactError("not a folder", where=str(folder), fix="give the folder graphopt wrote")
-    mpath = folder / MANIFEST_FILE
-    if not mpath.is_file():
-        raise ArtifactError(f"{MANIFEST_FILE} is missing", where=str(folder),
-                            fix="give a folder written by `graphopt optimize -o`")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{MANIFEST_FILE} is not valid JSON ({exc})", where=str(folder),
-                            fix="re-emit the folder") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{MANIFEST_FILE} is not a graphopt torch-folder manifest", where=str(folder))
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ArtifactError(f"written by a newer graphopt (format {manifest.get('format_version')})",
-                            where=str(folder), fix="upgrade graphopt")
-    return manifest
+    return read_manifest(folder, fmt=FORMAT, version=FORMAT_VERSION, what="graphopt torch folder",
+                         emit_hint="graphopt optimize -o")
 
 
 def load(folder: str | Path, *, verify_checksums: bool = True) -> nn.Module:

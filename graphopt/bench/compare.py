@@ -1,0 +1,241 @@
+"""Side-by-side training-step benchmark of model variants in one process.
+
+    res = compare({"original": model, "rewritten": gm}, inputs, target, steps=30)
+    res.speedup("rewritten"), res.to_json()
+
+What one *training step* is: ``zero_grad`` + forward + loss + backward + optimizer step
+(:meth:`TorchBackend.step`), on the same batch for every variant.
+
+How it is measured:
+
+1. Every variant is a deep copy (the caller's modules are not trained), wrapped in a
+   :class:`TorchBackend` (the graph's precision policy applies), optionally ``torch.compile``-d.
+2. FLOPs of one step (forward + loss + backward, counted at the aten level by
+   ``FlopCounterMode``) and forward MACs, on the uncompiled copy.
+3. Warm-up: ``warmup`` steps per variant (the first one, which includes compilation, is
+   reported as ``first_step_s``).
+4. Timed steps in ``rounds``; in each round every variant runs its share of steps, the starting
+   variant rotating from round to round, so drifting machine load hits every variant alike.
+   Each step is timed on its own (CUDA events on a GPU); medians and quartiles are reported.
+5. Peak memory, separately from timing: a few more steps under a :class:`MemoryProbe`
+   (CUDA allocator, or sampled RSS on CPU). ``peak_bytes`` = what persists between steps
+   (parameters, buffers, master weights, optimizer state; counted from tensors) + the
+   transient peak of a step above that (activations, gradients, workspaces).
+6. Achieved FLOP/s = step FLOPs / median step time, and its fraction of the device's measured
+   matmul peak (:func:`measure_peak_flops`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from graphopt.bench.measure import (MemoryProbe, PeakFlops, StepTimer, count_flops, environment,
+                                    measure_peak_flops, summarize, thread_settings)
+from graphopt.bench.torch_backend import TorchBackend, default_loss, resolve_device
+from graphopt.errors import GraphoptError
+from graphopt.precision import get_policy
+
+__all__ = ["compare", "BenchResult", "VariantResult", "synthetic_target"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VariantResult:
+    name: str
+    step_time_s: dict[str, float]
+    samples_per_s: float
+    first_step_s: float
+    memory: dict[str, Any]
+    params: int
+    trainable_params: int
+    macs: int | None
+    step_flops: int | None
+    achieved_flops_per_s: float | None
+    peak_fraction: float | None
+    final_loss: float
+    compiled: bool
+    precision: dict[str, Any] | None
+    skipped_steps: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class BenchResult:
+    variants: dict[str, VariantResult]
+    baseline: str
+    config: dict[str, Any]
+    env: dict[str, Any]
+    peak: PeakFlops | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def speedup(self, name: str) -> float:
+        """Baseline median step time / this variant's (> 1: faster)."""
+        return self.variants[self.baseline].step_time_s["median"] / self.variants[name].step_time_s["median"]
+
+    def memory_ratio(self, name: str) -> float | None:
+        a, b = self.variants[self.baseline].memory.get("peak_bytes"), self.variants[name].memory.get("peak_bytes")
+        return b / a if a and b is not None else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": "step_benchmark", "baseline": self.baseline, "config": self.config, "env": self.env,
+                "device_peak": self.peak.as_dict() if self.peak else None,
+                "variants": {k: {**v.as_dict(), "speedup_vs_baseline": self.speedup(k),
+                                 "memory_vs_baseline": self.memory_ratio(k)} for k, v in self.variants.items()},
+                **({"extra": self.extra} if self.extra else {})}
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, default=str)
+
+
+def synthetic_target(module: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int = 0) -> torch.Tensor:
+    """A target matching the model's output: class indices for (N, C) outputs, else a random tensor."""
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(*inputs)
+    finally:
+        module.train(was)
+    if not isinstance(out, torch.Tensor):
+        raise GraphoptError(f"the model returns {type(out).__name__}, not a tensor",
+                            fix="benchmark a model whose forward returns one tensor, or give loss()/data()")
+    g = torch.Generator().manual_seed(seed)
+    if out.dim() == 2:
+        return torch.randint(0, out.shape[1], (out.shape[0],), generator=g)
+    return torch.randn(out.shape, generator=g)
+
+
+def _params(module: nn.Module) -> tuple[int, int]:
+    ps = {id(p): p for p in module.parameters()}.values()
+    return sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
+
+
+def compare(models: Mapping[str, nn.Module], inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+            target: torch.Tensor | None = None, *, loss: Callable[..., torch.Tensor] | None = None,
+            device: str | torch.device = "cpu", steps: int = 20, warmup: int = 3, rounds: int | None = None,
+            memory_steps: int = 2, optimizer: str = "sgd", lr: float = 0.01, compile: bool | str = False,
+            threads: int | None = 1, baseline: str | None = None, peak: bool = True,
+            on_variant: Callable[[str, str], None] | None = None) -> BenchResult:
+    """Benchmark the training step of each model in ``models`` (see the module docstring).
+
+    ``compile``: False, True (compile every variant) or ``"add"`` (keep each eager variant and
+    add ``NAME+compile``). ``baseline``: the variant speedups are relative to (default: the first).
+    """
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not models:
+        raise GraphoptError("nothing to compare", fix="pass at least one model")
+    if steps < 1 or warmup < 0:
+        raise GraphoptError("need steps >= 1 and warmup >= 0")
+    dev = resolve_device(device)
+    loss_fn = loss or default_loss
+    first = next(iter(models.values()))
+    if target is None:
+        target = synthetic_target(copy.deepcopy(first), inputs)
+    plan: list[tuple[str, nn.Module, bool]] = []
+    for name, m in models.items():
+        if compile != True:  # noqa: E712 - False or "add"
+            plan.append((name, m, False))
+        if compile:
+            plan.append((name if compile is True else f"{name}+compile", m, True))
+    baseline = baseline or plan[0][0]
+    rounds = rounds or min(steps, 5)
+    per_round = max(1, math.ceil(steps / rounds))
+    batch = int(inputs[0].shape[0]) if inputs[0].dim() else 1
+    with thread_settings(dev, threads) as threads_rec:
+        env = environment(dev)
+        env.update(threads_rec)
+        backends: dict[str, TorchBackend] = {}
+        data: dict[str, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        info: dict[str, dict[str, Any]] = {}
+        for name, m, comp in plan:
+            if on_variant:
+                on_variant(name, "setting up")
+            module = copy.deepcopy(m)
+            params, trainable = _params(module)
+            be = TorchBackend(module, loss=loss_fn, optimizer=optimizer, lr=lr, device=dev, compile=comp)
+            x, y = be.prepare(tuple(inputs), target)
+            macs = flops = None
+            try:
+                module.train()
+                with torch.no_grad():
+                    fwd = count_flops(lambda: module(*x))
+                macs = fwd // 2
+
+                def fwd_bwd() -> None:
+                    out = module(*x)
+                    loss_fn(out.float(), y).backward()
+
+                flops = count_flops(fwd_bwd)
+                for p in module.parameters():
+                    p.grad = None
+            except Exception as exc:  # a counting failure must not stop the timing
+                log.warning("FLOP counting failed for %s: %s", name, exc)
+            timer = StepTimer(dev)
+            for i in range(max(warmup, 1 if comp else 0)):
+                if i == 0:
+                    with timer.time():
+                        be.step(x, y)
+                else:
+                    be.step(x, y)
+            first_step = timer.samples()[0] if timer.samples() else float("nan")
+            backends[name], data[name] = be, (x, y)
+            info[name] = {"params": params, "trainable": trainable, "macs": macs, "flops": flops,
+                          "first": first_step, "compiled": comp, "timer": StepTimer(dev)}
+        names = list(backends)
+        last_loss: dict[str, torch.Tensor] = {}
+        for r in range(rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                if on_variant:
+                    on_variant(name, f"round {r + 1}/{rounds}")
+                be, (x, y), t = backends[name], data[name], info[name]["timer"]
+                for _ in range(per_round):
+                    with t.time():
+                        last_loss[name] = be.step(x, y)
+        mem: dict[str, dict[str, Any]] = {}
+        for name in names:
+            be, (x, y) = backends[name], data[name]
+            persistent = be.persistent_bytes()
+            transient = None
+            if memory_steps:
+                with MemoryProbe(dev) as probe:
+                    for _ in range(memory_steps):
+                        be.step(x, y)
+                transient = probe.delta
+            mem[name] = {"source": MemoryProbe(dev).source, "model_bytes": persistent["model"],
+                         "optimizer_state_bytes": persistent["optimizer_state"], "transient_bytes": transient,
+                         "peak_bytes": (persistent["model"] + persistent["optimizer_state"] + transient)
+                         if transient is not None else None}
+        device_peak = None
+        if peak:
+            dtypes = {get_policy(m).torch_dtype for m in models.values() if get_policy(m) is not None}
+            device_peak = measure_peak_flops(dev, dtypes.pop() if len(dtypes) == 1 else torch.float32)
+        results: dict[str, VariantResult] = {}
+        for name in names:
+            be, i = backends[name], info[name]
+            st = summarize(i["timer"].samples())
+            achieved = i["flops"] / st["median"] if i["flops"] and st["median"] > 0 else None
+            pol = be.policy.as_dict() if be.policy is not None else None
+            results[name] = VariantResult(
+                name=name, step_time_s=st, samples_per_s=batch / st["median"] if st["median"] > 0 else 0.0,
+                first_step_s=i["first"], memory=mem[name], params=i["params"], trainable_params=i["trainable"],
+                macs=i["macs"], step_flops=i["flops"], achieved_flops_per_s=achieved,
+                peak_fraction=achieved / device_peak.flops_per_s if achieved and device_peak else None,
+                final_loss=float(last_loss[name].item()), compiled=i["compiled"], precision=pol,
+                skipped_steps=be.skipped_steps)
+    config = {"batch_size": batch, "input_shapes": [list(t.shape) for t in inputs], "steps": per_round * rounds,
+              "rounds": rounds, "warmup": warmup, "memory_steps": memory_steps, "optimizer": optimizer, "lr": lr,
+              "compile": compile, "device": str(dev), "threads": threads}
+    return BenchResult(results, baseline, config, env, device_peak)

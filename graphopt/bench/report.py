@@ -1,0 +1,354 @@
+"""Reports of benchmark, training and sweep results: rich tables, Markdown, PNG plots, and
+writing them (with the JSON) into an output folder atomically.
+
+Every Markdown report starts with the conditions: device, CPU/GPU, torch version, date,
+threads and machine load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from rich.table import Table
+
+from graphopt.bench.compare import BenchResult
+from graphopt.bench.sweep import SweepResult
+from graphopt.bench.train import TrainResult
+
+__all__ = ["fmt_bytes", "fmt_time", "env_markdown", "bench_table", "bench_markdown", "plot_bench",
+           "training_table", "history_table", "history_markdown", "training_markdown", "plot_training", "sweep_table", "sweep_markdown", "plot_sweep",
+           "write_outputs"]
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s >= 1:
+        return f"{s:.2f} s"
+    return f"{s * 1000:.1f} ms"
+
+
+def _num(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "-"
+    for div, suf in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {suf}{unit}"
+    return f"{n:.3g} {unit}".strip()
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.1f}%"
+
+
+def _acc(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def env_markdown(env: Mapping[str, Any]) -> str:
+    dev = env.get("gpu") or env.get("cpu")
+    load = env.get("loadavg")
+    load_s = ", ".join(f"{x:.2f}" for x in load) if load else "n/a"
+    lines = [f"- device: **{env.get('device')}** ({dev}, {env.get('cpu_count')} CPUs)",
+             f"- torch {env.get('torch')}, graphopt {env.get('graphopt')}, Python {env.get('python')}",
+             f"- date: {env.get('date')}",
+             f"- threads: torch {env.get('torch_threads')} (OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY')})",
+             f"- machine load (1/5/15 min) at start: {load_s}"]
+    if env.get("gpu"):
+        lines.append(f"- CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, TF32 matmul {env.get('tf32_matmul')}")
+    return "\n".join(lines)
+
+
+# -- step benchmark ------------------------------------------------------------------------------
+def _bench_rows(res: BenchResult) -> list[list[str]]:
+    rows = []
+    for name, v in res.variants.items():
+        st = v.step_time_s
+        rows.append([name, fmt_time(st["median"]), f"{fmt_time(st['p25'])} - {fmt_time(st['p75'])}",
+                     f"{res.speedup(name):.3f}x", f"{v.samples_per_s:.1f}", fmt_bytes(v.memory.get("peak_bytes")),
+                     fmt_bytes(v.memory.get("transient_bytes")), _num(v.params), _num(v.macs),
+                     _num(v.achieved_flops_per_s, "FLOP/s"), _pct(v.peak_fraction)])
+    return rows
+
+
+_BENCH_COLS = ["variant", "step (median)", "IQR", "speedup", "samples/s", "peak mem", "of which transient",
+               "params", "MACs (fwd)", "achieved", "of peak"]
+
+
+_BENCH_TERM = [0, 1, 3, 4, 5, 8, 9, 10]  # columns shown in the terminal (all are in the Markdown/JSON)
+
+
+def bench_table(res: BenchResult, title: str | None = None) -> Table:
+    t = Table(title=title or f"training step, batch {res.config['batch_size']}, {res.config['device']}",
+              title_justify="left", header_style="bold")
+    for i in _BENCH_TERM:
+        t.add_column(_BENCH_COLS[i], justify="left" if i == 0 else "right")
+    for r in _bench_rows(res):
+        t.add_row(*[r[i] for i in _BENCH_TERM])
+    return t
+
+
+def _md_table(cols: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def bench_markdown(res: BenchResult, title: str = "Training-step benchmark", notes: str = "") -> str:
+    c = res.config
+    peak = (f"measured device matmul peak: {_num(res.peak.flops_per_s, 'FLOP/s')} ({res.peak.dtype}, "
+            f"{res.peak.n}x{res.peak.n})") if res.peak else "device peak not measured"
+    mem_src = next(iter(res.variants.values())).memory.get("source")
+    parts = [f"# {title}", "", env_markdown(res.env), "",
+             f"Batch {c['batch_size']} (inputs {c['input_shapes']}), {c['optimizer']} lr {c['lr']}, "
+             f"{c['warmup']} warm-up steps, {c['steps']} timed steps per variant in {c['rounds']} alternating rounds, "
+             f"compile={c['compile']}. Step = zero_grad + forward + loss + backward + optimizer step; medians. "
+             f"Peak memory = parameters/buffers + optimizer state + the step's transient peak ({mem_src}). "
+             f"Achieved = measured step FLOPs (forward + backward, FlopCounterMode) / median step time; {peak}.",
+             "", _md_table(_BENCH_COLS, _bench_rows(res))]
+    if notes:
+        parts += ["", notes]
+    return "\n".join(parts) + "\n"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bench(res: BenchResult, path: str | Path, title: str | None = None) -> Path:
+    plt = _plt()
+    names = list(res.variants)
+    vs = [res.variants[n] for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    med = [v.step_time_s["median"] * 1000 for v in vs]
+    err = [[(v.step_time_s["median"] - v.step_time_s["p25"]) * 1000 for v in vs],
+           [(v.step_time_s["p75"] - v.step_time_s["median"]) * 1000 for v in vs]]
+    colors = ["#607d8b" if i == 0 else "#2196f3" for i in range(len(names))]
+    axes[0].bar(names, med, yerr=err, color=colors, capsize=4)
+    axes[0].set_ylabel("training step, median (ms)")
+    axes[1].bar(names, [v.samples_per_s for v in vs], color=colors)
+    axes[1].set_ylabel("samples / s")
+    peaks = [(v.memory.get("peak_bytes") or 0) / 2**20 for v in vs]
+    trans = [(v.memory.get("transient_bytes") or 0) / 2**20 for v in vs]
+    axes[2].bar(names, [p - t for p, t in zip(peaks, trans)], color="#9e9e9e", label="params + optimizer state")
+    axes[2].bar(names, trans, bottom=[p - t for p, t in zip(peaks, trans)], color="#ff9800", label="step transient")
+    axes[2].set_ylabel("peak memory (MiB)")
+    axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.suptitle(title or f"{res.config['device']}, batch {res.config['batch_size']}, "
+                          f"torch {res.env.get('torch')}, load {res.env.get('loadavg', [0])[0]:.2f}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -- training / time-to-accuracy ----------------------------------------------------------------------
+_TRAIN_COLS = ["variant", "final test acc", "best test acc", "time to target", "epochs to target", "epochs",
+               "train time", "samples/s", "params", "stopped because"]
+_TRAIN_TERM = [0, 1, 3, 4, 5, 6, 7, 9]  # columns shown in the terminal
+
+
+def _train_rows(results: Mapping[str, TrainResult]) -> list[list[str]]:
+    rows = []
+    for name, r in results.items():
+        s = r.summary()
+        rows.append([name, _acc(s["final_test_accuracy"]), _acc(s["best_test_accuracy"]), fmt_time(s["time_to_target_s"]),
+                     "-" if s["epochs_to_target"] is None else f"{s['epochs_to_target']:g}", f"{s['epochs']:g}",
+                     fmt_time(s["train_time_s"]), f"{s['samples_per_s']:.0f}", _num(s["params"]), s["stop_reason"]])
+    return rows
+
+
+def training_table(results: Mapping[str, TrainResult], title: str = "training") -> Table:
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for i in _TRAIN_TERM:
+        t.add_column(_TRAIN_COLS[i], justify="left" if i in (0, len(_TRAIN_COLS) - 1) else "right", overflow="fold")
+    for r in _train_rows(results):
+        t.add_row(*[r[i] for i in _TRAIN_TERM])
+    return t
+
+
+_HIST_COLS = ["epoch", "lr", "train loss", "val acc", "test loss", "test acc", "epoch time", "train time"]
+
+
+def _hist_rows(r: TrainResult) -> list[list[str]]:
+    return [[f"{h.epoch:g}", f"{h.lr:.4g}", f"{h.train_loss:.4f}", _acc(h.val_accuracy), f"{h.test_loss:.4f}",
+             _acc(h.test_accuracy), fmt_time(h.epoch_time_s), fmt_time(h.train_time_s)] for h in r.history]
+
+
+def history_markdown(r: TrainResult) -> str:
+    return _md_table(_HIST_COLS, _hist_rows(r))
+
+
+def history_table(r: TrainResult) -> Table:
+    """Per-epoch metrics of one run, and a caption with how it ended."""
+    s = r.summary()
+    cap = (f"{r.stop_reason}; final test acc {_acc(s['final_test_accuracy'])}, {fmt_time(s['train_time_s'])} "
+           f"training, {s['samples_per_s']:.0f} samples/s")
+    if s["time_to_target_s"] is not None:
+        cap += f"; target reached after {fmt_time(s['time_to_target_s'])} (epoch {s['epochs_to_target']:g})"
+    t = Table(title=r.name, title_justify="left", header_style="bold", caption=cap, caption_justify="left")
+    for i, c in enumerate(_HIST_COLS):
+        t.add_column(c, justify="right")
+    for row in _hist_rows(r):
+        t.add_row(*row)
+    return t
+
+
+def training_markdown(results: Mapping[str, TrainResult], env: Mapping[str, Any], title: str = "Training",
+                      data: str = "", notes: str = "") -> str:
+    first = next(iter(results.values()))
+    c = first.config
+    target = f"target test accuracy {c.target_accuracy}; " if c.target_accuracy else ""
+    parts = [f"# {title}", "", env_markdown(env), "",
+             f"Data: {data or '-'}. {c.optimizer} lr {c.lr} ({c.schedule}, warm-up {c.warmup_epochs} epochs), "
+             f"batch {c.batch_size}, up to {c.epochs} epochs, {target}early stopping "
+             f"{'patience ' + str(c.patience) + ' on ' + c.monitor if c.patience else 'off'}, seed {c.seed}. "
+             "Variants trained interleaved epoch by epoch; times are training time only (evaluation excluded).",
+             "", _md_table(_TRAIN_COLS, _train_rows(results))]
+    for name, r in results.items():
+        parts += ["", f"## {name}", "", history_markdown(r)]
+    if notes:
+        parts += ["", notes]
+    return "\n".join(parts) + "\n"
+
+
+def plot_training(results: Mapping[str, TrainResult], path: str | Path, target: float | None = None,
+                  title: str = "") -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in results.items():
+        t = [h.train_time_s for h in r.history]
+        acc = [h.test_accuracy for h in r.history]
+        if any(a is not None for a in acc):
+            axes[0].plot(t, acc, marker="o", ms=3, label=name)
+        axes[1].plot(t, [h.test_loss for h in r.history], marker="o", ms=3, label=name)
+    if target is not None:
+        axes[0].axhline(target, color="k", ls="--", lw=0.8, label=f"target {target}")
+    axes[0].set_xlabel("training time (s)")
+    axes[0].set_ylabel("test accuracy")
+    axes[1].set_xlabel("training time (s)")
+    axes[1].set_ylabel("test loss")
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -- sweeps ---------------------------------------------------------------------------------------
+def _sweep_cols(res: SweepResult) -> list[str]:
+    key = "blocks" if res.kind == "depth" else "batch size"
+    return ["variant", key, "params", "MACs (fwd)" if res.kind == "depth" else "lr", "final test acc", "best test acc",
+            "train time", "time to target", "samples/s", "stopped because"]
+
+
+def _sweep_rows(res: SweepResult) -> list[list[str]]:
+    rows = []
+    for r in res.rows:
+        mark = " (best)" if r["variant"] == res.best else ""
+        rows.append([r["variant"] + mark, str(r.get("blocks", r.get("batch_size"))), _num(r["params"]),
+                     _num(r["macs"]) if res.kind == "depth" else f"{r['lr']:.4g}", _acc(r["final_test_accuracy"]),
+                     _acc(r["best_test_accuracy"]), fmt_time(r["train_time_s"]), fmt_time(r["time_to_target_s"]),
+                     f"{r['samples_per_s']:.0f}", r["stop_reason"]])
+    return rows
+
+
+def sweep_table(res: SweepResult) -> Table:
+    t = Table(title=f"{res.kind} sweep: best = {res.best} ({res.criterion})", title_justify="left",
+              header_style="bold")
+    cols = _sweep_cols(res)
+    for i, c in enumerate(cols):
+        t.add_column(c, justify="left" if i in (0, len(cols) - 1) else "right", overflow="fold")
+    for r in _sweep_rows(res):
+        t.add_row(*r)
+    return t
+
+
+def sweep_markdown(res: SweepResult, title: str | None = None, data: str = "") -> str:
+    c = res.config["train"]
+    what = (f"depth deltas {res.config['deltas']} per stage (blocks per stage: {res.config['stages']})"
+            if res.kind == "depth" else
+            f"batch sizes {res.config['sizes']}, lr scaling {res.config['lr_scaling']} from base batch "
+            f"{res.config['base_batch_size']} (lr {c['lr']})")
+    parts = [f"# {title or res.kind.replace('_', ' ') + ' sweep'}", "", env_markdown(res.env), "",
+             f"Data: {data or '-'}. {what}. {c['optimizer']}, {c['schedule']} schedule, up to {c['epochs']} epochs"
+             + (f", target test accuracy {res.target_accuracy}" if res.target_accuracy else "") + ". "
+             "Variants trained interleaved epoch by epoch; times are training time only.", "",
+             f"**Best: {res.best}** ({res.criterion}).", "", _md_table(_sweep_cols(res), _sweep_rows(res))]
+    return "\n".join(parts) + "\n"
+
+
+def plot_sweep(res: SweepResult, path: str | Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in res.results.items():
+        t = [h.train_time_s for h in r.history]
+        acc = [h.test_accuracy for h in r.history]
+        axes[0].plot(t, acc, marker="o", ms=3, label=name + (" (best)" if name == res.best else ""))
+    if res.target_accuracy:
+        axes[0].axhline(res.target_accuracy, color="k", ls="--", lw=0.8)
+    axes[0].set_xlabel("training time (s)")
+    axes[0].set_ylabel("test accuracy")
+    axes[0].legend(fontsize=7)
+    xs = [r["train_time_s"] for r in res.rows]
+    ys = [r["final_test_accuracy"] or 0 for r in res.rows]
+    axes[1].scatter(xs, ys, c=["#f44336" if r["variant"] == res.best else "#2196f3" for r in res.rows])
+    for r, x, y in zip(res.rows, xs, ys):
+        axes[1].annotate(r["variant"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes[1].set_xlabel("total training time (s)")
+    axes[1].set_ylabel("final test accuracy")
+    fig.suptitle(f"{res.kind} sweep: best {res.best} ({res.criterion})", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -- output folder -----------------------------------------------------------------------------------
+def write_outputs(out: str | Path, files: Mapping[str, str | bytes | Callable[[Path], Any]], force: bool = False) -> Path:
+    """Write ``files`` (name -> text, bytes, or a function writing to the given path) into ``out``,
+    atomically: nothing appears unless everything was written."""
+    from graphopt.emit._fs import atomic_folder
+
+    out = Path(out)
+    with atomic_folder(out, force=force) as tmp:
+        for name, content in files.items():
+            p = tmp / name
+            if callable(content):
+                content(p)
+            elif isinstance(content, bytes):
+                p.write_bytes(content)
+            else:
+                p.write_text(content)
+    return out
+
+
+def dump_json(doc: Any) -> str:
+    from graphopt.manager import dumps_json
+
+    return dumps_json(doc)

@@ -1,0 +1,138 @@
+"""``--emit onnx``: an inference ONNX model of the rewritten graph, checked and compared.
+
+    out/
+      model.onnx      eval-mode graph (TorchScript exporter, dynamic batch axis, opset 17)
+      manifest.json   versions, inputs/outputs, passes, onnx.checker result, and ORT inference
+                      outputs compared with PyTorch's on the example inputs (and at batch 1)
+
+The folder is written atomically, and only if ``onnx.checker`` passes and ONNX Runtime's outputs
+match PyTorch's (max abs error / max abs output <= 1e-4 in float32, 2e-2 with half casts inside).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+
+from graphopt.emit._fs import atomic_folder, check_output_folder, resolve_inputs, sha256_file
+from graphopt.emit.ort_training import _has_half_casts, as_bool, parse_options
+from graphopt.errors import EmitError
+
+__all__ = ["emit_onnx", "emit_onnx_model", "preflight", "check_summary", "OPTIONS", "MODEL_FILE", "ONNX_FORMAT"]
+
+ONNX_FORMAT = "graphopt.onnx"
+MODEL_FILE = "model.onnx"
+MANIFEST = "manifest.json"
+OPTIONS: dict[str, tuple[type, str]] = {
+    "opset": (int, "ONNX opset (default 17)"),
+    "dynamic_batch": (as_bool, "dynamic batch axis (default true)"),  # type: ignore[dict-item]
+}
+
+
+def preflight(options: dict[str, Any] | None = None) -> None:
+    from graphopt.ort._deps import require_onnx, require_ort
+
+    require_onnx("--emit onnx")
+    require_ort("--emit onnx (checking the model with ONNX Runtime)")
+    parse_options(options, OPTIONS, "onnx")
+
+
+def _outputs(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    m = copy.deepcopy(module).eval()
+    with torch.no_grad():
+        out = m(*inputs)
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def compare_with_ort(path: str | Path, module: nn.Module, inputs: Sequence[torch.Tensor],
+                     input_names: Sequence[str]) -> dict[str, Any]:
+    """ORT InferenceSession outputs vs the module's eval outputs: max abs err / max abs output."""
+    from graphopt.ort._deps import require_ort
+    from graphopt.verify import max_rel_error
+
+    ort = require_ort()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {n: t.detach().cpu().contiguous().numpy() for n, t in zip(input_names, inputs)})
+    ref = _outputs(module, inputs)
+    if len(got) != len(ref):
+        return {"max_rel_error": float("inf"), "message": f"{len(got)} outputs, torch has {len(ref)}"}
+    err = max_rel_error([torch.from_numpy(g).float() for g in got], [r.float() for r in ref])
+    return {"inputs": [list(t.shape) for t in inputs], "max_rel_error": err}
+
+
+def emit_onnx_model(module: nn.Module, out: str | Path, *, inputs: Sequence[torch.Tensor] | None = None,
+                    force: bool = False, report: Any = None, source: dict[str, Any] | None = None,
+                    opset: int | None = None, dynamic_batch: bool = True) -> Path:
+    """Write ``module`` (a GraphModule or any nn.Module; not modified) as an inference ONNX folder."""
+    from graphopt.ort._deps import require_onnx, require_ort
+    from graphopt.ort.export import DEFAULT_OPSET, export_onnx
+
+    onnx = require_onnx("--emit onnx")
+    ort = require_ort("--emit onnx")
+    check_output_folder(out, force)
+    meta = module.meta.get("graphopt", {}) if isinstance(module, fx.GraphModule) else {}
+    inputs = resolve_inputs(module, inputs, out)
+    exported = export_onnx(module, inputs, training=False, opset=opset or DEFAULT_OPSET,
+                           dynamic_batch=dynamic_batch, where=str(out))
+    half = _has_half_casts(exported.model)
+    tol = 2e-2 if half or any(p.dtype != torch.float32 for p in module.parameters()) else 1e-4
+    with atomic_folder(out, force) as tmp:
+        onnx.save(exported.model, str(tmp / MODEL_FILE))
+        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        checks = [compare_with_ort(tmp / MODEL_FILE, module, inputs, exported.input_names)]
+        if dynamic_batch and inputs[0].dim() > 0 and inputs[0].shape[0] > 1:
+            checks.append(compare_with_ort(tmp / MODEL_FILE, module, tuple(t[:1] for t in inputs),
+                                           exported.input_names))
+        worst = max(c["max_rel_error"] for c in checks)
+        check = {"onnx_checker": "passed (full_check)", "runtime": f"onnxruntime {ort.__version__} CPU",
+                 "ort_vs_torch": checks, "max_rel_error": worst, "tolerance": tol, "passed": worst <= tol}
+        from graphopt import __version__
+
+        manifest: dict[str, Any] = {
+            "format": ONNX_FORMAT, "format_version": 1, "graphopt_version": __version__,
+            "torch_version": torch.__version__, "onnx_version": onnx.__version__,
+            "onnxruntime_version": ort.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"class": meta.get("source_class"), **(source or {})},
+            "opset": exported.opset, "dynamic_batch": dynamic_batch,
+            "inputs": [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                       for n, t in zip(exported.input_names, inputs)],
+            "outputs": exported.output_names,
+            "precision": meta.get("precision"),
+            "files": {MODEL_FILE: sha256_file(tmp / MODEL_FILE)},
+            "check": check,
+        }
+        if report is not None:
+            manifest["verified"] = report.verified
+            manifest["passes"] = [r.as_dict() for r in report.records]
+        from graphopt.manager import _json_default
+
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
+        if not check["passed"]:
+            raise EmitError(f"ONNX Runtime's outputs differ from PyTorch's (max relative error {worst:.2e} > "
+                            f"{tol:g})", where=str(out), fix="report it with the model; --emit torch is unaffected")
+    return Path(out)
+
+
+def check_summary(check: dict[str, Any]) -> str:
+    """One line for the CLI: checker result and ORT-vs-PyTorch outputs."""
+    verdict = "[green]match[/]" if check.get("passed") else "[red]DIFFER[/]"
+    shapes = ", ".join("x".join(map(str, c["inputs"][0])) for c in check["ort_vs_torch"] if c.get("inputs"))
+    return (f"onnx.checker passed; {check['runtime']} outputs {verdict} PyTorch's: max relative error "
+            f"{check['max_rel_error']:.1e} (tolerance {check['tolerance']:g}; inputs {shapes})")
+
+
+def emit_onnx(gm: fx.GraphModule, out: str | Path, *, report: Any = None, force: bool = False,
+              source: dict[str, Any] | None = None, options: dict[str, Any] | None = None, spec: Any = None) -> Path:
+    """The ``--emit onnx`` entry (EMITTERS)."""
+    opts = parse_options(options, OPTIONS, "onnx")
+    return emit_onnx_model(gm, out, force=force, report=report, source=source, opset=opts.get("opset"),
+                           dynamic_batch=opts.get("dynamic_batch", True))

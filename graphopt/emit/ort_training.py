@@ -1,0 +1,230 @@
+"""``--emit ort``: ONNX Runtime training artifacts of the rewritten graph.
+
+    out/
+      training_model.onnx   forward + loss + gradient graph (outputs: loss, output, BN stats)
+      eval_model.onnx       forward + loss in inference mode (outputs: loss, output)
+      optimizer_model.onnx  AdamW (torch semantics) or SGD
+      checkpoint            initial parameters (trainable and frozen)
+      torch/                the same graph as a graphopt torch folder (module.py + weights):
+                            where trained weights are written back (``write_torch_folder``)
+      manifest.json         loss, optimizer, ONNX<->torch names, BatchNorm bookkeeping,
+                            the emit-time parity check, passes, checksums
+
+Train it with ``graphopt.ort.OrtTrainBackend(out)`` / ``graphopt.ort.train(out, data, ...)``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+
+from graphopt.emit._fs import atomic_folder, check_output_folder, resolve_inputs, sha256_file
+from graphopt.errors import EmitError, PassConfigError
+
+__all__ = ["emit_ort", "emit_ort_artifacts", "preflight", "check_summary", "OPTIONS"]
+
+# --emit-option KEY=VALUE for this emitter: name -> (type, help)
+OPTIONS: dict[str, tuple[type, str]] = {
+    "loss": (str, "cross_entropy | mse | l1 | bce_with_logits | auto (the model file's loss(), else cross_entropy)"),
+    "optimizer": (str, "adamw (torch.optim.AdamW semantics) | sgd (plain)"),
+    "lr": (float, "default learning rate recorded for the runner (adamw 1e-3, sgd 0.01)"),
+    "weight_decay": (float, "AdamW decoupled weight decay (torch default 0.01)"),
+    "eps": (float, "AdamW eps (torch default 1e-8)"),
+    "betas": (str, "AdamW betas as 'b1|b2' (torch default 0.9|0.999)"),
+    "momentum": (float, "SGD momentum: only 0 (ORT's SGD has none)"),
+    "opset": (int, "ONNX opset (default 17)"),
+}
+
+
+def as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+as_bool.__name__ = "bool"
+
+
+def parse_options(options: dict[str, Any] | None, known: dict[str, tuple[type, str]], fmt: str) -> dict[str, Any]:
+    """Validate ``--emit-option`` values against ``known`` and convert their types."""
+    parsed: dict[str, Any] = {}
+    for key, value in (options or {}).items():
+        if key not in known:
+            raise PassConfigError(f"unknown --emit-option '{key}' for --emit {fmt}",
+                                  fix="known: " + ", ".join(f"{k} ({h})" for k, (_, h) in known.items()))
+        typ = known[key][0]
+        try:
+            parsed[key] = value if isinstance(typ, type) and isinstance(value, typ) else typ(value)
+        except (TypeError, ValueError) as exc:
+            raise PassConfigError(f"--emit-option {key}={value!r} is not a {getattr(typ, '__name__', 'value')}",
+                                  fix=known[key][1]) from exc
+    return parsed
+
+
+def _optimizer_from(opts: dict[str, Any]) -> Any:
+    from graphopt.ort.spec import OptimizerSpec
+
+    return OptimizerSpec.create(opts.get("optimizer", "adamw"), lr=opts.get("lr"),
+                                weight_decay=opts.get("weight_decay"), eps=opts.get("eps"),
+                                betas=opts.get("betas"), momentum=opts.get("momentum"))
+
+
+def preflight(options: dict[str, Any] | None = None) -> None:
+    """Before any work: the ``ort`` extra is installed and the options make sense."""
+    from graphopt.ort._deps import require_ort_training
+
+    require_ort_training("--emit ort")
+    opts = parse_options(options, OPTIONS, "ort")
+    _optimizer_from(opts)
+    if opts.get("loss") not in (None, "auto"):
+        from graphopt.ort.spec import resolve_loss
+
+        resolve_loss(opts["loss"], None, torch.zeros(1, 2))
+
+
+def _has_half_casts(model: Any) -> bool:
+    from onnx import TensorProto
+
+    half = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
+    for node in model.graph.node:
+        if node.op_type == "Cast":
+            for a in node.attribute:
+                if a.name == "to" and a.i in half:
+                    return True
+    return False
+
+
+def _active_dropout(model: Any) -> bool:
+    return any(n.op_type == "Dropout" for n in model.graph.node)
+
+
+def emit_ort_artifacts(module: nn.Module, out: str | Path, *, loss: str | None = None, optimizer: Any = None,
+                       inputs: Sequence[torch.Tensor] | None = None, force: bool = False, report: Any = None,
+                       source: dict[str, Any] | None = None, model_loss: Any = None, opset: int | None = None,
+                       check: bool = True) -> Path:
+    """Write ORT training artifacts for ``module`` (a captured GraphModule, or any nn.Module).
+
+    ``loss``: a name (see :data:`graphopt.ort.spec.LOSSES`) or None/"auto" (``model_loss``, the
+    model file's function, mapped by behaviour; else cross-entropy). ``optimizer``: an
+    :class:`~graphopt.ort.spec.OptimizerSpec` (default AdamW with torch's defaults). ``inputs``:
+    example inputs (default: the graph's). The folder is written atomically; with ``check`` the
+    emit-time parity check must pass or nothing is written.
+    """
+    from graphopt.ort._deps import require_ort_training
+    from graphopt.ort.artifacts import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, build_training_artifacts
+    from graphopt.ort.backend import MANIFEST, ORT_FORMAT, ORT_FORMAT_VERSION, TORCH_SUBFOLDER, OrtTrainBackend
+    from graphopt.ort.export import DEFAULT_OPSET
+    from graphopt.ort.parity import check_artifacts
+    from graphopt.ort.spec import OptimizerSpec, resolve_loss
+
+    require_ort_training("--emit ort")
+    check_output_folder(out, force)
+    meta = module.meta.get("graphopt", {}) if isinstance(module, fx.GraphModule) else {}
+    inputs = resolve_inputs(module, inputs, out)
+    if not isinstance(module, fx.GraphModule):
+        import graphopt
+
+        module = graphopt.capture(module, inputs)
+        meta = module.meta["graphopt"]
+    meta.setdefault("example_inputs", inputs)
+    optimizer = optimizer or OptimizerSpec()
+    with torch.no_grad():
+        was = module.training
+        probe = module.eval()(*inputs)
+        module.train(was)
+    if not isinstance(probe, torch.Tensor):
+        raise EmitError("ORT training needs a model with a single tensor output", where=str(out),
+                        fix="return one tensor (the logits/prediction) from forward()")
+    loss_name = resolve_loss(loss, model_loss, probe)
+    opset = opset or DEFAULT_OPSET
+    import onnx
+    import onnxruntime
+
+    with atomic_folder(out, force) as tmp:
+        facts = build_training_artifacts(module, inputs, tmp, loss=loss_name, optimizer=optimizer, opset=opset,
+                                         where=str(out))
+        model = onnx.load(str(tmp / TRAINING_MODEL), load_external_data=False)
+        half = _has_half_casts(model)
+        dropout = _active_dropout(model)
+        del model
+        from graphopt.emit.torch_folder import emit_torch_folder
+
+        emit_torch_folder(module, tmp / TORCH_SUBFOLDER, report=report, source=source)
+        files = {}
+        for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT):
+            files[name] = sha256_file(tmp / name)
+        from graphopt import __version__
+
+        manifest: dict[str, Any] = {
+            "format": ORT_FORMAT,
+            "format_version": ORT_FORMAT_VERSION,
+            "graphopt_version": __version__,
+            "torch_version": torch.__version__,
+            "onnx_version": onnx.__version__,
+            "onnxruntime_version": onnxruntime.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"class": meta.get("source_class"), **(source or {})},
+            "example_inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in inputs],
+            "artifacts": {"training_model": TRAINING_MODEL, "eval_model": EVAL_MODEL,
+                          "optimizer_model": OPTIMIZER_MODEL, "checkpoint": CHECKPOINT,
+                          "torch_folder": TORCH_SUBFOLDER},
+            **facts,
+            "half": half,
+            "precision": meta.get("precision"),
+            "files": files,
+        }
+        if report is not None:
+            manifest["verified"] = report.verified
+            manifest["passes"] = [r.spec for r in report.records]
+        from graphopt.manager import dumps_json
+        from graphopt.ort.parity import probe_for_crash
+
+        (tmp / MANIFEST).write_text(dumps_json(manifest))
+        if check:
+            probe_for_crash(tmp, inputs, where=str(out))
+            backend = OrtTrainBackend(tmp, threads=1)
+            result = check_artifacts(backend, module, inputs, half=half, has_dropout=dropout)
+            del backend
+            manifest["check"] = result
+            (tmp / MANIFEST).write_text(dumps_json(manifest))
+            if not result["passed"]:
+                raise EmitError("ONNX Runtime does not compute what the graph computes: " + summarize_check(result),
+                                where=str(out), fix="report it with the model; --emit torch is unaffected")
+    return Path(out)
+
+
+def check_summary(check: dict[str, Any]) -> str:
+    """One line for the CLI: the emit-time ORT-vs-PyTorch comparison."""
+    verdict = "[green]matches PyTorch[/]" if check.get("passed") else "[red]DIFFERS from PyTorch[/]"
+    return f"ORT training artifacts {verdict}: {summarize_check(check)}"
+
+
+def summarize_check(check: dict[str, Any]) -> str:
+    parts = [f"eval outputs max rel err {check['eval_outputs_max_rel_error']:.1e}"]
+    if check.get("train_check") == "compared":
+        parts.append(f"train loss rel err {check['train_loss_rel_error']:.1e}")
+        parts.append(f"{check['gradients_compared']} gradients rel L2 err vs float64 {check['gradients_rel_l2_error']:.1e} "
+                     f"(torch float32: {check['torch_float32_gradients_rel_l2_error']:.1e}, budget "
+                     f"{check.get('gradients_budget', float('nan')):.1e})")
+    else:
+        parts.append(f"training check {check.get('train_check')}")
+    return ", ".join(parts)
+
+
+def emit_ort(gm: fx.GraphModule, out: str | Path, *, report: Any = None, force: bool = False,
+             source: dict[str, Any] | None = None, options: dict[str, Any] | None = None, spec: Any = None) -> Path:
+    """The ``--emit ort`` entry (EMITTERS). ``options``: ``--emit-option`` values (see :data:`OPTIONS`);
+    ``spec``: the model file's ModelSpec (its ``loss`` picks the loss when ``loss`` is not given)."""
+    opts = parse_options(options, OPTIONS, "ort")
+    return emit_ort_artifacts(gm, out, loss=opts.get("loss"), optimizer=_optimizer_from(opts), force=force,
+                              report=report, source=source, model_loss=getattr(spec, "loss", None),
+                              opset=opts.get("opset"))

@@ -1,0 +1,170 @@
+"""The pipeline emitter: one torch folder per stage plus a pipeline manifest.
+
+    out/
+      manifest.json      format graphopt.pipeline: stages (folder, inputs, outputs, cost), the
+                         partition plan (stage costs, balance, cut bytes, predicted bubble),
+                         the model file (for loss()/data()), the model's inputs and outputs,
+                         passes and verification
+      stage0/            a torch folder (module.py + weights.safetensors + manifest.json)
+      stage1/
+      ...
+
+Each stage is written by :func:`graphopt.emit.torch_folder.emit_torch_folder` (readable source,
+safetensors, checked on reload). Before the folder is moved into place the stages are loaded
+back, chained, and compared with the whole graph. ``graphopt launch out/`` trains it under
+``torchrun``; :func:`load_pipeline` chains the stages in one process (optionally one device per
+stage: ``device_map``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+
+from graphopt.emit._fs import atomic_folder, check_output_folder, read_manifest
+from graphopt.emit.torch_folder import MANIFEST_FILE, MODULE_FILE, WEIGHTS_FILE, emit_torch_folder, load
+from graphopt.errors import ArtifactError, EmitError, PreconditionError
+
+__all__ = ["emit_pipeline", "load_pipeline", "load_stage", "read_pipeline_manifest", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "graphopt.pipeline"
+FORMAT_VERSION = 1
+
+
+def _tensor_info(value: Any) -> list[dict[str, Any]]:
+    from torch.utils._pytree import tree_flatten
+
+    flat, _ = tree_flatten(value)
+    return [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+            for t in flat if isinstance(t, torch.Tensor)]
+
+
+def emit_pipeline(gm: fx.GraphModule, out: str | Path, *, report: Any = None, force: bool = False,
+                  source: dict[str, Any] | None = None) -> Path:
+    """Write the stages of a partitioned graph (``-p partition:stages=N``) to ``out``."""
+    from graphopt import __version__
+    from graphopt.dist.stages import partition_plan, split_stages
+    from graphopt.manager import dumps_json
+
+    check_output_folder(out, force)
+    try:
+        plan = partition_plan(gm)
+    except PreconditionError as exc:
+        raise EmitError(exc.what, where="--emit pipeline", fix=exc.fix) from None
+    meta = gm.meta.get("graphopt", {})
+    inputs = meta.get("example_inputs")
+    if inputs is None:
+        raise EmitError("the graph has no example inputs", where="--emit pipeline",
+                        fix="capture it with graphopt.capture/optimize")
+    inputs = tuple(inputs)
+    stages = split_stages(gm, inputs)
+    was = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            reference = gm(*inputs)
+    finally:
+        gm.train(was)
+    n = len(stages)
+    with atomic_folder(out, force) as tmp:
+        entries = []
+        for i, stage in enumerate(stages):
+            folder = f"stage{i}"
+            ex = stage.meta["graphopt"]["example_inputs"]
+            emit_torch_folder(stage, tmp / folder, source=source, check_inputs=ex,
+                              extra={"pipeline_stage": {"index": i, "stages": n}})
+            detail = plan["stage_detail"][i]
+            with torch.no_grad():
+                stage_out = stage.eval()(*ex)
+            entries.append({
+                "index": i, "folder": folder, "inputs": detail["inputs"], "outputs": detail["outputs"],
+                "input_tensors": _tensor_info(ex), "output_tensors": _tensor_info(stage_out),
+                "cost": detail["cost"], "macs": detail["macs"], "params": detail["params"],
+                "param_bytes": detail["param_bytes"],
+            })
+        plan_public = {k: v for k, v in plan.items() if k != "assignment"}
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "graphopt_version": __version__,
+            "torch_version": torch.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"class": meta.get("source_class"), **(source or {})},
+            "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in inputs],
+            "outputs": _tensor_info(reference),
+            "output_is_tensor": isinstance(reference, torch.Tensor),
+            "stages": entries,
+            "partition": plan_public,
+            "microbatches": plan["bubble"]["microbatches"],
+        }
+        if report is not None:
+            manifest["verified"] = report.verified
+            manifest["passes"] = [r.as_dict() for r in report.records]
+        (tmp / MANIFEST_FILE).write_text(dumps_json(manifest))
+        chained = load_pipeline(tmp)
+        _compare(reference, chained, inputs)
+    return Path(out)
+
+
+def _compare(reference: Any, chained: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+    from torch.utils._pytree import tree_flatten
+
+    from graphopt.verify import max_rel_error
+
+    chained.eval()
+    with torch.no_grad():
+        got = chained(*inputs)
+    a = [t for t in tree_flatten(reference)[0] if isinstance(t, torch.Tensor)]
+    b = [t for t in tree_flatten(got)[0] if isinstance(t, torch.Tensor)]
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        raise EmitError("the chained stages do not return the graph's outputs", fix="report this emitter bug")
+    err = max_rel_error([y for y in b if y.is_floating_point()], [x for x in a if x.is_floating_point()])
+    if err > 1e-5:
+        raise EmitError(f"the chained stages differ from the graph (max relative error {err:.2e})",
+                        fix="report this emitter bug")
+
+
+def read_pipeline_manifest(folder: str | Path, *, check_files: bool = True) -> dict[str, Any]:
+    """The pipeline manifest, after checking that every stage folder has its files."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, fmt=FORMAT, version=FORMAT_VERSION, what="pipeline folder",
+                             emit_hint="graphopt optimize MODEL.py -p partition:stages=N --emit pipeline -o OUT")
+    if check_files:
+        for entry in manifest.get("stages", []):
+            sdir = folder / entry["folder"]
+            for fname in (MANIFEST_FILE, MODULE_FILE, WEIGHTS_FILE):
+                if not (sdir / fname).is_file():
+                    raise ArtifactError(f"stage {entry['index']} file {entry['folder']}/{fname} is missing",
+                                        where=str(folder), fix="re-emit the pipeline folder")
+    return manifest
+
+
+def load_stage(folder: str | Path, index: int, manifest: dict[str, Any] | None = None) -> nn.Module:
+    """Stage ``index`` of a pipeline folder as an ``nn.Module`` (checksums verified)."""
+    folder = Path(folder)
+    manifest = manifest or read_pipeline_manifest(folder)
+    stages = manifest["stages"]
+    if not 0 <= index < len(stages):
+        raise ArtifactError(f"no stage {index} (the pipeline has {len(stages)})", where=str(folder))
+    return load(folder / stages[index]["folder"])
+
+
+def load_pipeline(folder: str | Path, devices: Sequence[str | torch.device] | str | None = None) -> nn.Module:
+    """All stages chained in one process (``devices``: one per stage, or ``"auto"``).
+
+    The result has ``.graphopt_manifest`` (the pipeline manifest) and ``.stages``.
+    """
+    from graphopt.dist.stages import SequentialStages, resolve_devices
+
+    folder = Path(folder)
+    manifest = read_pipeline_manifest(folder)
+    mods = [load_stage(folder, i, manifest) for i in range(len(manifest["stages"]))]
+    devs = resolve_devices(devices, len(mods)) if devices is not None else None
+    net = SequentialStages(mods, devs)
+    net.graphopt_manifest = manifest  # type: ignore[attr-defined]
+    net.train()
+    return net

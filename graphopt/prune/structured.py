@@ -1,0 +1,467 @@
+"""Structured channel pruning: choose channels per group, slice the tensors, build the reference.
+
+:func:`plan_pruning` turns group scores into a removal plan (per-layer ratio, global ranking,
+or a MACs target found by bisection on the analysis's MAC model) respecting ``round_to``,
+``min_channels``, ``max_ratio`` and the groups' constraints (equal removal per conv group,
+whole GroupNorm groups). :func:`apply_pruning` physically slices weights, biases, norm
+statistics and sliced parameters, updates the modules' constructor attributes
+(``in_channels``, ``out_features``, ``num_features``, ``num_groups`` ...) and literal sizes in
+``view``/``reshape``/``split``, so the emitted module has smaller tensors.
+:func:`masked_reference` is the original with the same channels masked: the consumers'
+weight columns of removed channels set to zero (so removed channels contribute nothing
+wherever channels mix); the pruned graph must equal it exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from graphopt.analysis.channels import ChannelGraph, ChannelGroup, Member
+
+__all__ = ["PruningPlan", "plan_pruning", "apply_pruning", "masked_reference", "copy_graph_module"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruningPlan:
+    removed: np.ndarray  # bool, indexed by class root (atom id)
+    kept: dict[int, int] = field(default_factory=dict)  # group id -> channels kept
+    skipped: dict[int, str] = field(default_factory=dict)  # prunable group id -> why nothing removed
+    target: dict[str, Any] = field(default_factory=dict)
+
+    def removed_in(self, group: ChannelGroup) -> int:
+        return int(self.removed[group.classes].sum())
+
+
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
+
+
+class _GroupRule:
+    """How many channels a group may lose and which ones, given its constraints."""
+
+    def __init__(self, g: ChannelGroup, cg: ChannelGraph, round_to: int, min_channels: int, max_ratio: float):
+        self.g = g
+        n = g.size
+        self.n = n
+        self.pos = {int(c): i for i, c in enumerate(g.classes)}
+        self.blocks: list[np.ndarray] | None = None
+        self.units: list[np.ndarray] | None = None
+        base = 1
+        if g.constraints:
+            con = max(g.constraints, key=lambda c: c.g)
+            idx = np.array([self.pos[int(r)] for r in cg.root[con.atoms]])
+            size = n // con.g
+            parts = [idx[i * size:(i + 1) * size] for i in range(con.g)]
+            if con.kind == "blocks":
+                self.blocks, base = parts, con.g
+            else:
+                self.units, base = parts, size
+        step = base
+        if round_to > 1:
+            lcm = _lcm(base, round_to)
+            if n % lcm == 0 or n >= lcm:
+                step = lcm
+        self.step = step
+        min_keep = max(1, min_channels, n - int(math.floor(n * max_ratio + 1e-9)))
+        self.min_keep = min(n, math.ceil(min_keep / step) * step) if step <= n else n
+
+    def adjust(self, r: int) -> int:
+        """The nearest allowed removal not above ``r`` (kept channels rounded up)."""
+        n, step = self.n, self.step
+        k = n - max(0, min(r, n))
+        k = max(k, self.min_keep)
+        if self.units is not None:
+            u = len(self.units[0])
+            k = math.ceil(k / u) * u
+        if step > 1 and k < n:
+            k = math.ceil(k / step) * step
+            if self.blocks is not None and k % len(self.blocks):
+                k = math.ceil(k / len(self.blocks)) * len(self.blocks)
+        return max(0, n - min(k, n))
+
+    def choose(self, scores: np.ndarray, r: int) -> np.ndarray:
+        """Local indices (into the group's classes) of the ``r`` channels to remove."""
+        if r <= 0:
+            return np.zeros(0, dtype=np.int64)
+        if self.blocks is not None:
+            per = r // len(self.blocks)
+            out = [b[np.argsort(scores[b], kind="stable")[:per]] for b in self.blocks]
+            return np.concatenate(out)
+        if self.units is not None:
+            u = len(self.units[0])
+            us = np.array([scores[x].sum() for x in self.units])
+            order = np.argsort(us, kind="stable")[: r // u]
+            return np.concatenate([self.units[i] for i in order]) if len(order) else np.zeros(0, dtype=np.int64)
+        return np.argsort(scores, kind="stable")[:r]
+
+
+def plan_pruning(cg: ChannelGraph, scores: dict[int, np.ndarray], groups: list[ChannelGroup], *,
+                 ratio: float, macs: float | None = None, scope: str = "per_layer", round_to: int = 1,
+                 min_channels: int = 1, max_ratio: float = 0.9) -> PruningPlan:
+    """Choose the channels to remove from ``groups`` (the prunable, not ignored ones).
+
+    ``ratio``: per_layer = share of each group's channels; global = share of all their
+    channels, ranked by score normalized by each group's mean. ``macs``: keep this share of
+    the graph's MACs instead (bisection on the ratio or the global threshold).
+    """
+    n_atoms = len(cg.root)
+    rules = {g.id: _GroupRule(g, cg, round_to, min_channels, max_ratio) for g in groups}
+    norm = {}
+    for g in groups:
+        s = scores[g.id]
+        m = float(s.mean()) if len(s) else 0.0
+        norm[g.id] = s / m if m > 0 else s
+
+    def build_ratio(r: float) -> tuple[np.ndarray, dict[int, int]]:
+        removed = np.zeros(n_atoms, dtype=bool)
+        counts = {}
+        for g in groups:
+            rule = rules[g.id]
+            k = rule.adjust(int(math.floor(g.size * r + 1e-9)))
+            idx = rule.choose(scores[g.id], k)
+            removed[g.classes[idx]] = True
+            counts[g.id] = len(idx)
+        return removed, counts
+
+    def build_threshold(t: float) -> tuple[np.ndarray, dict[int, int]]:
+        removed = np.zeros(n_atoms, dtype=bool)
+        counts = {}
+        for g in groups:
+            rule = rules[g.id]
+            k = rule.adjust(int((norm[g.id] < t).sum()))
+            idx = rule.choose(scores[g.id], k)
+            removed[g.classes[idx]] = True
+            counts[g.id] = len(idx)
+        return removed, counts
+
+    total = sum(g.size for g in groups)
+    target: dict[str, Any] = {"scope": scope}
+    if macs is None:
+        if scope == "per_layer":
+            removed, counts = build_ratio(ratio)
+        else:
+            want = ratio * total
+            hi = max((float(v.max()) for v in norm.values() if len(v)), default=0.0) + 1.0
+            lo = 0.0
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                if sum(build_threshold(mid)[1].values()) >= want:
+                    hi = mid
+                else:
+                    lo = mid
+            removed, counts = build_threshold(hi)
+            if sum(counts.values()) > want * 1.02 + 8:  # overshoot from rounding: take the lower side
+                alt = build_threshold(lo)
+                if sum(alt[1].values()) > 0:
+                    removed, counts = alt
+        target.update(ratio=ratio)
+    else:
+        goal = macs * cg.total_macs
+        build = build_ratio if scope == "per_layer" else build_threshold
+        if scope == "per_layer":
+            lo, hi = 0.0, max_ratio
+        else:
+            lo, hi = 0.0, max((float(v.max()) for v in norm.values() if len(v)), default=0.0) + 1.0
+        best = build(hi)
+        if cg.predicted_macs(best[0]) > goal:
+            removed, counts = best
+            target["reached"] = False
+        else:
+            for _ in range(50):
+                mid = (lo + hi) / 2
+                cand = build(mid)
+                if cg.predicted_macs(cand[0]) <= goal:
+                    hi, best = mid, cand
+                else:
+                    lo = mid
+            removed, counts = best
+            target["reached"] = True
+        target.update(macs=macs, goal_macs=int(goal))
+    target["predicted_macs"] = int(cg.predicted_macs(removed))
+    plan = PruningPlan(removed, target=target)
+    for g in groups:
+        plan.kept[g.id] = g.size - counts[g.id]
+        if counts[g.id] == 0:
+            rule = rules[g.id]
+            plan.skipped[g.id] = (f"nothing to remove after rounding (size {g.size}, minimum kept "
+                                  f"{rule.min_keep}, step {rule.step})" if scope == "per_layer" or macs is None
+                                  else "all its channels rank above the global threshold")
+    return plan
+
+
+# ----------------------------------------------------------------------------- slicing
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """Deep copy without the graph-level metadata (inputs, calibration data, costs)."""
+    meta = gm.meta.pop("graphopt", None)
+    try:
+        new = copy.deepcopy(gm)
+    finally:
+        if meta is not None:
+            gm.meta["graphopt"] = meta
+    return new
+
+
+def _set_param(mod: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(mod, name)
+    if isinstance(old, nn.Parameter):
+        setattr(mod, name, nn.Parameter(value.detach().clone().contiguous(), requires_grad=old.requires_grad))
+    else:
+        mod.register_buffer(name, value.detach().clone().contiguous(),
+                            persistent=name not in getattr(mod, "_non_persistent_buffers_set", set()))
+
+
+def _owner(gm: fx.GraphModule, path: str) -> tuple[nn.Module, str]:
+    parent, _, leaf = path.rpartition(".")
+    return (gm.get_submodule(parent) if parent else gm), leaf
+
+
+def _idx(keep: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(keep, dtype=torch.long)
+
+
+def _slice_conv(mod: nn.Module, out_keep: np.ndarray | None, in_keep: np.ndarray | None) -> None:
+    g = mod.groups
+    w = mod.weight.detach()
+    cout, in_g = w.shape[0], w.shape[1]
+    cin = in_g * g
+    out_keep = np.arange(cout) if out_keep is None else out_keep
+    in_keep = np.arange(cin) if in_keep is None else in_keep
+    if g == 1:
+        nw = w[_idx(out_keep)][:, _idx(in_keep)]
+        new_groups = 1
+    else:
+        out_g = cout // g
+        parts = []
+        counts_o, counts_i = set(), set()
+        for q in range(g):
+            oq = out_keep[(out_keep >= q * out_g) & (out_keep < (q + 1) * out_g)]
+            iq = in_keep[(in_keep >= q * in_g) & (in_keep < (q + 1) * in_g)] - q * in_g
+            counts_o.add(len(oq))
+            counts_i.add(len(iq))
+            parts.append(w[_idx(oq)][:, _idx(iq)])
+        if len(counts_o) != 1 or len(counts_i) != 1:
+            raise RuntimeError(f"uneven pruning across the groups of a grouped conv: {counts_o}, {counts_i}")
+        nw = torch.cat(parts, 0)
+        new_groups = g
+    _set_param(mod, "weight", nw)
+    if mod.bias is not None:
+        _set_param(mod, "bias", mod.bias.detach()[_idx(out_keep)])
+    mod.out_channels = len(out_keep)
+    mod.in_channels = len(in_keep)
+    mod.groups = new_groups
+
+
+def _slice_depthwise(mod: nn.Module, keep: np.ndarray) -> None:
+    _set_param(mod, "weight", mod.weight.detach()[_idx(keep)])
+    if mod.bias is not None:
+        _set_param(mod, "bias", mod.bias.detach()[_idx(keep)])
+    mod.in_channels = mod.out_channels = mod.groups = len(keep)
+
+
+def _slice_linear(mod: nn.Linear, out_keep: np.ndarray | None, in_cols: np.ndarray | None) -> None:
+    w = mod.weight.detach()
+    if out_keep is not None:
+        w = w[_idx(out_keep)]
+        if mod.bias is not None:
+            _set_param(mod, "bias", mod.bias.detach()[_idx(out_keep)])
+        mod.out_features = len(out_keep)
+    if in_cols is not None:
+        w = w[:, _idx(in_cols)]
+        mod.in_features = len(in_cols)
+    _set_param(mod, "weight", w)
+
+
+def _cols(keep: np.ndarray, inner: int) -> np.ndarray:
+    return (keep[:, None] * inner + np.arange(inner)[None, :]).reshape(-1)
+
+
+def apply_pruning(gm: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray) -> dict[str, Any]:
+    """Slice ``gm`` in place to drop the removed classes; returns counts of what changed."""
+    keep_of = {id(m): cg.keep_positions(m.atoms, removed) for m in cg.members}
+    family = {"conv_out": "mod", "conv_in": "mod", "dw": "mod", "linear_out": "mod", "linear_in": "mod",
+              "bn": "mod", "gn": "mod"}
+    by_target: dict[tuple[str, str], dict[str, Member]] = {}
+    for m in cg.members:
+        by_target.setdefault((family.get(m.kind, m.kind), m.target), {})[m.kind] = m
+    nodes = {n.name: n for n in gm.graph.nodes}
+    sliced = 0
+    for (_, target), kinds in by_target.items():
+        if not any(len(keep_of[id(m)]) != len(m.atoms) for m in kinds.values()):
+            continue
+        sliced += 1
+        if "conv_out" in kinds or "conv_in" in kinds:
+            mod = gm.get_submodule(target)
+            o, i = kinds.get("conv_out"), kinds.get("conv_in")
+            _slice_conv(mod, keep_of[id(o)] if o else None, keep_of[id(i)] if i else None)
+        elif "dw" in kinds:
+            _slice_depthwise(gm.get_submodule(target), keep_of[id(kinds["dw"])])
+        elif "linear_out" in kinds or "linear_in" in kinds:
+            o, i = kinds.get("linear_out"), kinds.get("linear_in")
+            _slice_linear(gm.get_submodule(target), keep_of[id(o)] if o else None,
+                          _cols(keep_of[id(i)], i.inner) if i else None)
+        elif "bn" in kinds:
+            mod = gm.get_submodule(target)
+            keep = _idx(keep_of[id(kinds["bn"])])
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                t = getattr(mod, name, None)
+                if isinstance(t, torch.Tensor):
+                    _set_param(mod, name, t.detach()[keep])
+            mod.num_features = len(keep)
+        elif "gn" in kinds:
+            mod = gm.get_submodule(target)
+            m = kinds["gn"]
+            keep = keep_of[id(m)]
+            unit = len(m.atoms) // mod.num_groups
+            for name in ("weight", "bias"):
+                t = getattr(mod, name, None)
+                if isinstance(t, torch.Tensor):
+                    _set_param(mod, name, t.detach()[_idx(keep)])
+            mod.num_channels = len(keep)
+            mod.num_groups = len(keep) // unit
+        elif "bn_f" in kinds:
+            keep = _idx(keep_of[id(kinds["bn_f"])])
+            for path in kinds["bn_f"].extra["targets"].values():
+                owner, leaf = _owner(gm, path)
+                _set_param(owner, leaf, getattr(owner, leaf).detach()[keep])
+        elif "param" in kinds:
+            m = kinds["param"]
+            owner, leaf = _owner(gm, target)
+            t = getattr(owner, leaf).detach()
+            _set_param(owner, leaf, t.index_select(m.axis, _idx(keep_of[id(m)])))
+        elif "reshape" in kinds:
+            m = kinds["reshape"]
+            node = nodes[m.node]
+            new_size = len(keep_of[id(m)]) * m.inner
+            args = list(node.args)
+            if m.extra["kind"] == "method":
+                if len(args) == 2 and isinstance(args[1], (list, tuple)):
+                    sizes = list(args[1])
+                    sizes[m.axis] = new_size
+                    args[1] = type(args[1])(sizes)
+                else:
+                    args[1 + m.axis] = new_size
+            else:
+                sizes = list(args[1])
+                sizes[m.axis] = new_size
+                args[1] = type(node.args[1])(sizes)
+            node.args = tuple(args)
+        elif "split" in kinds:
+            m = kinds["split"]
+            node = nodes[m.node]
+            keep = keep_of[id(m)]
+            sizes, start, new = m.extra["sizes"], 0, []
+            for s in sizes:
+                new.append(int(((keep >= start) & (keep < start + s)).sum()))
+                start += s
+            args = list(node.args)
+            args[1] = new
+            node.args = tuple(args)
+    gm.recompile()
+    return {"tensors_sliced": sliced}
+
+
+def masked_reference(gm: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray) -> fx.GraphModule:
+    """A copy of the unpruned ``gm`` in which removed channels contribute nothing: the weight
+    columns of every consumer that reads them are zero. The pruned model must equal it."""
+    ref = copy_graph_module(gm)
+    with torch.no_grad():
+        for m in cg.members:
+            gone = np.nonzero(removed[cg.root[m.atoms]])[0]
+            if not len(gone):
+                continue
+            if m.kind == "conv_in":
+                mod = ref.get_submodule(m.target)
+                g = mod.groups
+                w = mod.weight
+                cout, in_g = w.shape[0], w.shape[1]
+                out_g = cout // g
+                for p in gone:
+                    q, j = divmod(int(p), in_g)
+                    w[q * out_g:(q + 1) * out_g, j] = 0
+            elif m.kind == "linear_in":
+                mod = ref.get_submodule(m.target)
+                mod.weight[:, _idx(_cols(gone, m.inner))] = 0
+    return ref
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class StructuredResult:
+    """What :func:`prune_structured` did: the plan, the groups, the masked reference."""
+
+    gm: fx.GraphModule
+    reference: fx.GraphModule | None
+    analysis: ChannelGraph
+    plan: PruningPlan | None
+    pruned: list[tuple[ChannelGroup, int, int]]  # group, before, after
+    declined: list[tuple[str, str]]  # target, reason
+    notes: dict[str, Any]
+
+
+def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | None = None,
+                     criterion: str = "l1", scope: str = "per_layer", round_to: int = 1,
+                     min_channels: int = 1, max_ratio: float = 0.9, ignore: list[str] | None = None,
+                     batches: list[tuple[torch.Tensor, ...]] | None = None,
+                     loss_fn: Any = None) -> StructuredResult:
+    """Prune channel groups of ``gm`` in place (see the module docstring).
+
+    ``ignore``: globs of module paths whose *output* channels are kept (groups with an ignored
+    producer are not pruned). ``batches``: input batches for ``taylor``.
+    """
+    from graphopt.analysis.channels import analyze_channels
+    from graphopt.ir import name_matches
+    from graphopt.prune.importance import channel_scores, gradients
+
+    cg = analyze_channels(gm)
+    declined: list[tuple[str, str]] = []
+    candidates: list[ChannelGroup] = []
+    for g in cg.groups:
+        if not g.prunable:
+            declined.append((g.name, "not prunable: " + "; ".join(g.blocked[:3])
+                             + (f" (+{len(g.blocked) - 3} more reasons)" if len(g.blocked) > 3 else "")))
+        elif any(name_matches(p, ignore) for p in g.producers):
+            declined.append((g.name, "ignored by the 'ignore' option"))
+        elif g.size <= 1:
+            declined.append((g.name, "a single channel"))
+        else:
+            candidates.append(g)
+    notes: dict[str, Any] = {"mode": "structured", "criterion": criterion, "scope": scope,
+                             **cg.summary(), "candidate_groups": len(candidates)}
+    if not candidates:
+        return StructuredResult(gm, None, cg, None, [], declined, notes)
+    grads = None
+    if criterion == "taylor":
+        grads = gradients(gm, batches or [], loss_fn)
+    scores, fallback = channel_scores(gm, cg, criterion, grads)
+    if fallback:
+        notes["bn_scale_fallback_l1"] = [g.name for g in cg.groups if g.id in fallback and g in candidates]
+    plan = plan_pruning(cg, scores, candidates, ratio=ratio, macs=macs, scope=scope, round_to=round_to,
+                        min_channels=min_channels, max_ratio=max_ratio)
+    notes["target"] = plan.target
+    pruned: list[tuple[ChannelGroup, int, int]] = []
+    for g in candidates:
+        if g.id in plan.skipped:
+            declined.append((g.name, plan.skipped[g.id]))
+        else:
+            pruned.append((g, g.size, plan.kept[g.id]))
+    if not pruned:
+        return StructuredResult(gm, None, cg, plan, [], declined, notes)
+    reference = masked_reference(gm, cg, plan.removed)
+    notes.update(apply_pruning(gm, cg, plan.removed))
+    notes["channels_before"] = int(sum(b for _, b, _ in pruned))
+    notes["channels_after"] = int(sum(a for _, _, a in pruned))
+    return StructuredResult(gm, reference, cg, plan, pruned, declined, notes)

@@ -1,0 +1,107 @@
+"""Capture: fx tracing, opaque-leaf fallback with coverage, root failures, metadata on every node."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt.errors import CaptureError
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a tensor value: not traceable
+            return self.lin(x)
+        return -self.lin(x)
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dd = DataDependent()
+        self.ok = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.ok(self.dd(x))
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Inner()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.inner(x)))
+
+
+def test_every_node_has_shape_dtype_and_cost(small_cnn):
+    module, inputs = small_cnn
+    gm = graphopt.capture(module, inputs)
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        assert "cost" in node.meta
+        assert node.meta["tensor_meta"].dtype == torch.float32
+    out_node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "fc")
+    assert tuple(out_node.meta["tensor_meta"].shape) == (2, 10)
+    torch.testing.assert_close(gm(*inputs), module(*inputs))
+
+
+def test_capture_does_not_touch_the_callers_model(small_cnn):
+    module, inputs = small_cnn
+    gm = graphopt.capture(module, inputs)
+    assert gm.conv1 is not module.conv1
+    with torch.no_grad():
+        gm.conv1.weight.zero_()
+    assert module.conv1.weight.abs().sum() > 0
+
+
+def test_smallest_failing_submodule_becomes_opaque():
+    torch.manual_seed(0)
+    model = Outer().eval()
+    x = torch.randn(4, 8)
+    gm = graphopt.capture(model, (x,))
+    opaque = gm.meta["graphopt"]["opaque"]
+    assert list(opaque) == ["inner.dd"]  # the smallest failing module, not "inner"
+    assert opaque["inner.dd"]["class"] == "DataDependent"
+    assert "control flow" in opaque["inner.dd"]["reason"] and "test_capture.py" in opaque["inner.dd"]["reason"]
+    # inner.ok and head are inside the graph
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert targets == {"inner.dd", "inner.ok", "head"}
+    cov = gm.meta["graphopt"]["cost"].coverage
+    total_macs = 4 * (64 + 64 + 16)
+    assert cov["macs"] == pytest.approx(1 - 4 * 64 / total_macs)
+    assert cov["params"] == pytest.approx(1 - 72 / (72 + 72 + 18))
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_root_forward_untraceable_names_line():
+    with pytest.raises(CaptureError) as info:
+        graphopt.capture(DataDependent(), (torch.randn(2, 8),))
+    msg = str(info.value)
+    assert "test_capture.py" in msg and "if x.sum() > 0" in msg and "\n" not in msg
+
+
+def test_capture_keeps_training_flag_and_bn_stats(small_cnn):
+    module, inputs = small_cnn
+    module.train()
+    before = module.bn1.running_mean.clone()
+    gm = graphopt.capture(module, inputs)
+    assert gm.training
+    torch.testing.assert_close(gm.bn1.running_mean, before)  # shape propagation ran in eval mode
+
+
+def test_networkx_view(small_cnn):
+    module, inputs = small_cnn
+    gm = graphopt.capture(module, inputs)
+    g = graphopt.to_networkx(gm)
+    assert g.number_of_nodes() == len(gm.graph.nodes)
+    assert g.nodes["conv1"]["kind"] == "Conv2d" and g.nodes["conv1"]["macs"] == 2 * 8 * 16 * 16 * 3 * 9
+    assert g.has_edge("conv1", "bn1") and g.edges["conv1", "bn1"]["bytes"] == 2 * 8 * 16 * 16 * 4
