@@ -11,7 +11,9 @@ If the failure is in the root module's own forward, nothing can be captured and
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
+import operator
 from typing import Any, Iterable
 
 import torch
@@ -89,6 +91,102 @@ def _trace(module: nn.Module, opaque: dict[str, dict[str, str]]) -> fx.GraphModu
                        "cannot be traced", fix="simplify the model's control flow")
 
 
+def _signature(node: fx.Node) -> tuple[str, str]:
+    tgt = node.target if isinstance(node.target, str) else getattr(node.target, "__qualname__", repr(node.target))
+    return node.op, str(tgt)
+
+
+class _Unresolved(Exception):
+    pass
+
+
+def _merge_args(a: Any, b: Any, mode: bool, flag: fx.Node, negated: fx.Node | None, fixes: list[str],
+                make_not: Any) -> Any:
+    """``a`` (captured trace) with each bool that differs from ``b`` (the other mode's trace) replaced
+    by the run-time training flag (or its negation)."""
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        return a
+    if isinstance(a, bool) and isinstance(b, bool):
+        if a == b:
+            return a
+        fixes.append(f"{a}->self.training" if a == mode else f"{a}->not self.training")
+        return flag if a == mode else make_not()
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
+        return type(a)(_merge_args(x, y, mode, flag, negated, fixes, make_not) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return {k: _merge_args(a[k], b[k], mode, flag, negated, fixes, make_not) for k in a}
+    if a != b:
+        raise _Unresolved(f"{a!r} vs {b!r}")
+    return a
+
+
+def _make_mode_aware(gm: fx.GraphModule, module: nn.Module, opaque: dict[str, Any]) -> dict[str, Any]:
+    """torch.fx bakes ``self.training`` into traced code (``F.dropout(..., training=self.training)``,
+    torchvision's stochastic depth, timm's BatchNormAct). Trace the other mode too; where the two
+    traces differ only by such a bool, read the flag at run time instead (``self.training`` of the
+    graph module), so ``.train()``/``.eval()`` keep working. Remaining differences (code that only
+    runs in one mode) are reported."""
+    modes = {m: m.training for m in module.modules()}
+    mode = module.training
+    try:
+        module.train(not mode)
+        other = GraphoptTracer(opaque).trace(module)
+    except Exception as exc:  # the other mode does not trace: nothing to compare
+        return {"checked": False, "reason": f"{type(exc).__name__}: {exc}"[:200]}
+    finally:
+        for m, t in modes.items():
+            m.training = t
+    a_nodes, b_nodes = list(gm.graph.nodes), list(other.nodes)
+    sm = difflib.SequenceMatcher(None, [_signature(n) for n in a_nodes], [_signature(n) for n in b_nodes],
+                                 autojunk=False)
+    graph = gm.graph
+    first = next(n for n in a_nodes if n.op != "placeholder")
+    flag: fx.Node | None = None
+    made: dict[str, fx.Node] = {}
+
+    def training_flag() -> fx.Node:
+        nonlocal flag
+        if flag is None:
+            with graph.inserting_before(first):
+                flag = graph.create_node("get_attr", "training")
+        return flag
+
+    def make_not() -> fx.Node:
+        if "not" not in made:
+            f = training_flag()
+            with graph.inserting_after(f):
+                made["not"] = graph.call_function(operator.not_, (f,))
+        return made["not"]
+
+    patched: list[dict[str, Any]] = []
+    only_captured: list[str] = []
+    unresolved: list[str] = []
+    for tag, i1, i2, j1, j2 in sm.get_opcodes():
+        if tag == "equal":
+            for a, b in zip(a_nodes[i1:i2], b_nodes[j1:j2]):
+                if a.op in ("placeholder", "output"):
+                    continue
+                fixes: list[str] = []
+                try:
+                    args = _merge_args(a.args, b.args, mode, training_flag(), None, fixes, make_not)
+                    kwargs = _merge_args(a.kwargs, b.kwargs, mode, training_flag(), None, fixes, make_not)
+                except _Unresolved as exc:
+                    unresolved.append(f"{a.name}: {exc}")
+                    continue
+                if fixes:
+                    a.args, a.kwargs = args, kwargs
+                    patched.append({"node": a.name, "target": _signature(a)[1], "args": fixes})
+        else:
+            only_captured += [n.name for n in a_nodes[i1:i2] if n.op not in ("placeholder", "output")]
+    if flag is not None and not flag.users:
+        graph.erase_node(flag)
+    if patched:
+        gm.recompile()
+    return {"checked": True, "captured_mode": "train" if mode else "eval", "made_mode_aware": patched,
+            f"only_in_{'train' if mode else 'eval'}_mode": only_captured,
+            "unresolved": unresolved}
+
+
 def capture(module: nn.Module, example_inputs: Iterable[torch.Tensor] | torch.Tensor, *,
             copy_module: bool = True) -> fx.GraphModule:
     """Capture ``module`` into a GraphModule with shapes, dtypes and costs on every node.
@@ -107,12 +205,19 @@ def capture(module: nn.Module, example_inputs: Iterable[torch.Tensor] | torch.Te
     src = copy.deepcopy(module) if copy_module else module
     opaque: dict[str, dict[str, str]] = {}
     gm = _trace(src, opaque)
+    mode_info = _make_mode_aware(gm, src, opaque)
     gm.train(src.training)
     gm.meta["graphopt"] = {
         "opaque": opaque,
         "source_class": f"{type(module).__module__}.{type(module).__qualname__}",
         "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in inputs],
+        "training_mode": mode_info,
     }
+    extra = mode_info.get("only_in_train_mode") or mode_info.get("only_in_eval_mode")
+    if extra or mode_info.get("unresolved"):
+        log.warning("%s has code that runs only in %s mode (%s); it was captured in that mode and also runs "
+                    "in the other", type(module).__name__, mode_info["captured_mode"],
+                    ", ".join((extra or []) + mode_info.get("unresolved", []))[:300])
     cost: GraphCost = annotate(gm, inputs)
     gm.meta["graphopt"]["cost"] = cost
     return gm

@@ -271,8 +271,8 @@ class Freeze(Pass):
                 gm.graph.erase_node(node)
             rewrites.append(Rewrite(path, f"{type(mod).__name__} -> fixed affine batch_norm(training=False) on its "
                                           "running statistics (no longer updated)", {"kind": "bn_affine"}))
-        # BatchNorm subclasses traced through (timm's BatchNormAct2d): F.batch_norm on get_attr tensors,
-        # with the module's training flag baked in at capture time
+        # BatchNorm subclasses traced through (timm's BatchNormAct2d): F.batch_norm on get_attr tensors.
+        # Capture reads their training flag at run time (a node); freezing fixes it to False.
         for node in gm.graph.nodes:
             if not (node.op == "call_function" and node.target is F.batch_norm):
                 continue
@@ -280,8 +280,17 @@ class Freeze(Pass):
             if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and str(weight.target) in frozen):
                 continue
             training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
+            if isinstance(training, fx.Node):
+                if "training" in node.kwargs:
+                    node.kwargs = {**node.kwargs, "training": False}
+                else:
+                    node.args = node.args[:5] + (False,) + node.args[6:]
+                rewrites.append(Rewrite(_owner(str(weight.target)), "traced-through BatchNorm -> fixed affine "
+                                        "batch_norm(training=False) on its running statistics (no longer updated)",
+                                        {"kind": "bn_affine"}))
+                continue
             if training is True:
                 declined.append(Decline(_owner(str(weight.target)), (
-                    "traced-through BatchNorm captured in train mode (training=True is baked into the graph, so "
-                    "it normalises with batch statistics even in eval mode); making it a fixed affine op would "
-                    "change the captured eval-mode function: capture the model in eval mode. Parameters frozen")))
+                    "traced-through BatchNorm that normalises with batch statistics in both modes (e.g. "
+                    "track_running_stats=False); making it a fixed affine op would change its function. "
+                    "Parameters frozen")))

@@ -105,3 +105,50 @@ def test_networkx_view(small_cnn):
     assert g.number_of_nodes() == len(gm.graph.nodes)
     assert g.nodes["conv1"]["kind"] == "Conv2d" and g.nodes["conv1"]["macs"] == 2 * 8 * 16 * 16 * 3 * 9
     assert g.has_edge("conv1", "bn1") and g.edges["conv1", "bn1"]["bytes"] == 2 * 8 * 16 * 16 * 4
+
+
+class ModeDependent(nn.Module):
+    """Functional dropout and batch norm written with self.training, as torchvision/timm do."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("mean", torch.zeros(8))
+        self.register_buffer("var", torch.ones(8))
+
+    def forward(self, x):
+        x = nn.functional.dropout(self.lin(x), 0.5, training=self.training)
+        x = nn.functional.batch_norm(x, self.mean, self.var, training=self.training, momentum=0.1)
+        return x * (not self.training) + x
+
+
+def test_training_flag_is_read_at_run_time_not_baked_in():
+    torch.manual_seed(0)
+    model = ModeDependent()  # train mode, as model files usually return it
+    x = torch.randn(16, 8)
+    gm = graphopt.capture(model, (x,))
+    info = gm.meta["graphopt"]["training_mode"]
+    assert info["captured_mode"] == "train" and info["unresolved"] == []
+    assert {p["target"] for p in info["made_mode_aware"]} >= {"dropout", "batch_norm"}
+    assert "training = self.training" in gm.code
+    gm.eval()
+    model.eval()
+    torch.testing.assert_close(gm(x), model(x))  # no dropout, running statistics: as eval() promises
+    gm.train()
+    torch.manual_seed(1)
+    a = gm(x)
+    torch.manual_seed(2)
+    b = gm(x)
+    assert not torch.allclose(a, b)  # dropout is active again in training
+    torch.testing.assert_close(a.mean(0), torch.zeros(8), atol=1e-5, rtol=0)  # batch statistics in training
+
+
+def test_real_model_stochastic_depth_follows_eval(zoo):
+    """torchvision ConvNeXt's stochastic depth used to be baked in as training=True."""
+    model = zoo("convnext_tiny").train()
+    x = torch.randn(1, 3, 32, 32)
+    gm = graphopt.capture(model, (x,))
+    assert gm.meta["graphopt"]["training_mode"]["made_mode_aware"]
+    gm.eval()
+    model.eval()
+    torch.testing.assert_close(gm(x), model(x))

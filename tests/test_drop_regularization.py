@@ -71,11 +71,30 @@ def test_removes_modules_and_functional_dropout(regularised):
         assert not torch.equal(model(*x), model(*x))
 
 
-def test_baked_in_train_mode_dropout_is_active_in_eval_and_verified_against_reference():
+def test_functional_dropout_follows_the_module_mode():
+    """capture reads F.dropout's training=self.training at run time, so it is off in eval mode."""
     torch.manual_seed(0)
-    model = Regularised().train()  # F.dropout traced with training=True: random even in gm.eval()
+    model = Regularised().train()
     x = (torch.randn(4, 3, 16, 16),)
     gm, rec = run_pass("drop_regularization", model, x)
+    fn = [r for r in rec.rewrites if r["data"]["kind"] == "dropout"]
+    assert fn and fn[0]["data"]["active_in_eval"] is False
+    assert rec.verification.status == "passed" and "baseline" not in rec.verification.details
+
+
+def test_baked_in_train_mode_dropout_is_active_in_eval_and_verified_against_reference():
+    """Code whose mode cannot be recovered (training=True fixed in the graph) is random even in
+    eval mode: the pass verifies against its exact reference instead of the random original."""
+    torch.manual_seed(0)
+    model = Regularised().train()
+    x = (torch.randn(4, 3, 16, 16),)
+    gm0 = graphopt.capture(model, x)
+    node = next(n for n in gm0.graph.nodes if n.target is F.dropout)
+    node.args = node.args[:2] + (True,) + node.args[3:] if len(node.args) > 2 else node.args
+    node.kwargs = {**node.kwargs, "training": True} if "training" in node.kwargs else node.kwargs
+    gm0.graph.eliminate_dead_code()
+    gm0.recompile()
+    gm, rec = run_pass("drop_regularization", gm0, x)
     fn = [r for r in rec.rewrites if r["data"]["kind"] == "dropout"]
     assert fn and fn[0]["data"]["active_in_eval"] is True
     assert rec.notes["active_in_eval_mode"] == 1

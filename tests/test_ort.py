@@ -440,7 +440,8 @@ def test_real_inference_onnx_matches(zoo, name, tmp_path):
     assert check["passed"] and check["max_rel_error"] <= 1e-4
 
 
-@pytest.mark.parametrize("spec,tol", [("prune:ratio=0.5,mode=structured", 1e-5), ("mixed_precision", 1e-3)])
+@pytest.mark.parametrize("spec,tol", [("prune:ratio=0.5,mode=structured", 1e-5), ("mixed_precision", 1e-3),
+                                      ("depthwise_separable", 1e-5), ("freeze:mode=head", 1e-5)])
 def test_pass_variants_train_in_ort(spec, tol, tmp_path):
     """Rewritten graphs (pruned; float32 weights with half compute) emit, check and train like torch."""
     from tests.conftest import SmallCNN
@@ -455,6 +456,30 @@ def test_pass_variants_train_in_ort(spec, tol, tmp_path):
     assert check["passed"] and check["train_check"] == "compared"
     r = go.compare_training(gm, batches(3), optimizer=OptimizerSpec.create("sgd", lr=0.05))
     assert r.max_rel_loss_diff <= tol, (r.ort_losses, r.torch_losses)  # measured: prune ~1e-7, mixed ~1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("spec", ["prune:ratio=0.5,mode=structured", "depthwise_separable:budget=2",
+                                  "freeze:mode=stages,stages=2"])
+def test_real_pass_variants_train_in_ort(zoo, name, spec, tmp_path):
+    """resnet18 / mobilenet_v2 pruned, depthwise-separable and frozen: emit ORT artifacts (the emit-time
+    comparison with PyTorch must pass) and train like torch from the same weights and batches."""
+    hw, b = REAL[name]
+    x = torch.randn(b, 3, hw, hw)
+    gm, report = graphopt.optimize(_real(zoo, name), (x,), [spec])
+    out = go.emit_ort_artifacts(gm, tmp_path / "ort", report=report)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["check"]["passed"]
+    if spec.startswith("freeze"):
+        assert manifest["frozen"], "frozen parameters must be frozen in ORT too"
+    r = go.compare_training(gm, batches(3, (b, 3, hw, hw)), optimizer=OptimizerSpec.create("adamw", lr=1e-3))
+    assert abs(r.ort_losses[0] - r.torch_losses[0]) / r.torch_losses[0] <= 1e-4  # same weights, same batch
+    # later steps: resnet18 within 2e-3; mobilenet_v2 carries ORT's known ~1e-2 gradient gap (README,
+    # "Limits"): measured 1.1e-2 for the pruned variant after 3 AdamW steps
+    bound = 2e-2 if name == "mobilenet_v2" else 2e-3
+    assert r.max_rel_loss_diff <= bound or r.notes["ort_float32_drift"] <= 3 * r.notes["torch_float32_drift"]
 
 
 # -- the ORT backend inside the training harness (graphopt train --backend ort) -------------------------

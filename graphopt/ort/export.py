@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from graphopt.errors import EmitError
@@ -112,7 +113,6 @@ def hardtanh_exact(x: torch.Tensor, min_val: float = -1.0, max_val: float = 1.0)
 
 
 def _hardtanh_args(node: Any) -> tuple[Any, float, float] | None:
-    import torch.nn.functional as F
 
     args = list(node.args) + [None] * 3
     if node.target in (F.relu6, torch.nn.functional.relu6):
@@ -123,6 +123,37 @@ def _hardtanh_args(node: Any) -> tuple[Any, float, float] | None:
         if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
             return args[0], float(lo), float(hi)
     return None
+
+
+def batch_norm_fixed(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                     weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                     eps: float = 1e-5) -> torch.Tensor:
+    """``F.batch_norm(..., training=False)`` as explicit elementwise ops.
+
+    torch.onnx's TorchScript exporter in ``TrainingMode.TRAINING`` exports every batch_norm as a
+    training-mode BatchNormalization, including those a graph fixed to its running statistics
+    (``freeze``'s frozen BatchNorms): ORT would then normalise them with batch statistics."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return x * scale.reshape(shape) + shift.reshape(shape)
+
+
+_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def _fixed_batch_norm_args(node: Any) -> dict[str, Any] | None:
+    if node.target is not F.batch_norm:
+        return None
+    bound = dict(zip(_BN_ARGS, node.args))
+    bound.update(node.kwargs)
+    if bound.get("training", False) is not False:
+        return None
+    return bound
 
 
 def prepare_for_ort_training(module: nn.Module) -> int:
@@ -140,6 +171,15 @@ def prepare_for_ort_training(module: nn.Module) -> int:
         changed = False
         for node in list(module.graph.nodes):
             if node.op != "call_function":
+                continue
+            bn = _fixed_batch_norm_args(node)
+            if bn is not None:
+                node.target = batch_norm_fixed
+                node.args = (bn["input"], bn["running_mean"], bn["running_var"], bn.get("weight"), bn.get("bias"),
+                             bn.get("eps", 1e-5))
+                node.kwargs = {}
+                changed = True
+                count += 1
                 continue
             parsed = _hardtanh_args(node)
             if parsed is None:
