@@ -48,3 +48,18 @@ def write_results(name: str, data: dict[str, Any], markdown: str, device: str = 
               f"load average at start {env.get('loadavg_1m_5m_15m')}.\n\n")
     (folder / f"{name}.md").write_text(header + markdown)
     return folder
+
+
+def machine() -> dict[str, Any]:
+    """CPU model name, threads, torch version, date and load: the conditions of a CPU measurement."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"device": f"CPU: {cpu}", "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "loadavg_start": list(os.getloadavg())}

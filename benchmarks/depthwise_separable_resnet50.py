@@ -19,36 +19,24 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import graphopt
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine  # noqa: E402
+
+import graphopt  # noqa: E402
 from graphopt import zoo
 from graphopt.verify import rel_l2_error
 
 OUT = Path(__file__).parent / "results" / "cpu"
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"device": f"CPU: {cpu}", "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "loadavg_start": list(os.getloadavg())}
 
 
 def mnist() -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +173,7 @@ def render(doc: dict) -> None:
         "training run from scratch leaves the 3x3 filters close to their random init, which has no cross-channel "
         "low-rank structure (an exactly separable conv is reproduced to 1e-7, see "
         "tests/test_depthwise_separable.py). The factorised init still carries what structure there is: after "
-        f"{cfg["finetune_steps"]} fine-tuning steps (one run each) it reaches {fb.get('accuracy_after_finetune', float('nan')):.3f} "
+        f"{cfg['finetune_steps']} fine-tuning steps (one run each) it reaches {fb.get('accuracy_after_finetune', float('nan')):.3f} "
         f"test accuracy vs {rb.get('accuracy_after_finetune', float('nan')):.3f} from random init. A network with "
         "converged filters (e.g. ImageNet weights) is where the factorised output error should fall far below the "
         "random init's; no such weights are available offline, so that was not measured.", "",

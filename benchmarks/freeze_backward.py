@@ -17,11 +17,10 @@ Writes benchmarks/results/cpu/freeze_backward.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -29,26 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import graphopt
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine  # noqa: E402
+
+import graphopt  # noqa: E402
 from graphopt import zoo
 
 OUT = Path(__file__).parent / "results" / "cpu"
 VARIANTS = [("unfrozen", None), ("stages=2", "freeze:mode=stages,stages=2"),
             ("stages=3", "freeze:mode=stages,stages=3"), ("head only", "freeze")]
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"device": f"CPU: {cpu}", "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "loadavg_start": list(os.getloadavg())}
 
 
 def backward_flops(model, x, y) -> int:

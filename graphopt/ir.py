@@ -16,7 +16,7 @@ from torch import fx, nn
 
 __all__ = [
     "graph_meta", "example_inputs", "calibration_batches", "module_of", "is_module", "add_module",
-    "replace_module", "name_matches", "output_shape", "output_dtype", "unique_attr_name",
+    "replace_module", "name_matches", "output_shape", "output_dtype", "unique_attr_name", "run_calibration",
 ]
 
 
@@ -106,3 +106,20 @@ def output_shape(node: fx.Node) -> tuple[int, ...] | None:
 def output_dtype(node: fx.Node) -> torch.dtype | None:
     tm = node.meta.get("tensor_meta")
     return tm.dtype if hasattr(tm, "dtype") else None
+
+
+def run_calibration(gm: fx.GraphModule, n: int) -> int:
+    """Run ``gm`` on ``n`` :func:`calibration_batches` in eval mode without gradients (forward hooks
+    the caller registered collect what they need); restores the training flag. Returns the number
+    of batches run."""
+    was = gm.training
+    batches = 0
+    try:
+        gm.eval()
+        with torch.no_grad():
+            for batch in calibration_batches(gm, n):
+                gm(*batch)
+                batches += 1
+    finally:
+        gm.train(was)
+    return batches

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from graphopt.ir import calibration_batches, name_matches, output_shape
+from graphopt.ir import name_matches, output_shape, run_calibration
 from graphopt.pass_infra import Decline, Option, Pass, PassResult, Rewrite, Semantics
 from graphopt.verify import rel_l2_error, run_with_grads
 
@@ -222,16 +222,9 @@ class DepthwiseSeparable(Pass):
                 lo[key] = torch.minimum(lo[key], mn) if key in lo else mn
                 hi[key] = torch.maximum(hi[key], mx) if key in hi else mx
             hooks.append(gm.get_submodule(f"{d['path']}.dw").register_forward_hook(hook))
-        was = gm.training
-        batches = 0
         try:
-            gm.eval()
-            with torch.no_grad():
-                for batch in calibration_batches(gm, self.config["calibrate"]):
-                    gm(*batch)
-                    batches += 1
+            batches = run_calibration(gm, self.config["calibrate"])
         finally:
-            gm.train(was)
             for h in hooks:
                 h.remove()
         for d in done:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphopt.ir import add_module, calibration_batches, example_inputs, name_matches, output_shape
+from graphopt.ir import add_module, example_inputs, name_matches, output_shape, run_calibration
 from graphopt.pass_infra import Decline, Option, Pass, PassResult, Rewrite, Semantics
 from graphopt.verify import rel_l2_error
 
@@ -197,16 +197,9 @@ class InsertBatchNorm(Pass):
                 s[1] = s[1] + z.pow(2).sum(1)
                 s[2] += z.shape[1]
             hooks.append(bn.register_forward_pre_hook(hook))
-        was = gm.training
-        batches = 0
         try:
-            gm.eval()
-            with torch.no_grad():
-                for batch in calibration_batches(gm, self.config["calibrate"]):
-                    gm(*batch)
-                    batches += 1
+            batches = run_calibration(gm, self.config["calibrate"])
         finally:
-            gm.train(was)
             for h in hooks:
                 h.remove()
         eps = self.config["eps"]

@@ -7,7 +7,6 @@ threads and machine load.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 

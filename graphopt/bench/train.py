@@ -25,7 +25,6 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from graphopt.bench.backend import TrainBackend, create_backend
 from graphopt.bench.data import Batches, DataSplits, split
