@@ -151,8 +151,11 @@ def plot_bench(res: BenchResult, path: str | Path, title: str | None = None) -> 
     axes[2].legend(fontsize=7)
     for ax in axes:
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-    fig.suptitle(title or f"{res.config['device']}, batch {res.config['batch_size']}, "
-                          f"torch {res.env.get('torch')}, load {res.env.get('loadavg', [0])[0]:.2f}", fontsize=9)
+    import textwrap
+
+    fig.suptitle(textwrap.fill(title or f"{res.config['device']}, batch {res.config['batch_size']}, "
+                               f"torch {res.env.get('torch')}, load {res.env.get('loadavg', [0])[0]:.2f}", 140),
+                 fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -230,7 +230,7 @@ def bench(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
         notes += " Pipeline: " + " + ".join(p["spec"] for p in pipeline_doc["passes"]) + "."
     title = f"Training-step benchmark: {stem}"
     rep.write_outputs(out_path, {"bench.json": res.to_json(), "bench.md": rep.bench_markdown(res, title, notes),
-                                 "bench.png": lambda p: rep.plot_bench(res, p, title=f"{stem}: " + notes[:80])},
+                                 "bench.png": lambda p: rep.plot_bench(res, p, title=f"{stem}: " + notes)},
                       force=force)
     if fmt == "json":
         click.echo(res.to_json())
