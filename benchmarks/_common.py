@@ -14,10 +14,21 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: str = "cpu") -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def environment(device: str = "cpu") -> dict[str, Any]:
@@ -52,14 +63,6 @@ def write_results(name: str, data: dict[str, Any], markdown: str, device: str = 
 
 def machine() -> dict[str, Any]:
     """CPU model name, threads, torch version, date and load: the conditions of a CPU measurement."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"device": f"CPU: {cpu}", "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"device": f"CPU: {cpu_name()}", "threads": torch.get_num_threads(), "torch": torch.__version__,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "loadavg_start": list(os.getloadavg())}

@@ -16,7 +16,6 @@ import copy
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_name  # noqa: E402
 
 import graphopt  # noqa: E402
 import graphopt.ort as go  # noqa: E402
@@ -55,16 +56,6 @@ def models():
             if isinstance(mod, nn.Dropout):
                 mod.p = 0.0
         yield name, m, (16, 3, 64, 64)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def bench(name, model, shape, steps, warmup, workdir):

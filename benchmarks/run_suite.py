@@ -115,19 +115,26 @@ class Suite:
 
 
 # -- sections ----------------------------------------------------------------------------------------
-def steps(suite: Suite, model: str) -> dict[str, Any]:
-    spec = load_model_file(MODELS / f"{model}.py")
+def _variants(suite: Suite, spec: Any, pipelines: list[tuple[str, list[str]]], data: Any = None
+              ) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """The original plus every pipeline that is registered and succeeds; the others with the reason."""
     variants: dict[str, torch.nn.Module] = {"original": spec.module}
-    skipped = {}
-    for name, pipeline in STEP_PIPELINES:
+    skipped: dict[str, str] = {}
+    for name, pipeline in pipelines:
         ok, why = available(pipeline, suite.device)
         if not ok:
             skipped[name] = why
             continue
         try:
-            variants[name] = suite.optimize(spec, pipeline)
+            variants[name] = suite.optimize(spec, pipeline, data)
         except Exception as exc:
             skipped[name] = f"pipeline failed: {type(exc).__name__}: {exc}"
+    return variants, skipped
+
+
+def steps(suite: Suite, model: str) -> dict[str, Any]:
+    spec = load_model_file(MODELS / f"{model}.py")
+    variants, skipped = _variants(suite, spec, STEP_PIPELINES)
     steps_n, warm = (4, 1) if suite.quick else (12, 2)
     res = compare(variants, spec.example_inputs, loss=spec.loss, device=suite.device, steps=steps_n, warmup=warm,
                   rounds=min(steps_n, 4), lr=0.01)
@@ -152,17 +159,7 @@ def _train_summary(results: dict[str, Any]) -> dict[str, Any]:
 def tta(suite: Suite) -> dict[str, Any]:
     spec = load_model_file(MODELS / "plain_cnn_mnist.py")
     data = spec.data()
-    variants: dict[str, torch.nn.Module] = {"original": spec.module}
-    skipped = {}
-    for name, pipeline in TTA_PIPELINES:
-        ok, why = available(pipeline, suite.device)
-        if not ok:
-            skipped[name] = why
-            continue
-        try:
-            variants[name] = suite.optimize(spec, pipeline, data)
-        except Exception as exc:
-            skipped[name] = f"pipeline failed: {type(exc).__name__}: {exc}"
+    variants, skipped = _variants(suite, spec, TTA_PIPELINES, data)
     target = 0.97
     cfg = TrainConfig(epochs=2 if suite.quick else 8, batch_size=32, optimizer="adam", lr=1e-3,
                       target_accuracy=target, eval_every_steps=56, device=suite.device)

@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from graphopt.analysis.cost import GraphCost, annotate
 from graphopt.errors import CaptureError
+from graphopt.ir import tensor_specs
 from graphopt.modelfile import user_frame
 
 __all__ = ["capture", "GraphoptTracer", "MAX_LEAF_RETRIES"]
@@ -210,7 +211,7 @@ def capture(module: nn.Module, example_inputs: Iterable[torch.Tensor] | torch.Te
     gm.meta["graphopt"] = {
         "opaque": opaque,
         "source_class": f"{type(module).__module__}.{type(module).__qualname__}",
-        "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in inputs],
+        "inputs": tensor_specs(inputs),
         "training_mode": mode_info,
     }
     extra = mode_info.get("only_in_train_mode") or mode_info.get("only_in_eval_mode")

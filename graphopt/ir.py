@@ -17,6 +17,7 @@ from torch import fx, nn
 __all__ = [
     "graph_meta", "example_inputs", "calibration_batches", "module_of", "is_module", "add_module",
     "replace_module", "name_matches", "output_shape", "output_dtype", "unique_attr_name", "run_calibration",
+    "tensor_specs",
 ]
 
 
@@ -123,3 +124,13 @@ def run_calibration(gm: fx.GraphModule, n: int) -> int:
     finally:
         gm.train(was)
     return batches
+
+
+def tensor_specs(value: Any) -> list[dict[str, Any]]:
+    """``[{"shape": [...], "dtype": "float32"}, ...]`` for every tensor in ``value`` (any nesting):
+    how manifests and reports describe inputs and outputs."""
+    from torch.utils._pytree import tree_flatten
+
+    flat, _ = tree_flatten(value)
+    return [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+            for t in flat if isinstance(t, torch.Tensor)]

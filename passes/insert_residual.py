@@ -315,26 +315,21 @@ class InsertResidual(Pass):
                     proj_desc = (f"AvgPool2d({s}) + " if s > 1 else "") + (
                         "default-init" if gate == "rezero" else "zero-init") + f" 1x1 conv {shape_in[1]}->{shape_out[1]}"
                 gate_name = None
-                if gate == "preserve" and not b["projection"]:
+                if (gate == "preserve" and not b["projection"]) or gate == "rezero":
+                    # preserve gates the skip (y = f(x) + a*x), rezero the block (y = x + a*f(x)); a = 0
+                    gated, other = (skip, end) if gate == "preserve" else (end, skip)
                     gate_name = _fresh_param(container, f"{base}_gate", dtype)
                     with graph.inserting_after(anchor):
                         g = graph.get_attr(f"{root}.{gate_name}")
                     with graph.inserting_after(g):
-                        m = graph.call_function(torch.mul, (g, skip))
+                        m = graph.call_function(torch.mul, (g, gated))
                     with graph.inserting_after(m):
-                        y = graph.call_function(operator.add, (end, m))
+                        y = graph.call_function(operator.add, (other, m))
                     new_nodes += [g, m, y]
-                    formula = "y = f(x) + a*x, a = 0"
-                elif gate == "rezero":
-                    gate_name = _fresh_param(container, f"{base}_gate", dtype)
-                    with graph.inserting_after(anchor):
-                        g = graph.get_attr(f"{root}.{gate_name}")
-                    with graph.inserting_after(g):
-                        m = graph.call_function(torch.mul, (g, end))
-                    with graph.inserting_after(m):
-                        y = graph.call_function(operator.add, (skip, m))
-                    new_nodes += [g, m, y]
-                    formula = "y = P(x) + a*f(x), a = 0" if b["projection"] else "y = x + a*f(x), a = 0"
+                    if gate == "preserve":
+                        formula = "y = f(x) + a*x, a = 0"
+                    else:
+                        formula = "y = P(x) + a*f(x), a = 0" if b["projection"] else "y = x + a*f(x), a = 0"
                 else:
                     with graph.inserting_after(anchor):
                         y = graph.call_function(operator.add, (end, skip))

@@ -28,6 +28,7 @@ from torch.fx.passes.split_module import split_module
 from graphopt.analysis.cost import annotate
 from graphopt.analysis.profile import COMPUTE_OPS
 from graphopt.errors import PreconditionError
+from graphopt.ir import tensor_specs
 
 __all__ = ["partition_plan", "split_stages", "stage_example_inputs", "SequentialStages", "device_map",
            "resolve_devices"]
@@ -148,8 +149,7 @@ def split_stages(gm: fx.GraphModule, inputs: Sequence[torch.Tensor] | None = Non
         if examples[i] is not None:
             ex = tuple(examples[i])
             smeta["example_inputs"] = ex
-            smeta["inputs"] = [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-                               for t in ex if isinstance(t, torch.Tensor)]
+            smeta["inputs"] = tensor_specs(ex)
             smeta["cost"] = annotate(stage, ex)
         stages.append(stage)
     return stages

@@ -113,3 +113,21 @@ def resolve_inputs(module, inputs, out) -> tuple:
             raise EmitError("no example inputs to export with", where=str(out),
                             fix="capture the model with graphopt.capture/optimize, or pass inputs=")
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def manifest_header(fmt: str, version: int, meta: dict, source: dict | None) -> dict:
+    """The fields every artifact manifest starts with: format, versions, time, and where the model came from."""
+    import datetime as _dt
+
+    import torch
+
+    from graphopt import __version__
+
+    return {
+        "format": fmt,
+        "format_version": version,
+        "graphopt_version": __version__,
+        "torch_version": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"class": meta.get("source_class"), **(source or {})},
+    }

@@ -12,7 +12,6 @@ match PyTorch's (max abs error / max abs output <= 1e-4 in float32, 2e-2 with ha
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
-from graphopt.emit._fs import atomic_folder, check_output_folder, resolve_inputs, sha256_file
+from graphopt.emit._fs import atomic_folder, check_output_folder, manifest_header, resolve_inputs, sha256_file
 from graphopt.emit.ort_training import _has_half_casts, as_bool, parse_options
 from graphopt.errors import EmitError
 
@@ -94,14 +93,10 @@ def emit_onnx_model(module: nn.Module, out: str | Path, *, inputs: Sequence[torc
         worst = max(c["max_rel_error"] for c in checks)
         check = {"onnx_checker": "passed (full_check)", "runtime": f"onnxruntime {ort.__version__} CPU",
                  "ort_vs_torch": checks, "max_rel_error": worst, "tolerance": tol, "passed": worst <= tol}
-        from graphopt import __version__
 
         manifest: dict[str, Any] = {
-            "format": ONNX_FORMAT, "format_version": 1, "graphopt_version": __version__,
-            "torch_version": torch.__version__, "onnx_version": onnx.__version__,
-            "onnxruntime_version": ort.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"class": meta.get("source_class"), **(source or {})},
+            **manifest_header(ONNX_FORMAT, 1, meta, source),
+            "onnx_version": onnx.__version__, "onnxruntime_version": ort.__version__,
             "opset": exported.opset, "dynamic_batch": dynamic_batch,
             "inputs": [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
                        for n, t in zip(exported.input_names, inputs)],

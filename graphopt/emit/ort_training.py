@@ -15,15 +15,15 @@ Train it with ``graphopt.ort.OrtTrainBackend(out)`` / ``graphopt.ort.train(out, 
 
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
 
-from graphopt.emit._fs import atomic_folder, check_output_folder, resolve_inputs, sha256_file
+from graphopt.emit._fs import atomic_folder, check_output_folder, manifest_header, resolve_inputs, sha256_file
 from graphopt.errors import EmitError, PassConfigError
+from graphopt.ir import tensor_specs
 
 __all__ = ["emit_ort", "emit_ort_artifacts", "preflight", "check_summary", "OPTIONS"]
 
@@ -162,18 +162,12 @@ def emit_ort_artifacts(module: nn.Module, out: str | Path, *, loss: str | None =
         files = {}
         for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT):
             files[name] = sha256_file(tmp / name)
-        from graphopt import __version__
 
         manifest: dict[str, Any] = {
-            "format": ORT_FORMAT,
-            "format_version": ORT_FORMAT_VERSION,
-            "graphopt_version": __version__,
-            "torch_version": torch.__version__,
+            **manifest_header(ORT_FORMAT, ORT_FORMAT_VERSION, meta, source),
             "onnx_version": onnx.__version__,
             "onnxruntime_version": onnxruntime.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"class": meta.get("source_class"), **(source or {})},
-            "example_inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in inputs],
+            "example_inputs": tensor_specs(inputs),
             "artifacts": {"training_model": TRAINING_MODEL, "eval_model": EVAL_MODEL,
                           "optimizer_model": OPTIMIZER_MODEL, "checkpoint": CHECKPOINT,
                           "torch_folder": TORCH_SUBFOLDER},

@@ -18,16 +18,16 @@ stage: ``device_map``).
 
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
 
-from graphopt.emit._fs import atomic_folder, check_output_folder, read_manifest
+from graphopt.emit._fs import atomic_folder, check_output_folder, manifest_header, read_manifest
 from graphopt.emit.torch_folder import MANIFEST_FILE, MODULE_FILE, WEIGHTS_FILE, emit_torch_folder, load
 from graphopt.errors import ArtifactError, EmitError, PreconditionError
+from graphopt.ir import tensor_specs
 
 __all__ = ["emit_pipeline", "load_pipeline", "load_stage", "read_pipeline_manifest", "FORMAT", "FORMAT_VERSION"]
 
@@ -35,18 +35,9 @@ FORMAT = "graphopt.pipeline"
 FORMAT_VERSION = 1
 
 
-def _tensor_info(value: Any) -> list[dict[str, Any]]:
-    from torch.utils._pytree import tree_flatten
-
-    flat, _ = tree_flatten(value)
-    return [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-            for t in flat if isinstance(t, torch.Tensor)]
-
-
 def emit_pipeline(gm: fx.GraphModule, out: str | Path, *, report: Any = None, force: bool = False,
                   source: dict[str, Any] | None = None) -> Path:
     """Write the stages of a partitioned graph (``-p partition:stages=N``) to ``out``."""
-    from graphopt import __version__
     from graphopt.dist.stages import partition_plan, split_stages
     from graphopt.manager import dumps_json
 
@@ -82,20 +73,15 @@ def emit_pipeline(gm: fx.GraphModule, out: str | Path, *, report: Any = None, fo
                 stage_out = stage.eval()(*ex)
             entries.append({
                 "index": i, "folder": folder, "inputs": detail["inputs"], "outputs": detail["outputs"],
-                "input_tensors": _tensor_info(ex), "output_tensors": _tensor_info(stage_out),
+                "input_tensors": tensor_specs(ex), "output_tensors": tensor_specs(stage_out),
                 "cost": detail["cost"], "macs": detail["macs"], "params": detail["params"],
                 "param_bytes": detail["param_bytes"],
             })
         plan_public = {k: v for k, v in plan.items() if k != "assignment"}
         manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "graphopt_version": __version__,
-            "torch_version": torch.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"class": meta.get("source_class"), **(source or {})},
-            "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in inputs],
-            "outputs": _tensor_info(reference),
+            **manifest_header(FORMAT, FORMAT_VERSION, meta, source),
+            "inputs": tensor_specs(inputs),
+            "outputs": tensor_specs(reference),
             "output_is_tensor": isinstance(reference, torch.Tensor),
             "stages": entries,
             "partition": plan_public,

@@ -14,7 +14,6 @@ before the folder is moved into place, so a folder that exists is a folder that 
 from __future__ import annotations
 
 import builtins
-import datetime as _dt
 import hashlib
 import importlib.util
 import inspect
@@ -31,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
-from graphopt.emit._fs import atomic_folder, read_manifest, sha256_file
+from graphopt.emit._fs import atomic_folder, manifest_header, read_manifest, sha256_file
 from graphopt.errors import ArtifactError, EmitError
 
 __all__ = ["emit_torch_folder", "load", "generate_source", "FORMAT", "FORMAT_VERSION"]
@@ -331,13 +330,8 @@ def emit_torch_folder(gm: fx.GraphModule, out: str | Path, *, report: Any = None
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         cost = meta.get("cost")
         manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "graphopt_version": __version__,
-            "torch_version": torch.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **manifest_header(FORMAT, FORMAT_VERSION, meta, source),
             "class_name": class_name,
-            "source": {"class": meta.get("source_class"), **(source or {})},
             "inputs": meta.get("inputs", []),
             "files": {MODULE_FILE: sha256_file(tmp / MODULE_FILE), WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)},
             "imports": facts["imports"],
