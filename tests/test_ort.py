@@ -409,10 +409,15 @@ def _real_parity(zoo, name, opt):
     r = go.compare_training(_real(zoo, name), batches(3, (b, 3, hw, hw)), optimizer=opt)
     # step 1 (same weights, same batch): identical up to float32 rounding
     assert abs(r.ort_losses[0] - r.torch_losses[0]) / r.torch_losses[0] <= 1e-5
-    # later steps: within 2e-3 of torch, or (ill-conditioned) no further from exact float64
-    # training than 3x torch's own float32 drift. measured: resnet18 sgd 2.5e-4, adamw 1.0e-3;
-    # mobilenet_v2 sgd 3.5e-2 (torch fp32 itself drifts 1.2e-2, ORT 2.3e-2), adamw 1.7e-3
-    assert r.max_rel_loss_diff <= 2e-3 or r.notes["ort_float32_drift"] <= 3 * r.notes["torch_float32_drift"], \
+    # later steps: within 2e-3 of torch, or (ill-conditioned: a few float32 steps of BatchNorm
+    # training at batch 8 diverge chaotically from exact arithmetic in both runtimes) no further from
+    # exact float64 training than 3x torch's own float32 drift or 2.5e-2. Measured: resnet18 sgd
+    # 2.5e-4, adamw 1.0e-3; mobilenet_v2 adamw 1.7e-3; mobilenet_v2 sgd on an AVX2 Xeon: torch drift
+    # 1.2e-2, ORT 2.3e-2; on an AVX-512 Xeon (Sapphire Rapids): torch 4.3e-3, ORT 1.7e-2 (its
+    # step-1 gradients there are 1.5e-3 from float64, closer than torch float32's 3.6e-3). A wrong
+    # gradient kernel moves the loss by far more (AveragePoolGrad: gradients 4.4e+02 off).
+    drift = r.notes["ort_float32_drift"]
+    assert r.max_rel_loss_diff <= 2e-3 or drift <= max(3 * r.notes["torch_float32_drift"], 2.5e-2), \
         (r.ort_losses, r.torch_losses, r.notes)
     return r
 
@@ -557,19 +562,41 @@ def test_cli_train_backend_ort_rejects_momentum_sgd(tmp_path, capsys):
 
 
 @pytest.mark.ort
-def test_a_native_onnxruntime_crash_becomes_a_one_line_error(tmp_path):
-    """onnxruntime-training 1.19 segfaults in a training step of an adaptive average pool with output
-    2x2 (AveragePoolGrad); the emitter probes a step in a child process so the user's process lives."""
+def test_a_native_onnxruntime_crash_becomes_a_one_line_error(tmp_path, monkeypatch):
+    """Some graphs crash onnxruntime-training natively in a training step; the emitter probes one step
+    in a child process so the user's process lives. The crash is simulated (the probe child kills
+    itself with SIGSEGV): whether a given onnxruntime build crashes on a given graph is not
+    deterministic enough for a test to depend on."""
+    import graphopt.ort.parity as parity
     from graphopt.emit.ort_training import emit_ort_artifacts
-    from graphopt.errors import EmitError
+
+    monkeypatch.setattr(parity, "_CRASH_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    with pytest.raises(EmitError) as info:
+        emit_ort_artifacts(net, tmp_path / "a", inputs=(torch.randn(4, 1, 8, 8),))
+    msg = str(info.value)
+    assert "\n" not in msg and "crashed (SIGSEGV)" in msg and "ConvGrad" in msg
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_ort_that_trains_a_graph_wrongly_is_refused_in_one_line(tmp_path):
+    """onnxruntime-training 1.19 gets AveragePoolGrad wrong for an adaptive average pool with output
+    2x2 (on some machines it crashes instead): either way the user gets one line and no folder; an
+    onnxruntime that trains it correctly yields a checked folder."""
+    from graphopt.emit.ort_training import emit_ort_artifacts
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10))
     try:
         emit_ort_artifacts(net, tmp_path / "a", inputs=(torch.randn(4, 1, 8, 8),))
-    except EmitError as exc:  # this onnxruntime crashes natively here
-        assert "crashed (SIGSEGV)" in str(exc) and "AveragePoolGrad" in str(exc)
+    except EmitError as exc:
+        msg = str(exc)
+        assert "\n" not in msg
+        assert ("crashed (SIGSEGV)" in msg and "AveragePoolGrad" in msg) or "does not compute what the graph" in msg
         assert list(tmp_path.iterdir()) == []  # nothing left behind
-    else:  # a fixed onnxruntime trains it
-        assert (tmp_path / "a" / "manifest.json").exists()
+    else:  # an onnxruntime that trains it correctly
+        manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+        assert manifest["check"]["passed"]
