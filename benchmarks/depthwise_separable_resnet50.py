@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -35,6 +34,7 @@ from _common import machine  # noqa: E402
 import graphopt  # noqa: E402
 from graphopt import zoo
 from graphopt.verify import rel_l2_error
+from graphopt.serialize import read_json, write_json
 
 OUT = Path(__file__).parent / "results" / "cpu"
 
@@ -194,7 +194,7 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true", help="re-render the Markdown from the JSON")
     args = ap.parse_args()
     if args.render_only:
-        render(json.loads((OUT / "depthwise_separable_resnet50.json").read_text()))
+        render(read_json(OUT / "depthwise_separable_resnet50.json"))
         return
     torch.set_num_threads(1)
     meta = machine()
@@ -243,7 +243,7 @@ def main() -> None:
     doc = {"benchmark": "depthwise_separable_resnet50", **meta, "config": vars(args), "cost_224": cost,
            "random_init_network": at_init, "trained_network": after_training, "train_step_time": timing}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "depthwise_separable_resnet50.json").write_text(json.dumps(doc, indent=2, default=str))
+    write_json(OUT / "depthwise_separable_resnet50.json", doc)
 
     render(doc)
 

@@ -17,7 +17,6 @@ Writes benchmarks/results/cpu/freeze_backward.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,6 +32,7 @@ from _common import machine  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt import zoo
+from graphopt.serialize import write_json  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "cpu"
 VARIANTS = [("unfrozen", None), ("stages=2", "freeze:mode=stages,stages=2"),
@@ -119,7 +119,7 @@ def main() -> None:
     meta["loadavg_end"] = list(os.getloadavg())
     doc = {"benchmark": "freeze_backward", **meta, "config": vars(args), "results": results}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "freeze_backward.json").write_text(json.dumps(doc, indent=2))
+    write_json(OUT / "freeze_backward.json", doc)
     lines = [
         "# freeze: backward work, measured", "",
         f"{meta['device']}, {meta['threads']} thread, torch {meta['torch']}, {meta['date']}; "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -33,6 +32,7 @@ from _common import cpu_name  # noqa: E402
 import graphopt  # noqa: E402
 import graphopt.ort as go  # noqa: E402
 from graphopt import zoo  # noqa: E402
+from graphopt.serialize import write_json  # noqa: E402
 
 
 class SmallCNN(nn.Module):
@@ -122,7 +122,7 @@ def main() -> None:
            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "results": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ort_training.json").write_text(json.dumps(doc, indent=2))
+    write_json(out / "ort_training.json", doc)
     lines = [f"# ORT training step vs PyTorch step ({doc['device']})", "",
              f"torch {doc['torch_version']}, onnxruntime-training {doc['onnxruntime_version']}, {doc['date']}, "
              f"1 thread each, load average before/after {load_before[0]:.2f}/{doc['loadavg_after'][0]:.2f} "

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import json
 import os
 import platform
 import re
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 import graphopt  # noqa: E402
 from graphopt import zoo  # noqa: E402
 from graphopt.precision import get_policy, needs_grad_scaler  # noqa: E402
+from graphopt.serialize import write_json  # noqa: E402
 
 
 def _device_slug(name: str) -> str:
@@ -144,7 +144,7 @@ def time_variants(vs: list[Variant], x: torch.Tensor, y: torch.Tensor, steps: in
 
 def write(results: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "precision.json").write_text(json.dumps(results, indent=2))
+    write_json(out_dir / "precision.json", results)
     lines = [f"# Mixed precision training step: {results['device']}", "",
              f"torch {results['torch']}, CUDA {results['cuda']}, {results['date']}, batch {results['batch']}, "
              f"{results['steps']} timed steps after {results['warmup']} warm-up (median, CUDA events), "

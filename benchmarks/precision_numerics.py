@@ -12,7 +12,6 @@ No timings: half precision is slow on this CPU by design (see precision_gpu.py f
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import graphopt  # noqa: E402
 from graphopt import zoo  # noqa: E402
+from graphopt.serialize import write_json  # noqa: E402
 from precision_models import Block, calibrate_bn  # noqa: E402
 
 SPECS = ["mixed_precision", "mixed_precision:dtype=bfloat16", "cast", "cast:dtype=bfloat16"]
@@ -68,7 +68,7 @@ def main() -> int:
             "loadavg": [round(v, 2) for v in os.getloadavg()], "threads": 1}
     out = ROOT / "benchmarks" / "results" / "cpu"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "precision_numerics.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    write_json(out / "precision_numerics.json", {**meta, "rows": rows})
     lines = ["# Precision passes: numerics on CPU", "",
              f"{meta['device']}, torch {meta['torch']}, {meta['date']}, load average {meta['loadavg']}. "
              "Relative L2 error against a float64 run of the original model (outputs; gradients wrt "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -35,6 +34,7 @@ from _common import cpu_name  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt import zoo  # noqa: E402
+from graphopt.serialize import write_json  # noqa: E402
 
 
 def macs_of(model: nn.Module, x: torch.Tensor) -> int:
@@ -175,7 +175,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prune_vs_torch_pruning.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "prune_vs_torch_pruning.json", result)
     g, t = result["graphopt"], result["torch_pruning"]
     cmp = ("graphopt's speedup is at least Torch-Pruning's" if g["speedup"] >= t["speedup"] else
            "graphopt's speedup is BELOW Torch-Pruning's")

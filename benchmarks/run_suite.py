@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -42,6 +41,7 @@ from graphopt.bench import TrainConfig, compare, fit_many, sweep_batch_size, swe
 from graphopt.bench import report as rep  # noqa: E402
 from graphopt.bench.measure import environment  # noqa: E402
 from graphopt.modelfile import load_model_file  # noqa: E402
+from graphopt.serialize import write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODELS = HERE / "models"
@@ -98,7 +98,7 @@ class Suite:
         print(f"--- {name}: {status} in {self.sections[name]['seconds']} s", flush=True)
 
     def write(self, name: str, doc: dict[str, Any], md: str, plot: Callable[[Path], Any] | None) -> None:
-        (self.out / f"{name}.json").write_text(rep.dump_json(doc))
+        write_json(self.out / f"{name}.json", doc)
         (self.out / f"{name}.md").write_text(md)
         if plot is not None:
             plot(self.out / f"{name}.png")
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     doc = {"env": suite.env, "mode": "quick" if args.quick else "full", "wall_time_s": wall,
            "passes": list(graphopt.available_passes()), "sections": suite.sections, "skipped": suite.skipped}
-    (out / "suite.json").write_text(json.dumps(doc, indent=2, default=str))
+    write_json(out / "suite.json", doc)
     (out / "suite.md").write_text(index_markdown(suite, wall))
     print(f"\nwrote {out}/suite.md ({wall / 60:.1f} min)")
     return 0 if all(s["status"] == "ok" for s in suite.sections.values()) else 1

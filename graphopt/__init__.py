@@ -14,8 +14,8 @@ from graphopt.analysis import GraphCost, NodeCost, annotate, to_networkx
 from graphopt.capture import capture
 from graphopt.emit import emit_torch_folder, load
 from graphopt.errors import (
-    ArtifactError, CaptureError, EmitError, GraphoptError, ModelFileError, PassConfigError, PassError,
-    PreconditionError, VerificationError,
+    ArtifactError, CaptureError, ConfigError, EmitError, GraphoptError, LaunchConfigError, ModelFileError,
+    OrtConfigError, PassConfigError, PassError, PreconditionError, VerificationError,
 )
 from graphopt.manager import PassManager, PassRecord, PipelineReport, optimize
 from graphopt.modelfile import ModelSpec, load_model_file
@@ -39,8 +39,8 @@ __all__ = [
     # model files and artifacts
     "ModelSpec", "load_model_file", "emit_torch_folder", "load",
     # errors
-    "GraphoptError", "ModelFileError", "CaptureError", "PassConfigError", "PreconditionError",
-    "VerificationError", "PassError", "EmitError", "ArtifactError",
+    "GraphoptError", "ModelFileError", "CaptureError", "ConfigError", "PassConfigError", "LaunchConfigError",
+    "OrtConfigError", "PreconditionError", "VerificationError", "PassError", "EmitError", "ArtifactError",
 ]
 
 

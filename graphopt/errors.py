@@ -39,8 +39,22 @@ class CaptureError(GraphoptError):
     """torch.fx could not capture the model at all."""
 
 
-class PassConfigError(GraphoptError):
+class ConfigError(GraphoptError):
+    """A user configuration error: bad options, flags or settings (exit 2). Catch this for any
+    of the configuration errors below."""
+
+
+class PassConfigError(ConfigError):
     """Unknown pass, unknown option, bad option value, bad pipeline file."""
+
+
+class LaunchConfigError(ConfigError):
+    """A pipeline/data-parallel launch that cannot run as configured (stages, replicas, world size,
+    microbatches, schedule, rendezvous)."""
+
+
+class OrtConfigError(ConfigError):
+    """A setting ONNX Runtime training does not support (loss, optimizer, device)."""
 
 
 class PreconditionError(GraphoptError):

@@ -1,7 +1,7 @@
 """PassManager: run passes, verifying each rewrite, and record what happened.
 
-(DESIGN.md puts this in pass_infra.py; it lives in its own module so the pass contract stays
-short to read. ``graphopt.pass_infra`` is what a pass author imports; this is what runs them.)
+``graphopt.pass_infra`` is what a pass author imports; this module is what runs them. Reports are
+written as JSON by :mod:`graphopt.serialize` (``PipelineReport.to_json``).
 
 For every pass: ``requires`` -> ``call`` -> ``ensures`` -> ``graph.lint()`` -> shape and cost
 propagation -> the numeric check its semantics promise. A failed check stops the pipeline
@@ -11,7 +11,6 @@ with a :class:`VerificationError` naming the pass (the report so far is attached
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from graphopt.capture import capture
 from graphopt.errors import GraphoptError, PassError, PreconditionError, VerificationError
 from graphopt.ir import graph_meta
 from graphopt.pass_infra import Pass, PassResult, as_passes
+from graphopt.serialize import dumps
 from graphopt.verify import Verification, verify_rewrite
 
 __all__ = ["PassManager", "PassRecord", "PipelineReport", "optimize"]
@@ -70,42 +70,14 @@ class PipelineReport:
                 "after": self.after.as_dict(), "passes": [r.as_dict() for r in self.records]}
 
     def to_json(self, **kw: Any) -> str:
-        return dumps_json(self.as_dict(), **kw)
+        """Strict JSON of :meth:`as_dict` (see :mod:`graphopt.serialize`)."""
+        return dumps(self.as_dict(), **kw)
 
     def __getitem__(self, name: str) -> PassRecord:
         for r in self.records:
             if r.name == name:
                 return r
         raise KeyError(name)
-
-
-def _finite(obj: Any) -> Any:
-    """Strict JSON has no Infinity/NaN: write them as the strings "inf", "-inf", "nan"."""
-    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def dumps_json(obj: Any, **kw: Any) -> str:
-    """Strict JSON (non-finite floats as strings) of reports and manifests."""
-    kw.setdefault("indent", 2)
-    return json.dumps(_finite(json.loads(json.dumps(obj, default=_json_default))), allow_nan=False, **kw)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, (torch.dtype, torch.device)):
-        return str(obj)
-    if hasattr(obj, "as_dict"):
-        return obj.as_dict()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return str(obj)
 
 
 _SHARED_META = ("example_inputs", "calibration_data")

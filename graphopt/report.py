@@ -13,7 +13,7 @@ from graphopt.analysis.cost import GraphCost, module_summary
 from graphopt.errors import GraphoptError
 from graphopt.manager import PassRecord, PipelineReport
 
-__all__ = ["human", "pass_table", "summary_table", "layer_rows", "layer_table", "draw_graph"]
+__all__ = ["human", "pass_table", "summary_table", "layer_rows", "layer_table", "print_coverage", "draw_graph"]
 
 
 def human(n: float, unit: str = "") -> str:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphopt
-from graphopt.errors import EmitError, MissingDependencyError, PassConfigError
+from graphopt.errors import EmitError, MissingDependencyError, OrtConfigError
 
 pytest.importorskip("onnxruntime.training")
 pytestmark = pytest.mark.ort
@@ -287,19 +287,19 @@ def test_loss_mapping_from_model_file():
     assert resolve_loss(None, nn.L1Loss(), out) == "l1"
     assert resolve_loss(None, None, out) == "cross_entropy"
     assert resolve_loss("mse", F.cross_entropy, out) == "mse"  # explicit wins
-    with pytest.raises(PassConfigError, match="none of the losses"):
+    with pytest.raises(OrtConfigError, match="none of the losses"):
         resolve_loss(None, lambda o, t: F.cross_entropy(o, t, label_smoothing=0.1), out)
-    with pytest.raises(PassConfigError, match="unknown loss"):
+    with pytest.raises(OrtConfigError, match="unknown loss"):
         resolve_loss("hinge", None, out)
 
 
 def test_optimizer_specs():
     assert OptimizerSpec.create("adamw").as_dict()["eps"] == 1e-8  # torch's default, not ORT's 1e-6
-    with pytest.raises(PassConfigError, match="momentum"):
+    with pytest.raises(OrtConfigError, match="momentum"):
         OptimizerSpec.create("sgd", momentum=0.9)
-    with pytest.raises(PassConfigError, match="weight decay"):
+    with pytest.raises(OrtConfigError, match="weight decay"):
         OptimizerSpec.create("sgd", weight_decay=1e-4)
-    with pytest.raises(PassConfigError, match="unknown optimizer"):
+    with pytest.raises(OrtConfigError, match="unknown optimizer"):
         OptimizerSpec.create("lamb")
     assert OptimizerSpec.create("adamw", betas="0.8|0.99").betas == (0.8, 0.99)
 

@@ -14,7 +14,7 @@ from graphopt.dist.data import make_data, shard
 from graphopt.dist.launch import build_command
 from graphopt.dist.train import TrainConfig, train
 from graphopt.emit.pipeline import load_pipeline, read_pipeline_manifest
-from graphopt.errors import ArtifactError, PassConfigError
+from graphopt.errors import ArtifactError, LaunchConfigError
 
 MODEL_FILE = '''
 import torch
@@ -150,7 +150,7 @@ def test_multi_node_command(folder):
     for flag in ("--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400", "--rdzv-id=job7",
                  "--nproc-per-node=2"):
         assert flag in plan.command
-    with pytest.raises(PassConfigError, match="needs --rdzv-endpoint"):
+    with pytest.raises(LaunchConfigError, match="needs --rdzv-endpoint"):
         build_command(folder, replicas=2, nnodes=2)
 
 
@@ -162,20 +162,20 @@ def test_multi_node_command(folder):
     ({"replicas": 3, "nnodes": 4}, r"6 processes \(2 stages x 3 replicas\) do not split evenly over 4 nodes"),
 ])
 def test_bad_launch_configurations(folder, kw, message):
-    with pytest.raises(PassConfigError, match=message):
+    with pytest.raises(LaunchConfigError, match=message):
         build_command(folder, **kw)
 
 
 def test_worker_refuses_a_world_that_does_not_match(folder, monkeypatch):
     # what every rank does first: no process group exists yet, so nobody can wait for anybody
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(PassConfigError, match="not started by torchrun"):
+    with pytest.raises(LaunchConfigError, match="not started by torchrun"):
         train(TrainConfig(folder=str(folder)))
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(PassConfigError, match=r"world size 3 does not match 2 stages x 1 replicas = 2"):
+    with pytest.raises(LaunchConfigError, match=r"world size 3 does not match 2 stages x 1 replicas = 2"):
         train(TrainConfig(folder=str(folder), replicas=1))
-    with pytest.raises(PassConfigError, match=r"world size 3 is not a multiple of the 2 stages"):
+    with pytest.raises(LaunchConfigError, match=r"world size 3 is not a multiple of the 2 stages"):
         train(TrainConfig(folder=str(folder)))
     shutil.rmtree(folder / "stage0")
     with pytest.raises(ArtifactError, match="stage 0 file stage0/manifest.json is missing"):

@@ -28,7 +28,6 @@ How it is measured:
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from graphopt.bench.measure import (MemoryProbe, PeakFlops, StepTimer, count_flo
 from graphopt.bench.torch_backend import TorchBackend, default_loss, resolve_device
 from graphopt.errors import GraphoptError
 from graphopt.precision import get_policy
+from graphopt.serialize import dumps
 
 __all__ = ["compare", "BenchResult", "VariantResult", "synthetic_target"]
 
@@ -95,7 +95,7 @@ class BenchResult:
                 **({"extra": self.extra} if self.extra else {})}
 
     def to_json(self) -> str:
-        return json.dumps(self.as_dict(), indent=2, default=str)
+        return dumps(self.as_dict())
 
 
 def synthetic_target(module: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int = 0) -> torch.Tensor:

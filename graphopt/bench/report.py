@@ -349,8 +349,3 @@ def write_outputs(out: str | Path, files: Mapping[str, str | bytes | Callable[[P
                 p.write_text(content)
     return out
 
-
-def dump_json(doc: Any) -> str:
-    from graphopt.manager import dumps_json
-
-    return dumps_json(doc)

@@ -15,7 +15,6 @@ otherwise (or if none reached it) the highest final test accuracy, ties to the f
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -29,6 +28,7 @@ from graphopt.bench.train import TrainConfig, TrainResult, fit_many
 from graphopt.capture import capture
 from graphopt.errors import GraphoptError
 from graphopt.ir import graph_meta
+from graphopt.serialize import dumps
 
 __all__ = ["SweepResult", "sweep_depth", "sweep_batch_size", "pick_best"]
 
@@ -51,7 +51,7 @@ class SweepResult:
                 "runs": {k: r.as_dict() for k, r in self.results.items()}, **({"extra": self.extra} if self.extra else {})}
 
     def to_json(self) -> str:
-        return json.dumps(self.as_dict(), indent=2, default=str)
+        return dumps(self.as_dict())
 
 
 def pick_best(results: dict[str, TrainResult], target: float | None) -> tuple[str | None, str]:

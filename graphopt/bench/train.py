@@ -16,11 +16,10 @@ variant.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -437,7 +436,3 @@ def fit_many(modules: Mapping[str, nn.Module], data: Any, config: TrainConfig | 
         if progress is not None:
             progress.close()
     return {t.name: t.result for t in trainers}
-
-
-def copy_config(config: TrainConfig, **changes: Any) -> TrainConfig:
-    return replace(copy.deepcopy(config), **changes)

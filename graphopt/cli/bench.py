@@ -11,8 +11,10 @@ from rich.console import Console
 from graphopt.cli import cli
 from graphopt.bench.backend import BACKENDS
 from graphopt.errors import GraphoptError, PassConfigError
+from graphopt.serialize import dumps
 
 console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)  # what a person reads when stdout carries --format json
 
 DATA_CHOICES = ["auto", "model", "mnist", "digits"]
 
@@ -111,7 +113,7 @@ def load_data(spec: Any, name: str, example_inputs: tuple) -> tuple[Any, str]:
     return (train, test), f"{name} ({BUILTIN[name]}), as {shape}: train {len(train)}, test {len(test)}"
 
 
-def _pipeline(spec: Any, pass_specs: tuple[str, ...], config: str | None, verify: bool):
+def _pipeline(spec: Any, pass_specs: tuple[str, ...], config: str | None, verify: bool, con: Console = console):
     from graphopt.manager import PassManager
     from graphopt.pass_infra import build_pipeline
     from graphopt.capture import capture
@@ -119,14 +121,14 @@ def _pipeline(spec: Any, pass_specs: tuple[str, ...], config: str | None, verify
     from graphopt.report import summary_table
 
     passes = build_pipeline(pass_specs, config)
-    with console.status("capturing and rewriting"):
+    with con.status("capturing and rewriting"):
         gm = capture(spec.module, spec.example_inputs)
         if spec.data is not None:
             graph_meta(gm)["calibration_data"] = spec.calibration_batches()
         gm, report = PassManager(passes, verify=verify).run(gm, spec.example_inputs)
     names = " + ".join(r.spec for r in report.records)
-    console.print(f"rewrote with {names} ({'verified' if report.verified else 'not verified'})")
-    console.print(summary_table(report))
+    con.print(f"rewrote with {names} ({'verified' if report.verified else 'not verified'})")
+    con.print(summary_table(report))
     return gm, report
 
 
@@ -205,12 +207,13 @@ def bench(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
     from graphopt.modelfile import load_model_file
 
     stem = _model_path(model_file).stem
+    con = err_console if fmt == "json" else console  # with --format json, stdout is the JSON document only
     out_path = _out_folder(out, f"{stem}_bench", force)
     spec = load_model_file(model_file)
     variants: dict[str, Any] = {"original": spec.module}
     pipeline_doc = None
     if pass_specs or pipeline_config:
-        gm, report = _pipeline(spec, pass_specs, pipeline_config, not no_verify)
+        gm, report = _pipeline(spec, pass_specs, pipeline_config, not no_verify, con)
         variants["rewritten"] = gm
         pipeline_doc = report.as_dict()
     if train_mode:
@@ -219,7 +222,7 @@ def bench(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
     from graphopt.bench.compare import compare
 
     inputs, target, source = _bench_batch(spec, batch_size)
-    with console.status("benchmarking") as status:
+    with con.status("benchmarking") as status:
         res = compare(variants, inputs, target, loss=spec.loss, device=kw["device"], steps=steps, warmup=warmup,
                       rounds=rounds, optimizer=kw["optimizer"], lr=kw["lr"],
                       compile="add" if kw["use_compile"] else False, threads=kw["threads"] or None,
@@ -252,7 +255,7 @@ def _bench_train(spec: Any, variants: dict[str, Any], kw: dict[str, Any], batch_
 
     data, desc = load_data(spec, kw["data_name"], spec.example_inputs)
     cfg = _config(kw, batch_size)
-    console.print(f"data: {desc}")
+    (err_console if fmt == "json" else console).print(f"data: {desc}")
     dev = torch.device(cfg.device)
     with thread_settings(dev, kw["threads"] or None) as th:
         env = {**environment(dev), **th}
@@ -260,12 +263,12 @@ def _bench_train(spec: Any, variants: dict[str, Any], kw: dict[str, Any], batch_
     doc = {"kind": "time_to_accuracy", "model_file": str(spec.path), "data": desc, "env": env,
            "config": cfg.as_dict(), "pipeline": pipeline_doc, "runs": {k: r.as_dict() for k, r in results.items()}}
     title = f"Time to accuracy: {_model_path(str(spec.path)).stem}"
-    rep.write_outputs(out_path, {"train.json": rep.dump_json(doc),
+    rep.write_outputs(out_path, {"train.json": dumps(doc),
                                  "train.md": rep.training_markdown(results, env, title, desc),
                                  "train.png": lambda p: rep.plot_training(results, p, cfg.target_accuracy, title)},
                       force=force)
     if fmt == "json":
-        click.echo(rep.dump_json(doc))
+        click.echo(dumps(doc))
         return
     console.print(rep.training_table(results, title=f"{title} (load {env['loadavg'][0]:.2f})"))
     base = results.get("original")
@@ -326,7 +329,7 @@ def train(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
         doc = {"kind": "training", "model_file": str(spec.path), "data": desc, "env": env, "pipeline": pipeline_doc,
                **res.as_dict()}
         files = {
-            "train.json": rep.dump_json(doc),
+            "train.json": dumps(doc),
             "train.md": rep.training_markdown({res.name: res}, env, f"Training: {res.name}", desc),
             "train.png": lambda p: rep.plot_training({res.name: res}, p, cfg.target_accuracy, res.name),
             # the trained model, reloadable with graphopt.load(OUT/model) whichever runtime trained it
@@ -358,7 +361,7 @@ def _sweep_out(res: Any, out_path: Path, force: bool, desc: str, model: str) -> 
 
     doc = {**res.as_dict(), "model_file": model, "data": desc}
     title = f"{res.kind.replace('_', '-')} sweep: {Path(model).stem}"
-    rep.write_outputs(out_path, {"sweep.json": rep.dump_json(doc), "sweep.md": rep.sweep_markdown(res, title, desc),
+    rep.write_outputs(out_path, {"sweep.json": dumps(doc), "sweep.md": rep.sweep_markdown(res, title, desc),
                                  "sweep.png": lambda p: rep.plot_sweep(res, p)}, force=force)
     console.print(rep.sweep_table(res))
     console.print(f"best variant: [bold]{res.best}[/] ({res.criterion})")

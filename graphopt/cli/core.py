@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -11,6 +10,7 @@ from rich.table import Table
 
 from graphopt.cli import cli
 from graphopt.errors import EmitError, PassConfigError
+from graphopt.serialize import dumps, read_json, write_json
 
 console = Console(highlight=False)
 
@@ -105,16 +105,14 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
     emit_check = None
     manifest_path = Path(path) / "manifest.json"
     if emit_format != "torch" and manifest_path.is_file():
-        emit_check = json.loads(manifest_path.read_text()).get("check")
+        emit_check = read_json(manifest_path).get("check")
         if emit_check and hasattr(emit_module, "check_summary"):
             console.print(emit_module.check_summary(emit_check))
     if report_path:
         doc = report.as_dict()
         if emit_check:
             doc["emit"] = {"format": emit_format, "check": emit_check}
-        from graphopt.manager import _json_default
-
-        Path(report_path).write_text(json.dumps(doc, indent=2, default=_json_default))
+        write_json(report_path, doc)
     verdict = "verified" if report.verified else "NOT verified (--no-verify)"
     console.print(f"[bold green]wrote[/] {path}/ ({emit_format}, {verdict})")
 
@@ -141,7 +139,7 @@ def inspect(model_file: str, fmt: str, all_nodes: bool, draw: str | None) -> Non
                "trainable_params": cost.trainable_params, "activation_bytes": cost.activation_bytes,
                "coverage": cost.coverage["fraction"], "coverage_detail": cost.coverage,
                "nodes": layer_rows(gm)}
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(dumps(doc))
     else:
         console.print(layer_table(gm, cost, all_nodes))
         console.print(f"forward {cost.macs / 1e9:.3f} GMACs (backward ~{cost.backward_macs / 1e9:.3f}), "
@@ -165,7 +163,7 @@ def list_passes(fmt: str) -> None:
         doc = {name: {"semantics": cls.semantics.value, "summary": cls.summary,
                       "options": {k: {"type": o.describe(), "default": o.default, "help": o.help}
                                   for k, o in cls.options.items()}} for name, cls in passes.items()}
-        click.echo(json.dumps(doc, indent=2, default=str))
+        click.echo(dumps(doc))
         return
     t = Table(header_style="bold", show_lines=True)
     t.add_column("pass")

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from graphopt.cli import cli
 from graphopt.cli.bench import _config, _out_folder, _train_options, load_data
+from graphopt.serialize import dumps
 
 console = Console(highlight=False)
 
@@ -84,6 +85,6 @@ def prune_iterative_cmd(model_file: str, rounds: int, ratio_per_round: float, pr
                "passes": [r.as_dict() for r in reports]}
         md = "| round | MACs | params | test accuracy |\n|---:|---:|---:|---:|\n" + "".join(
             f"| {r['round']} | {r['macs']} | {r['params']} | {r.get('test_accuracy')} |\n" for r in rows)
-        rep.write_outputs(out_path, {"prune.json": rep.dump_json(doc), "prune.md": md,
+        rep.write_outputs(out_path, {"prune.json": dumps(doc), "prune.md": md,
                                      "model": lambda p: emit_torch_folder(gm, p, report=reports[-1])}, force=force)
         console.print(f"[bold green]wrote[/] {out_path}/ (prune.json, prune.md, model/)")

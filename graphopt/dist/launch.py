@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graphopt.errors import GraphoptError, PassConfigError
+from graphopt.errors import GraphoptError, LaunchConfigError
 
 __all__ = ["LaunchPlan", "LaunchError", "build_command", "run_command"]
 
@@ -65,17 +65,17 @@ def build_command(folder: str | Path, *, stages: int | None = None, replicas: in
     folder_stages = len(manifest["stages"])
     n_stages = stages if stages is not None else folder_stages
     if replicas < 1:
-        raise PassConfigError("--replicas must be >= 1")
+        raise LaunchConfigError("--replicas must be >= 1")
     world = n_stages * replicas
     if nnodes < 1:
-        raise PassConfigError("--nnodes must be >= 1")
+        raise LaunchConfigError("--nnodes must be >= 1")
     if nproc_per_node is None:
         if world % nnodes:
-            raise PassConfigError(f"{world} processes ({n_stages} stages x {replicas} replicas) do not split "
+            raise LaunchConfigError(f"{world} processes ({n_stages} stages x {replicas} replicas) do not split "
                                   f"evenly over {nnodes} nodes", fix="give --nproc-per-node, or change --replicas")
         nproc_per_node = world // nnodes
     if nproc_per_node * nnodes != world:
-        raise PassConfigError(f"world size {nproc_per_node} x {nnodes} nodes = {nproc_per_node * nnodes} does not "
+        raise LaunchConfigError(f"world size {nproc_per_node} x {nnodes} nodes = {nproc_per_node * nnodes} does not "
                               f"match {n_stages} stages x {replicas} replicas = {world}",
                               fix=f"use --nproc-per-node {world // nnodes if world % nnodes == 0 else '?'} "
                                   "or change --replicas")
@@ -83,7 +83,7 @@ def build_command(folder: str | Path, *, stages: int | None = None, replicas: in
                       microbatches=microbatches, steps=steps, batch_size=batch_size, optimizer=optimizer)
     _, _, micro, batch = check_config(cfg, manifest, world)
     if nnodes > 1 and not rdzv_endpoint:
-        raise PassConfigError("a multi-node run needs --rdzv-endpoint HOST:PORT",
+        raise LaunchConfigError("a multi-node run needs --rdzv-endpoint HOST:PORT",
                               fix="give the address of one node, reachable from all (e.g. node0:29400)")
     cmd = [python or sys.executable, "-m", "torch.distributed.run"]
     if nnodes == 1 and not rdzv_endpoint:

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from graphopt.errors import ArtifactError, GraphoptError, PassConfigError
+from graphopt.errors import ArtifactError, GraphoptError, LaunchConfigError
 
 __all__ = ["TrainConfig", "Topology", "check_config", "train", "main", "SCHEDULES"]
 
@@ -95,7 +95,7 @@ class Topology:
 
 
 def check_config(cfg: TrainConfig, manifest: dict[str, Any], world: int) -> tuple[int, int, int, int]:
-    """(stages, replicas, microbatches, batch_size) after checking them; raises PassConfigError.
+    """(stages, replicas, microbatches, batch_size) after checking them; raises LaunchConfigError.
 
     Pure: no process group, so every rank (and the launcher, before starting torchrun)
     finds the same error at once.
@@ -103,41 +103,41 @@ def check_config(cfg: TrainConfig, manifest: dict[str, Any], world: int) -> tupl
     folder_stages = len(manifest["stages"])
     stages = cfg.stages if cfg.stages is not None else folder_stages
     if stages not in (1, folder_stages):
-        raise PassConfigError(
+        raise LaunchConfigError(
             f"--stages {stages} but the folder has {folder_stages} stages", where=cfg.folder,
             fix=f"use --stages {folder_stages} (or 1: no pipeline), or re-emit with -p partition:stages={stages}")
     if cfg.replicas is not None:
         replicas = cfg.replicas
         if replicas < 1:
-            raise PassConfigError("--replicas must be >= 1")
+            raise LaunchConfigError("--replicas must be >= 1")
         if stages * replicas != world:
-            raise PassConfigError(
+            raise LaunchConfigError(
                 f"world size {world} does not match {stages} stages x {replicas} replicas = {stages * replicas}",
                 fix=f"start {stages * replicas} processes (torchrun --nproc-per-node x --nnodes)")
     else:
         if world % stages:
-            raise PassConfigError(f"world size {world} is not a multiple of the {stages} stages",
+            raise LaunchConfigError(f"world size {world} is not a multiple of the {stages} stages",
                                   fix=f"start a multiple of {stages} processes")
         replicas = world // stages
     if cfg.schedule not in SCHEDULES:
-        raise PassConfigError(f"unknown schedule '{cfg.schedule}'", fix="use gpipe or 1f1b")
+        raise LaunchConfigError(f"unknown schedule '{cfg.schedule}'", fix="use gpipe or 1f1b")
     micro = cfg.microbatches if cfg.microbatches is not None else int(manifest.get("microbatches", 1))
     if stages == 1:
         micro = 1
     if micro < 1:
-        raise PassConfigError("--microbatches must be >= 1")
+        raise LaunchConfigError("--microbatches must be >= 1")
     if cfg.schedule == "1f1b" and stages > 1 and micro < stages:
-        raise PassConfigError(f"1F1B needs at least as many microbatches as stages ({micro} < {stages})",
+        raise LaunchConfigError(f"1F1B needs at least as many microbatches as stages ({micro} < {stages})",
                               fix=f"use --microbatches {stages} or more, or --schedule gpipe")
     batch = cfg.batch_size if cfg.batch_size is not None else int(manifest["inputs"][0]["shape"][0])
     if batch % (replicas * micro):
-        raise PassConfigError(
+        raise LaunchConfigError(
             f"batch size {batch} is not divisible by {replicas} replica(s) x {micro} microbatch(es)",
             fix=f"use --batch-size a multiple of {replicas * micro}")
     if cfg.steps < 1:
-        raise PassConfigError("--steps must be >= 1")
+        raise LaunchConfigError("--steps must be >= 1")
     if cfg.optimizer not in ("sgd", "adamw"):
-        raise PassConfigError(f"unknown optimizer '{cfg.optimizer}'", fix="use sgd or adamw")
+        raise LaunchConfigError(f"unknown optimizer '{cfg.optimizer}'", fix="use sgd or adamw")
     return stages, replicas, micro, batch
 
 
@@ -147,7 +147,7 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     dev = torch.device(cfg.device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise PassConfigError("--device cuda but CUDA is not available", fix="use --device cpu")
+            raise LaunchConfigError("--device cuda but CUDA is not available", fix="use --device cpu")
         return torch.device(f"cuda:{local_rank}")
     return dev
 
@@ -196,7 +196,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from graphopt.emit.pipeline import read_pipeline_manifest
 
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-        raise PassConfigError("not started by torchrun (WORLD_SIZE/RANK are not set)",
+        raise LaunchConfigError("not started by torchrun (WORLD_SIZE/RANK are not set)",
                               fix="use `graphopt launch FOLDER ...` or `torchrun ... -m graphopt.dist.train FOLDER`")
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -312,9 +312,9 @@ def _save(folder: str, module: nn.Module, topo: Topology, metrics: dict[str, Any
         name = "model.safetensors" if topo.stages == 1 else f"stage{topo.stage}.safetensors"
         save_file(state, str(out / name))
     if topo.reports:
-        from graphopt.manager import dumps_json
+        from graphopt.serialize import write_json
 
-        (out / "metrics.json").write_text(dumps_json(metrics))
+        write_json(out / "metrics.json", metrics)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

@@ -12,7 +12,6 @@ match PyTorch's (max abs error / max abs output <= 1e-4 in float32, 2e-2 with ha
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -108,9 +107,9 @@ def emit_onnx_model(module: nn.Module, out: str | Path, *, inputs: Sequence[torc
         if report is not None:
             manifest["verified"] = report.verified
             manifest["passes"] = [r.as_dict() for r in report.records]
-        from graphopt.manager import _json_default
+        from graphopt.serialize import write_json
 
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
+        write_json(tmp / MANIFEST, manifest)
         if not check["passed"]:
             raise EmitError(f"ONNX Runtime's outputs differ from PyTorch's (max relative error {worst:.2e} > "
                             f"{tol:g})", where=str(out), fix="report it with the model; --emit torch is unaffected")

@@ -179,17 +179,17 @@ def emit_ort_artifacts(module: nn.Module, out: str | Path, *, loss: str | None =
         if report is not None:
             manifest["verified"] = report.verified
             manifest["passes"] = [r.spec for r in report.records]
-        from graphopt.manager import dumps_json
         from graphopt.ort.parity import probe_for_crash
+        from graphopt.serialize import write_json
 
-        (tmp / MANIFEST).write_text(dumps_json(manifest))
+        write_json(tmp / MANIFEST, manifest)
         if check:
             probe_for_crash(tmp, inputs, where=str(out))
             backend = OrtTrainBackend(tmp, threads=1)
             result = check_artifacts(backend, module, inputs, half=half, has_dropout=dropout)
             del backend
             manifest["check"] = result
-            (tmp / MANIFEST).write_text(dumps_json(manifest))
+            write_json(tmp / MANIFEST, manifest)
             if not result["passed"]:
                 raise EmitError("ONNX Runtime does not compute what the graph computes: " + summarize_check(result),
                                 where=str(out), fix="report it with the model; --emit torch is unaffected")

@@ -39,7 +39,7 @@ def emit_pipeline(gm: fx.GraphModule, out: str | Path, *, report: Any = None, fo
                   source: dict[str, Any] | None = None) -> Path:
     """Write the stages of a partitioned graph (``-p partition:stages=N``) to ``out``."""
     from graphopt.dist.stages import partition_plan, split_stages
-    from graphopt.manager import dumps_json
+    from graphopt.serialize import write_json
 
     check_output_folder(out, force)
     try:
@@ -90,7 +90,7 @@ def emit_pipeline(gm: fx.GraphModule, out: str | Path, *, report: Any = None, fo
         if report is not None:
             manifest["verified"] = report.verified
             manifest["passes"] = [r.as_dict() for r in report.records]
-        (tmp / MANIFEST_FILE).write_text(dumps_json(manifest))
+        write_json(tmp / MANIFEST_FILE, manifest)
         chained = load_pipeline(tmp)
         _compare(reference, chained, inputs)
     return Path(out)

@@ -349,8 +349,9 @@ def emit_torch_folder(gm: fx.GraphModule, out: str | Path, *, report: Any = None
             manifest["passes"] = [r.as_dict() for r in report.records]
         if extra:
             manifest.update(extra)
-        from graphopt.manager import dumps_json
-        (tmp / MANIFEST_FILE).write_text(dumps_json(manifest))
+        from graphopt.serialize import write_json
+
+        write_json(tmp / MANIFEST_FILE, manifest)
         # the folder must load and compute what the graph computes before it is moved into place
         reloaded = load(tmp)
         inputs = check_inputs if check_inputs is not None else meta.get("example_inputs")

@@ -106,14 +106,14 @@ class OrtTrainBackend(TrainBackend):
         import tempfile
 
         from graphopt.emit.ort_training import emit_ort_artifacts
-        from graphopt.errors import PassConfigError
+        from graphopt.errors import OrtConfigError
         from graphopt.ort.spec import OptimizerSpec
 
         if str(getattr(config, "device", "cpu")) != "cpu":
-            raise PassConfigError("the ORT backend trains on the CPU build of onnxruntime-training",
+            raise OrtConfigError("the ORT backend trains on the CPU build of onnxruntime-training",
                                   fix="use --device cpu, or --backend torch on a GPU")
         if config.optimizer not in ("adamw", "sgd"):
-            raise PassConfigError(f"optimizer '{config.optimizer}' is not available in ONNX Runtime training",
+            raise OrtConfigError(f"optimizer '{config.optimizer}' is not available in ONNX Runtime training",
                                   fix="use --optimizer adamw or --optimizer sgd --momentum 0")
         spec = OptimizerSpec(name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
                              momentum=config.momentum if config.optimizer == "sgd" else 0.0)
@@ -240,6 +240,7 @@ class OrtTrainBackend(TrainBackend):
 
         from graphopt.emit._fs import atomic_folder, sha256_file
         from graphopt.emit.torch_folder import FORMAT, MANIFEST_FILE, MODULE_FILE, WEIGHTS_FILE, load
+        from graphopt.serialize import write_json
 
         src = self.folder / TORCH_SUBFOLDER
         manifest = json.loads((src / MANIFEST_FILE).read_text())
@@ -268,7 +269,7 @@ class OrtTrainBackend(TrainBackend):
             manifest["trained"] = {"backend": "onnxruntime-training", "onnxruntime_version": onnxruntime.__version__,
                                    "steps": self.steps, "tensors_updated": updated,
                                    "loss": self.loss, "optimizer": self.manifest["optimizer"]}
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+            write_json(tmp / MANIFEST_FILE, manifest)
             net = load(tmp)
             if check:
                 self._check_same(net, manifest)

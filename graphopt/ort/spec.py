@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from graphopt.errors import PassConfigError
+from graphopt.errors import OrtConfigError
 
 __all__ = ["LOSSES", "OptimizerSpec", "resolve_loss", "torch_loss", "make_target"]
 
@@ -45,7 +45,7 @@ def resolve_loss(loss: str | None, model_loss: Callable[..., Any] | None, output
     """
     if loss not in (None, "", "auto"):
         if loss not in LOSSES:
-            raise PassConfigError(f"unknown loss '{loss}'", fix="choose one of " + ", ".join(LOSSES))
+            raise OrtConfigError(f"unknown loss '{loss}'", fix="choose one of " + ", ".join(LOSSES))
         return loss
     if model_loss is None:
         return "cross_entropy"
@@ -68,7 +68,7 @@ def resolve_loss(loss: str | None, model_loss: Callable[..., Any] | None, output
                 break
         if ok:
             return name
-    raise PassConfigError("the model file's loss() is none of the losses ONNX Runtime training implements "
+    raise OrtConfigError("the model file's loss() is none of the losses ONNX Runtime training implements "
                           "(" + ", ".join(LOSSES) + ", mean reduction, no label smoothing or class weights)",
                           fix="pass the one to train with: --emit-option loss=cross_entropy (or mse, l1, "
                               "bce_with_logits)")
@@ -94,16 +94,16 @@ class OptimizerSpec:
 
     def __post_init__(self) -> None:
         if self.name not in ("adamw", "sgd"):
-            raise PassConfigError(f"unknown optimizer '{self.name}' for ORT training", fix="choose adamw or sgd")
+            raise OrtConfigError(f"unknown optimizer '{self.name}' for ORT training", fix="choose adamw or sgd")
         if self.lr <= 0:
-            raise PassConfigError(f"learning rate must be > 0, got {self.lr}")
+            raise OrtConfigError(f"learning rate must be > 0, got {self.lr}")
         if self.name == "sgd" and self.momentum:
-            raise PassConfigError("ONNX Runtime's SGD has no momentum", fix="use momentum=0 or optimizer=adamw")
+            raise OrtConfigError("ONNX Runtime's SGD has no momentum", fix="use momentum=0 or optimizer=adamw")
         if self.name == "sgd" and self.weight_decay not in (0, 0.0, None):
-            raise PassConfigError("ONNX Runtime's SGD has no weight decay",
+            raise OrtConfigError("ONNX Runtime's SGD has no weight decay",
                                   fix="use weight_decay=0 or optimizer=adamw")
         if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
-            raise PassConfigError(f"betas must be in [0, 1), got {self.betas}")
+            raise OrtConfigError(f"betas must be in [0, 1), got {self.betas}")
 
     @classmethod
     def create(cls, name: str = "adamw", **kw: Any) -> "OptimizerSpec":
