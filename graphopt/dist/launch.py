@@ -72,19 +72,19 @@ def build_command(folder: str | Path, *, stages: int | None = None, replicas: in
     if nproc_per_node is None:
         if world % nnodes:
             raise LaunchConfigError(f"{world} processes ({n_stages} stages x {replicas} replicas) do not split "
-                                  f"evenly over {nnodes} nodes", fix="give --nproc-per-node, or change --replicas")
+                                    f"evenly over {nnodes} nodes", fix="give --nproc-per-node, or change --replicas")
         nproc_per_node = world // nnodes
     if nproc_per_node * nnodes != world:
         raise LaunchConfigError(f"world size {nproc_per_node} x {nnodes} nodes = {nproc_per_node * nnodes} does not "
-                              f"match {n_stages} stages x {replicas} replicas = {world}",
-                              fix=f"use --nproc-per-node {world // nnodes if world % nnodes == 0 else '?'} "
-                                  "or change --replicas")
+                                f"match {n_stages} stages x {replicas} replicas = {world}",
+                                fix=f"use --nproc-per-node {world // nnodes if world % nnodes == 0 else '?'} "
+                                    "or change --replicas")
     cfg = TrainConfig(folder=str(folder), stages=n_stages, replicas=replicas, schedule=schedule,
                       microbatches=microbatches, steps=steps, batch_size=batch_size, optimizer=optimizer)
     _, _, micro, batch = check_config(cfg, manifest, world)
     if nnodes > 1 and not rdzv_endpoint:
         raise LaunchConfigError("a multi-node run needs --rdzv-endpoint HOST:PORT",
-                              fix="give the address of one node, reachable from all (e.g. node0:29400)")
+                                fix="give the address of one node, reachable from all (e.g. node0:29400)")
     cmd = [python or sys.executable, "-m", "torch.distributed.run"]
     if nnodes == 1 and not rdzv_endpoint:
         cmd += ["--standalone", "--nnodes=1"]

@@ -117,7 +117,7 @@ def check_config(cfg: TrainConfig, manifest: dict[str, Any], world: int) -> tupl
     else:
         if world % stages:
             raise LaunchConfigError(f"world size {world} is not a multiple of the {stages} stages",
-                                  fix=f"start a multiple of {stages} processes")
+                                    fix=f"start a multiple of {stages} processes")
         replicas = world // stages
     if cfg.schedule not in SCHEDULES:
         raise LaunchConfigError(f"unknown schedule '{cfg.schedule}'", fix="use gpipe or 1f1b")
@@ -128,7 +128,7 @@ def check_config(cfg: TrainConfig, manifest: dict[str, Any], world: int) -> tupl
         raise LaunchConfigError("--microbatches must be >= 1")
     if cfg.schedule == "1f1b" and stages > 1 and micro < stages:
         raise LaunchConfigError(f"1F1B needs at least as many microbatches as stages ({micro} < {stages})",
-                              fix=f"use --microbatches {stages} or more, or --schedule gpipe")
+                                fix=f"use --microbatches {stages} or more, or --schedule gpipe")
     batch = cfg.batch_size if cfg.batch_size is not None else int(manifest["inputs"][0]["shape"][0])
     if batch % (replicas * micro):
         raise LaunchConfigError(
@@ -197,7 +197,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         raise LaunchConfigError("not started by torchrun (WORLD_SIZE/RANK are not set)",
-                              fix="use `graphopt launch FOLDER ...` or `torchrun ... -m graphopt.dist.train FOLDER`")
+                                fix="use `graphopt launch FOLDER ...` or `torchrun ... -m graphopt.dist.train FOLDER`")
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     manifest = read_pipeline_manifest(cfg.folder)  # every stage's files present, on every rank

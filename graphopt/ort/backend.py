@@ -111,10 +111,10 @@ class OrtTrainBackend(TrainBackend):
 
         if str(getattr(config, "device", "cpu")) != "cpu":
             raise OrtConfigError("the ORT backend trains on the CPU build of onnxruntime-training",
-                                  fix="use --device cpu, or --backend torch on a GPU")
+                                 fix="use --device cpu, or --backend torch on a GPU")
         if config.optimizer not in ("adamw", "sgd"):
             raise OrtConfigError(f"optimizer '{config.optimizer}' is not available in ONNX Runtime training",
-                                  fix="use --optimizer adamw or --optimizer sgd --momentum 0")
+                                 fix="use --optimizer adamw or --optimizer sgd --momentum 0")
         spec = OptimizerSpec(name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
                              momentum=config.momentum if config.optimizer == "sgd" else 0.0)
         tmp = tempfile.TemporaryDirectory(prefix="graphopt-ort-")

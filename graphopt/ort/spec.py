@@ -69,9 +69,9 @@ def resolve_loss(loss: str | None, model_loss: Callable[..., Any] | None, output
         if ok:
             return name
     raise OrtConfigError("the model file's loss() is none of the losses ONNX Runtime training implements "
-                          "(" + ", ".join(LOSSES) + ", mean reduction, no label smoothing or class weights)",
-                          fix="pass the one to train with: --emit-option loss=cross_entropy (or mse, l1, "
-                              "bce_with_logits)")
+                         "(" + ", ".join(LOSSES) + ", mean reduction, no label smoothing or class weights)",
+                         fix="pass the one to train with: --emit-option loss=cross_entropy (or mse, l1, "
+                             "bce_with_logits)")
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class OptimizerSpec:
             raise OrtConfigError("ONNX Runtime's SGD has no momentum", fix="use momentum=0 or optimizer=adamw")
         if self.name == "sgd" and self.weight_decay not in (0, 0.0, None):
             raise OrtConfigError("ONNX Runtime's SGD has no weight decay",
-                                  fix="use weight_decay=0 or optimizer=adamw")
+                                 fix="use weight_decay=0 or optimizer=adamw")
         if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
             raise OrtConfigError(f"betas must be in [0, 1), got {self.betas}")
 
