@@ -43,10 +43,10 @@ def _float(x: float) -> float | str:
 
 
 def _key(k: Any) -> str:
-    if isinstance(k, str):
-        return k
     if isinstance(k, enum.Enum):
         k = k.value
+    if isinstance(k, str):
+        return str(k)
     if isinstance(k, bool) or k is None:
         return json.dumps(k)  # "true" / "false" / "null", as json.dumps writes such keys
     if isinstance(k, float):
