@@ -21,12 +21,11 @@ from typing import Any
 import torch
 from torch import fx
 
+from graphopt import Decline, Option, Pass, PassResult, Semantics
 from graphopt.ir import example_inputs, graph_meta
-from graphopt.pass_infra import Decline, Option, Pass, PassResult, Semantics
-from graphopt.precision import set_policy
-
-from passes._precision import (PrecisionSweep, check_existing_policy, cleanup_casts, compare_with_references,
-                               count_casts, is_norm_module, low_dtype, make_policy, LOW_FUNCS)
+from graphopt.precision import (LOW_FUNCS, PrecisionSweep, check_existing_policy, cleanup_casts,
+                                compare_with_references, count_casts, is_norm_module, low_dtype, make_policy,
+                                set_policy)
 
 
 class Cast(Pass):

@@ -18,7 +18,7 @@ shipped and trained without a context manager:
 
 A cleanup removes redundant casts; the report counts casts inserted and removed. float16
 graphs record that they need dynamic loss scaling (``torch.amp.GradScaler``); bfloat16 does not.
-See passes/_precision.py for the op lists and how they differ from torch.autocast.
+See :mod:`graphopt.precision.sweep` for the op lists and how they differ from torch.autocast.
 """
 
 from __future__ import annotations
@@ -28,12 +28,10 @@ from typing import Any
 import torch
 from torch import fx
 
+from graphopt import Decline, Option, Pass, PassResult, Semantics
 from graphopt.ir import example_inputs, graph_meta
-from graphopt.pass_infra import Decline, Option, Pass, PassResult, Semantics
-from graphopt.precision import set_policy
-
-from passes._precision import (PrecisionSweep, check_existing_policy, cleanup_casts, compare_with_references,
-                               count_casts, low_dtype, make_policy)
+from graphopt.precision import (PrecisionSweep, check_existing_policy, cleanup_casts, compare_with_references,
+                                count_casts, low_dtype, make_policy, set_policy)
 
 DEFAULT_BUDGET = 0.05
 

@@ -15,7 +15,7 @@ from graphopt.cli import main
 from graphopt.errors import PreconditionError, VerificationError
 from graphopt.precision import get_policy
 from helpers import assert_idempotent, count_calls, count_modules, run_pass
-from passes._precision import cleanup_casts, compare_with_references, count_casts
+from graphopt.precision import cleanup_casts, compare_with_references, count_casts
 from passes.mixed_precision import MixedPrecision
 from precision_models import Block, NoHeavy, SdpaBlock, Tiny, UserCasts, calibrate_bn, small_vit
 
