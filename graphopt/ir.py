@@ -46,7 +46,7 @@ from torch import fx, nn
 from graphopt.pass_infra import Decline
 
 __all__ = [
-    "graph_meta", "example_inputs", "calibration_batches", "copy_graph", "eval_mode", "module_of", "is_module",
+    "graph_meta", "example_inputs", "calibration_batches", "copy_graph", "eval_mode", "train_mode", "module_of", "is_module",
     "add_module", "replace_module", "name_matches", "glob_decline", "Site", "candidate_sites", "output_shape",
     "output_dtype", "unique_attr_name", "run_calibration", "tensor_specs",
 ]
@@ -107,10 +107,24 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """``with eval_mode(m):`` runs ``m`` in eval mode and afterwards restores the training flag
     of ``m`` and of every submodule to what it was (a model may keep some parts in eval mode
     while training, e.g. frozen BatchNorms; ``m.train(was)`` would lose that)."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
+    with _mode(module, False):
         yield module
+
+
+@contextlib.contextmanager
+def train_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``with train_mode(m):`` like :func:`eval_mode`, in train mode (buffers are not restored:
+    BatchNorm statistics update as in any train-mode forward)."""
+    with _mode(module, True):
+        yield module
+
+
+@contextlib.contextmanager
+def _mode(module: nn.Module, training: bool) -> Iterator[None]:
+    flags = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
     finally:
         for m, flag in flags:
             m.training = flag

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from graphopt.ir import graph_meta, output_shape
-from graphopt.pass_infra import Decline, Pass, PassResult, Rewrite, Semantics
+from graphopt import Decline, Pass, PassResult, Rewrite, Semantics
+from graphopt.ir import graph_meta, is_module, output_shape
 
 
 def _is_marker(node: fx.Node) -> bool:
@@ -32,8 +32,7 @@ class ChannelsLast(Pass):
     options = {}
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        convs = [n for n in gm.graph.nodes if n.op == "call_module"
-                 and isinstance(gm.get_submodule(n.target), nn.Conv2d)]
+        convs = [n for n in gm.graph.nodes if is_module(gm, n, nn.Conv2d)]
         convs += [n for n in gm.graph.nodes if n.op == "call_function"
                   and n.target is torch.nn.functional.conv2d]
         if not convs:

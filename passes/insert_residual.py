@@ -44,11 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphopt.analysis.graph import to_networkx
-from graphopt.errors import PassConfigError
-from graphopt.ir import name_matches, output_shape, unique_attr_name
-from graphopt.manager import _copy_graph
-from graphopt.pass_infra import Decline, Option, Pass, PassResult, Rewrite, Semantics
+from graphopt import Decline, Option, Pass, PassConfigError, PassResult, Rewrite, Semantics
+from graphopt.analysis import to_networkx
+from graphopt.ir import copy_graph, glob_decline, is_module, module_of, output_shape, unique_attr_name
 
 __all__ = ["InsertResidual", "find_chains"]
 
@@ -153,12 +151,12 @@ class InsertResidual(Pass):
 
     @staticmethod
     def _layer(gm: fx.GraphModule, node: fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _LAYERS)
+        return is_module(gm, node, _LAYERS)
 
     @staticmethod
     def _norm(gm: fx.GraphModule, node: fx.Node) -> bool:
         if node.op == "call_module":
-            return isinstance(gm.get_submodule(str(node.target)), _NORMS)
+            return is_module(gm, node, _NORMS)
         return node.op == "call_function" and node.target in _NORM_FUNCTIONS
 
     def _blocks(self, gm: fx.GraphModule) -> tuple[list[dict[str, Any]], list[Decline]]:
@@ -212,11 +210,9 @@ class InsertResidual(Pass):
                 nodes = chain[start:e + 1]
                 layers = [str(n.target) for n in nodes if self._layer(gm, n)]
                 j += k
-                if self.config["include"] and not name_matches(first, self.config["include"]):
-                    declined.append(Decline(first, "not matched by include globs"))
-                    continue
-                if name_matches(first, self.config["exclude"]):
-                    declined.append(Decline(first, "matched by exclude globs"))
+                excluded = glob_decline(first, self.config["include"], self.config["exclude"])
+                if excluded is not None:
+                    declined.append(excluded)
                     continue
                 joined = self._joined(graph, chain_input, chain, nodes[-1], bypass)
                 if joined:
@@ -265,7 +261,7 @@ class InsertResidual(Pass):
         if not blocks:
             return PassResult(gm, False, [], declined)
         gate = self.config["gate"]
-        original = _copy_graph(gm) if gate != "preserve" else None
+        original = copy_graph(gm) if gate != "preserve" else None
         root = CONTAINER
         existing = getattr(gm, root, None)
         called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
@@ -342,7 +338,7 @@ class InsertResidual(Pass):
                     n.meta["tensor_meta"] = end.meta.get("tensor_meta")
             if original is not None:
                 ref_blocks[end.name] = (x.name, self._ref_combine(gate, b["projection"], skip_mods, ref_skips, base))
-            kinds = [type(gm.get_submodule(str(n.target))).__name__ if n.op == "call_module" else
+            kinds = [type(module_of(gm, n)).__name__ if n.op == "call_module" else
                      getattr(n.target, "__name__", str(n.target)) for n in b["nodes"]]
             last = end.target if end.op == "call_module" else end.name
             rewrites.append(Rewrite(b["first"], (
