@@ -48,7 +48,7 @@ from graphopt.pass_infra import Decline
 __all__ = [
     "graph_meta", "example_inputs", "calibration_batches", "copy_graph", "eval_mode", "train_mode", "module_of", "is_module",
     "add_module", "replace_module", "name_matches", "glob_decline", "Site", "candidate_sites", "output_shape",
-    "output_dtype", "unique_attr_name", "run_calibration", "tensor_specs",
+    "output_dtype", "unique_attr_name", "run_calibration", "node_values", "tensor_specs",
 ]
 
 _SHARED_META = ("example_inputs", "calibration_data")
@@ -245,6 +245,28 @@ def run_calibration(gm: fx.GraphModule, n: int) -> int:
             gm(*batch)
             batches += 1
     return batches
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph once and keeps every node's output value."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        self.values[n.name] = result
+        return result
+
+
+def node_values(gm: fx.GraphModule, inputs: Iterable[Any]) -> dict[str, Any]:
+    """The value every node of ``gm`` produces when the graph runs once on ``inputs`` (no grad, in
+    the module's current training mode), by node name."""
+    rec = _Recorder(gm)
+    with torch.no_grad():
+        rec.run(*inputs)
+    return rec.values
 
 
 def tensor_specs(value: Any) -> list[dict[str, Any]]:
