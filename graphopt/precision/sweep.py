@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from graphopt.errors import PreconditionError
 from graphopt.ir import eval_mode, graph_meta, name_matches, output_dtype
 from graphopt.pass_infra import Decline, Rewrite
 from graphopt.precision.ops import (FP32_FUNCS, FP32_METHODS, HALF, LOW_FUNCS, LOW_METHODS, NORM_FUNCS, SHORT,
@@ -328,13 +329,27 @@ class PrecisionSweep:
             self._sweep(list(inputs))
         return self.res
 
+    @staticmethod
+    def _placeholder(node: fx.Node, it: Iterator[Any]) -> Any:
+        """The value of a graph input, as ``fx.Interpreter`` binds it: the next example input, the
+        rest of them for ``*args``, else the argument's default (timm's ViT: ``attn_mask=None``)."""
+        if str(node.target).startswith("*"):
+            return list(it)
+        try:
+            return next(it)
+        except StopIteration:
+            if node.args:
+                return node.args[0]
+            raise PreconditionError(f"graph input '{node.target}' has no example input and no default",
+                                    fix="give every forward() argument an example input") from None
+
     def _sweep(self, inputs: list[torch.Tensor]) -> None:
         it = iter(inputs)
         for node in list(self.graph.nodes):
             if getattr(node, "_erased", False):  # replaced while converting an earlier module
                 continue
             if node.op == "placeholder":
-                self.env[node] = next(it)
+                self.env[node] = self._placeholder(node, it)
                 v = self.env[node]
                 if self.mode == "half" and is_ftensor(v) and v.dtype == torch.float32 and node.users:
                     if any(cast_target(u) == self.low for u in node.users) and len(node.users) == 1:
