@@ -27,11 +27,13 @@ values inside the calibrated range and is clipped outside it; the measured outpu
 reported by verification as usual. In train mode BatchNorm uses batch statistics, so the
 train-mode function differs.
 
-Semantics: APPROXIMATE. ``budget`` (default 1.0) bounds the relative L2 error of the network's
-eval outputs against the original. The default is deliberately loose: the rewrite is an
-architecture change meant to be fine-tuned, and on random-init networks the factorised error is
-large (ResNet-50 at init: see benchmarks/results/cpu/depthwise_separable_resnet50.md); tighten it
-(e.g. ``budget=0.05``) to use the rewrite as a drop-in approximation. ``check`` also measures the
+Semantics: APPROXIMATE. ``budget`` bounds the relative L2 error of the network's eval outputs
+against the original. Its default is unbounded (``inf``: the error is measured and reported, not a
+failure), the rule for every pass whose purpose is to change the function and whose recovery is
+training: the rewrite is an architecture change meant to be fine-tuned, and at random init the
+factorised network's output moves by about its own size (ResNet-50 0.99, ConvNeXt 1.3; see
+benchmarks/results/cpu/depthwise_separable_resnet50.md). Give a budget (e.g. ``budget=0.05``) to
+use the rewrite as a drop-in approximation. ``check`` also measures the
 same rewrite with ``init=random`` so the report states both errors.
 
 Declined, with the reason: grouped/depthwise convs (already factorised), 1x1 convs (nothing to
@@ -75,8 +77,8 @@ class DepthwiseSeparable(Pass):
     semantics = Semantics.APPROXIMATE
     summary = "k x k convs -> depthwise k x k + pointwise 1x1 (SVD-factorised init), ~k*k fewer MACs"
     options = {
-        "budget": Option(float, 1.0, "relative L2 error of the outputs allowed (see the docs for the default)",
-                         min=0.0),
+        "budget": Option(float, float("inf"), "relative L2 error of the outputs allowed (default: measured and "
+                                              "reported; the rewrite is meant to be fine-tuned)", min=0.0),
         "init": Option(str, "factorize", "factorize the original weights (rank-1 SVD per input channel) or "
                                          "PyTorch's random init", choices=("factorize", "random")),
         "between": Option(str, "none", "what goes between depthwise and pointwise (MobileNet: bn_relu)",

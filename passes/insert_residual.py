@@ -18,8 +18,9 @@ read by ``get_attr`` and applied with ``torch.mul`` / ``operator.add``, so emitt
 - ``none``: ``y = f(x) + x``.
 
 ``rezero`` and ``none`` change the function by design: the pass is then APPROXIMATE with
-``budget`` (default 10: the relative L2 change of the outputs; it catches activations blowing
-up), and the rewrite must equal, exactly, a reference that runs the original graph through an
+``budget`` (the relative L2 change of the outputs; default unbounded: measured and reported, the
+rule for passes whose purpose is to change the function and whose recovery is training), and the
+rewrite must equal, exactly, a reference that runs the original graph through an
 ``fx.Interpreter`` applying the same combination at each block output.
 
 ``projection=true`` also covers blocks whose channels and/or resolution change (4-D NCHW, the
@@ -134,8 +135,8 @@ class InsertResidual(Pass):
         "max_layers": Option(int, 3, "most conv/linear layers in a block", min=1),
         "include": Option(list, [], "globs on a block's first layer path (empty: all)"),
         "exclude": Option(list, [], "globs on a block's first layer path to skip"),
-        "budget": Option(float, 10.0, "gate=rezero|none: relative L2 output change allowed (they change the "
-                                      "function by design)", min=0.0),
+        "budget": Option(float, float("inf"), "gate=rezero|none: relative L2 output change allowed (default: "
+                                              "measured and reported; they change the function by design)", min=0.0),
     }
 
     def __init__(self, **options: Any) -> None:
