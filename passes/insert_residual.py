@@ -290,25 +290,20 @@ class InsertResidual(Pass):
                 if b["projection"]:
                     s = _stride_for(shape_in[2], shape_in[3], shape_out[2], shape_out[3])
                     assert s is not None
-                    if s > 1:
-                        pool = nn.AvgPool2d(s, s, ceil_mode=True, count_include_pad=False)
-                        pname = _fresh(container, f"{base}_pool")
-                        container.add_module(pname, pool)
-                        skip_mods.append(pool)
-                        with graph.inserting_after(anchor):
-                            skip = graph.call_module(f"{root}.{pname}", (skip,))
-                        new_nodes.append(skip)
-                        anchor = skip
                     conv = nn.Conv2d(shape_in[1], shape_out[1], 1, bias=False).to(dtype)
                     if gate != "rezero":
                         nn.init.zeros_(conv.weight)
-                    cname = _fresh(container, f"{base}_proj")
-                    container.add_module(cname, conv)
-                    skip_mods.append(conv)
-                    with graph.inserting_after(anchor):
-                        skip = graph.call_module(f"{root}.{cname}", (skip,))
-                    new_nodes.append(skip)
-                    anchor = skip
+                    pool = nn.AvgPool2d(s, s, ceil_mode=True, count_include_pad=False) if s > 1 else None
+                    for suffix, mod in (("pool", pool), ("proj", conv)):
+                        if mod is None:
+                            continue
+                        mname = _fresh(container, f"{base}_{suffix}")
+                        container.add_module(mname, mod)
+                        skip_mods.append(mod)
+                        with graph.inserting_after(anchor):
+                            skip = graph.call_module(f"{root}.{mname}", (skip,))
+                        new_nodes.append(skip)
+                        anchor = skip
                     proj_desc = (f"AvgPool2d({s}) + " if s > 1 else "") + (
                         "default-init" if gate == "rezero" else "zero-init") + f" 1x1 conv {shape_in[1]}->{shape_out[1]}"
                 gate_name = None
