@@ -46,9 +46,9 @@ from torch import fx, nn
 from graphopt.pass_infra import Decline
 
 __all__ = [
-    "graph_meta", "example_inputs", "calibration_batches", "copy_graph", "eval_mode", "train_mode", "module_of", "is_module",
-    "add_module", "replace_module", "name_matches", "glob_decline", "Site", "candidate_sites", "output_shape",
-    "output_dtype", "unique_attr_name", "run_calibration", "node_values", "tensor_specs",
+    "graph_meta", "example_inputs", "calibration_batches", "copy_graph", "eval_mode", "train_mode", "module_of",
+    "is_module", "add_module", "replace_module", "name_matches", "glob_decline", "Site", "candidate_sites",
+    "output_shape", "output_dtype", "unique_attr_name", "run_calibration", "node_values", "tensor_specs",
 ]
 
 _SHARED_META = ("example_inputs", "calibration_data")
