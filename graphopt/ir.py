@@ -1,24 +1,57 @@
-"""Helpers over the IR (a ``torch.fx.GraphModule`` plus ``gm.meta["graphopt"]``) for passes.
+"""The public API a pass is written against: helpers over the IR, and the pass contract.
 
-The IR is plain torch.fx: nodes carry ``tensor_meta`` (shape, dtype) and ``cost``
-(:class:`graphopt.analysis.NodeCost`) after :func:`graphopt.analysis.annotate`. Graph-level
-facts live in ``gm.meta["graphopt"]``: ``opaque`` modules, ``cost``, ``inputs`` and any
-policy a pass records for the emitter (``precision``, ``memory_format``, ``frozen`` ...).
+The IR is plain torch.fx: a ``torch.fx.GraphModule`` whose nodes carry ``tensor_meta`` (shape,
+dtype) and ``cost`` (:class:`graphopt.analysis.NodeCost`) after :func:`graphopt.analysis.annotate`.
+Graph-level facts live in ``gm.meta["graphopt"]`` (:func:`graph_meta`): ``opaque`` modules (leaves
+capture did not trace into), ``cost``, ``example_inputs``, ``calibration_data`` and any policy a
+pass records for the emitter (``precision``, ``memory_format``, ``frozen``, ``partition`` ...).
+
+The pass contract (built-in passes in ``passes/`` are written exactly as a plugin would be, with
+``graphopt`` and this module only):
+
+- **Who copies.** :class:`graphopt.PassManager` gives ``Pass.call`` a deep copy of the graph
+  (:func:`copy_graph`) when it verifies (the default), so the original stays available as the
+  reference; with ``verify=False`` ``call`` gets the graph itself. Either way a pass rewrites the
+  ``gm`` it is given in place and returns it in its :class:`graphopt.PassResult`; a pass that needs
+  a pristine copy of its own (a reference, a trial rewrite) calls :func:`copy_graph`.
+- **What a pass may assume.** ``requires`` has passed; every node has ``tensor_meta`` and
+  ``cost`` from the previous step; ``graph_meta(gm)["example_inputs"]`` holds the inputs;
+  ``gm``'s training flag is whatever the user's model had (run code that must be deterministic
+  under :func:`eval_mode`, which restores every submodule's flag).
+- **What a pass must not do.** Keep state across calls (all configuration is in ``__init__``);
+  modify the example inputs or calibration data (they are shared with the original, not copied);
+  leave a module's training flags or buffers changed after a measurement of its own; skip a
+  candidate silently (each one is a ``Rewrite`` or a ``Decline`` with its reason:
+  :func:`candidate_sites` does this for the usual call_module sites); raise anything but a
+  :class:`graphopt.errors.GraphoptError` for a problem it detected (any other exception is
+  reported as a bug in the pass).
+- **What happens afterwards (PassManager).** ``ensures(result.gm)``, then ``graph.lint()``,
+  ``recompile()``, shape and cost re-annotation (new nodes need no ``tensor_meta`` of their own),
+  then the numeric check the pass's ``semantics`` promise against the original graph (see
+  ``graphopt.verify``). A pass may call ``gm.recompile()`` itself when it runs the rewritten graph
+  inside ``call`` (a calibration, its own measurement).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import fnmatch
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import fx, nn
 
+from graphopt.pass_infra import Decline
+
 __all__ = [
-    "graph_meta", "example_inputs", "calibration_batches", "module_of", "is_module", "add_module",
-    "replace_module", "name_matches", "output_shape", "output_dtype", "unique_attr_name", "run_calibration",
-    "tensor_specs",
+    "graph_meta", "example_inputs", "calibration_batches", "copy_graph", "eval_mode", "train_mode", "module_of",
+    "is_module", "add_module", "replace_module", "name_matches", "glob_decline", "Site", "candidate_sites",
+    "output_shape", "output_dtype", "unique_attr_name", "run_calibration", "node_values", "tensor_specs",
 ]
+
+_SHARED_META = ("example_inputs", "calibration_data")
 
 
 def graph_meta(gm: fx.GraphModule) -> dict[str, Any]:
@@ -56,6 +89,47 @@ def calibration_batches(gm: fx.GraphModule, n: int) -> Iterator[tuple[torch.Tens
         yield ex
 
 
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """Deep copy of a GraphModule (parameters, buffers, graph, ``meta``) that shares, does not
+    copy, the example inputs and calibration data in ``gm.meta["graphopt"]``."""
+    meta = graph_meta(gm)
+    shared = {k: meta.pop(k) for k in _SHARED_META if k in meta}
+    try:
+        new = copy.deepcopy(gm)
+    finally:
+        meta.update(shared)
+    graph_meta(new).update(shared)
+    return new
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``with eval_mode(m):`` runs ``m`` in eval mode and afterwards restores the training flag
+    of ``m`` and of every submodule to what it was (a model may keep some parts in eval mode
+    while training, e.g. frozen BatchNorms; ``m.train(was)`` would lose that)."""
+    with _mode(module, False):
+        yield module
+
+
+@contextlib.contextmanager
+def train_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``with train_mode(m):`` like :func:`eval_mode`, in train mode (buffers are not restored:
+    BatchNorm statistics update as in any train-mode forward)."""
+    with _mode(module, True):
+        yield module
+
+
+@contextlib.contextmanager
+def _mode(module: nn.Module, training: bool) -> Iterator[None]:
+    flags = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     """The submodule a ``call_module`` node calls, else None."""
     if node.op != "call_module":
@@ -64,6 +138,7 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 
 def is_module(gm: fx.GraphModule, node: fx.Node, types: type | tuple[type, ...]) -> bool:
+    """True when ``node`` calls a submodule that is an instance of ``types``."""
     mod = module_of(gm, node)
     return mod is not None and isinstance(mod, types)
 
@@ -99,12 +174,63 @@ def name_matches(name: str, globs: Iterable[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in (globs or ()))
 
 
+def glob_decline(path: str, include: Iterable[str] | None, exclude: Iterable[str] | None) -> Decline | None:
+    """The :class:`Decline` for a site left out by a pass's ``include``/``exclude`` globs, else None
+    (an empty ``include`` includes everything)."""
+    include = list(include or ())
+    if include and not name_matches(path, include):
+        return Decline(path, "not matched by include globs")
+    if name_matches(path, exclude):
+        return Decline(path, "matched by exclude globs")
+    return None
+
+
+@dataclass
+class Site:
+    """One submodule a pass may rewrite, with every ``call_module`` node calling it (in graph order;
+    more than one when the module is shared)."""
+    path: str
+    module: nn.Module
+    nodes: list[fx.Node] = field(default_factory=list)
+
+
+def candidate_sites(gm: fx.GraphModule, types: type | tuple[type, ...], *, include: Iterable[str] | None = None,
+                    exclude: Iterable[str] | None = None,
+                    reject: Callable[[str, nn.Module], str | None] | None = None) -> tuple[list[Site], list[Decline]]:
+    """The ``call_module`` sites of ``gm`` whose module is an instance of ``types``, in graph order.
+
+    Each site is either returned or declined with its reason: first ``reject(path, module)`` (a
+    pass's structural reason not to rewrite, or None), then the ``include``/``exclude`` globs on the
+    module path (:func:`glob_decline`). Returns ``(sites, declined)``.
+    """
+    by_path: dict[str, Site] = {}
+    for node in gm.graph.nodes:
+        mod = module_of(gm, node)
+        if mod is not None and isinstance(mod, types):
+            by_path.setdefault(str(node.target), Site(str(node.target), mod)).nodes.append(node)
+    sites: list[Site] = []
+    declined: list[Decline] = []
+    for path, site in by_path.items():
+        why = reject(path, site.module) if reject is not None else None
+        if why:
+            declined.append(Decline(path, why))
+            continue
+        d = glob_decline(path, include, exclude)
+        if d is not None:
+            declined.append(d)
+            continue
+        sites.append(site)
+    return sites, declined
+
+
 def output_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The shape ``node`` produces (from ``tensor_meta``), None when it is not one tensor."""
     tm = node.meta.get("tensor_meta")
     return tuple(tm.shape) if hasattr(tm, "shape") else None
 
 
 def output_dtype(node: fx.Node) -> torch.dtype | None:
+    """The dtype ``node`` produces (from ``tensor_meta``), None when it is not one tensor."""
     tm = node.meta.get("tensor_meta")
     return tm.dtype if hasattr(tm, "dtype") else None
 
@@ -113,17 +239,34 @@ def run_calibration(gm: fx.GraphModule, n: int) -> int:
     """Run ``gm`` on ``n`` :func:`calibration_batches` in eval mode without gradients (forward hooks
     the caller registered collect what they need); restores the training flag. Returns the number
     of batches run."""
-    was = gm.training
     batches = 0
-    try:
-        gm.eval()
-        with torch.no_grad():
-            for batch in calibration_batches(gm, n):
-                gm(*batch)
-                batches += 1
-    finally:
-        gm.train(was)
+    with eval_mode(gm), torch.no_grad():
+        for batch in calibration_batches(gm, n):
+            gm(*batch)
+            batches += 1
     return batches
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph once and keeps every node's output value."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        self.values[n.name] = result
+        return result
+
+
+def node_values(gm: fx.GraphModule, inputs: Iterable[Any]) -> dict[str, Any]:
+    """The value every node of ``gm`` produces when the graph runs once on ``inputs`` (no grad, in
+    the module's current training mode), by node name."""
+    rec = _Recorder(gm)
+    with torch.no_grad():
+        rec.run(*inputs)
+    return rec.values
 
 
 def tensor_specs(value: Any) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ with a :class:`VerificationError` naming the pass (the report so far is attached
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from torch import fx, nn
 from graphopt.analysis.cost import GraphCost, annotate, graph_cost
 from graphopt.capture import capture
 from graphopt.errors import GraphoptError, PassError, PreconditionError, VerificationError
-from graphopt.ir import graph_meta
+from graphopt.ir import copy_graph, graph_meta
 from graphopt.pass_infra import Pass, PassResult, as_passes
 from graphopt.serialize import dumps
 from graphopt.verify import Verification, verify_rewrite
@@ -80,19 +79,6 @@ class PipelineReport:
         raise KeyError(name)
 
 
-_SHARED_META = ("example_inputs", "calibration_data")
-
-
-def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """Deep copy of a GraphModule that shares (does not copy) inputs and calibration data."""
-    meta = graph_meta(gm)
-    shared = {k: meta.pop(k) for k in _SHARED_META if k in meta}
-    try:
-        new = copy.deepcopy(gm)
-    finally:
-        meta.update(shared)
-    graph_meta(new).update(shared)
-    return new
 
 
 class PassManager:
@@ -118,7 +104,7 @@ class PassManager:
             except PreconditionError as exc:
                 exc.where = exc.where or f"pass '{p.name}'"
                 raise PreconditionError(exc.what, where=f"pass '{p.name}'", fix=exc.fix) from exc
-            work = _copy_graph(gm) if self.verify else gm
+            work = copy_graph(gm) if self.verify else gm
             t0 = time.perf_counter()
             try:
                 result = p.call(work)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from graphopt.errors import ModelFileError
+from graphopt.ir import eval_mode
 
 __all__ = ["ModelSpec", "load_model_file", "user_frame"]
 
@@ -185,10 +186,8 @@ def load_model_file(spec: str | Path, *, check_forward: bool = True) -> ModelSpe
 
 def check_runs(net: nn.Module, inputs: tuple[torch.Tensor, ...], where: str) -> None:
     """Run the model once (eval mode, no grad) and turn a failure into a one-line error."""
-    was_training = net.training
     try:
-        net.eval()
-        with torch.no_grad():
+        with eval_mode(net), torch.no_grad():
             net(*inputs)
     except Exception as exc:
         shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs)
@@ -197,5 +196,3 @@ def check_runs(net: nn.Module, inputs: tuple[torch.Tensor, ...], where: str) -> 
             f"example inputs [{shapes}] do not run through the model: {_describe(exc)}",
             where=loc, fix="make example_inputs() match what forward() expects",
         ) from exc
-    finally:
-        net.train(was_training)

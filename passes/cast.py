@@ -18,19 +18,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import fx
 
-from graphopt.ir import example_inputs, graph_meta
-from graphopt.pass_infra import Decline, Option, Pass, PassResult, Semantics
-from graphopt.precision import set_policy
-
-from passes._precision import (PrecisionSweep, check_existing_policy, cleanup_casts, compare_with_references,
-                               count_casts, is_norm_module, low_dtype, make_policy, LOW_FUNCS)
+from graphopt import Decline, Option, Pass, PassResult, Semantics
+from graphopt.ir import graph_meta
+from graphopt.precision import LOW_FUNCS, PrecisionPass, PrecisionSweep, is_norm_module, make_policy, set_policy
 
 
-class Cast(Pass):
+class Cast(PrecisionPass, Pass):
     name = "cast"
+    mode = "half"
     semantics = Semantics.APPROXIMATE
     summary = "pure float16/bfloat16: parameters and activations in half (norms float32 by default)"
     options = {
@@ -42,11 +39,8 @@ class Cast(Pass):
         "cast_outputs": Option(bool, True, "cast half graph outputs back to their original dtype"),
     }
 
-    def requires(self, gm: fx.GraphModule) -> None:
-        check_existing_policy(gm, "half", self.config["dtype"])
-
     def call(self, gm: fx.GraphModule) -> PassResult:
-        dtype = low_dtype(self.config["dtype"])
+        dtype = self.dtype
         opaque = set(graph_meta(gm).get("opaque", {}))
         has_params = any(t.is_floating_point() for n, t in list(gm.named_parameters()) + list(gm.named_buffers())
                          if not any(n.startswith(o + ".") for o in opaque))
@@ -55,14 +49,10 @@ class Cast(Pass):
             return PassResult(gm, False, declined=[Decline(
                 "graph", "no floating parameters and no conv/linear/matmul/attention op: nothing to store or "
                          "compute in half")])
-        before = count_casts(gm)
         sweep = PrecisionSweep(gm, dtype, "half", keep_norms=self.config["keep_norms"],
                                cast_outputs=self.config["cast_outputs"])
         sweep.convert_parameters()
-        res = sweep.run(example_inputs(gm))
-        removed = cleanup_casts(gm, sweep.env)
-        after = count_casts(gm)
-        modified = bool(res.rewrites) or sum(removed.values()) > 0
+        res, casts, modified = self.sweep(gm, sweep)
         kept = sorted({type(m).__name__ for m in gm.modules() if self.config["keep_norms"] and is_norm_module(m)})
         policy = make_policy("half", dtype, kept)
         if modified or any(p.dtype == dtype for p in gm.parameters()):
@@ -75,12 +65,6 @@ class Cast(Pass):
             "parameters_converted": res.params_converted,
             "float32_ops": dict(sorted(res.fp32_ops.items())),
             "batchnorm_mixed": res.mixed_bn,
-            "casts": {"before": before, "inserted": res.inserted, "removed": sum(removed.values()),
-                      "removed_by_rule": {k: v for k, v in removed.items() if v}, "after": after},
+            "casts": casts,
         }
         return PassResult(gm, modified, res.rewrites, res.declined, notes)
-
-    def check(self, before: fx.GraphModule, after: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
-              result: PassResult) -> dict[str, Any]:
-        return {"precision": compare_with_references(before, after, inputs, low_dtype(self.config["dtype"]),
-                                                     self.config["autocast_factor"])}

@@ -19,8 +19,8 @@ import operator
 import torch
 from torch import fx, nn
 
-from graphopt.ir import output_dtype, output_shape
-from graphopt.pass_infra import Decline, Pass, PassResult, Rewrite, Semantics
+from graphopt import Decline, Pass, PassResult, Rewrite, Semantics
+from graphopt.ir import module_of, output_dtype, output_shape
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _SHAPE_OPS_METHOD = {"view", "reshape", "flatten"}
@@ -49,7 +49,7 @@ def _identity_input(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node | None, 
     """(input node, what) if ``node`` computes the identity of its input; (None, None, reason) to
     record a decline; (None, None, None) otherwise."""
     if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
+        mod = module_of(gm, node)
         if isinstance(mod, nn.Identity) and node.args:
             return node.args[0], "nn.Identity", None
         if isinstance(mod, _DROPOUTS):

@@ -27,11 +27,13 @@ values inside the calibrated range and is clipped outside it; the measured outpu
 reported by verification as usual. In train mode BatchNorm uses batch statistics, so the
 train-mode function differs.
 
-Semantics: APPROXIMATE. ``budget`` (default 1.0) bounds the relative L2 error of the network's
-eval outputs against the original. The default is deliberately loose: the rewrite is an
-architecture change meant to be fine-tuned, and on random-init networks the factorised error is
-large (ResNet-50 at init: see benchmarks/results/cpu/depthwise_separable_resnet50.md); tighten it
-(e.g. ``budget=0.05``) to use the rewrite as a drop-in approximation. ``check`` also measures the
+Semantics: APPROXIMATE. ``budget`` bounds the relative L2 error of the network's eval outputs
+against the original. Its default is unbounded (``inf``: the error is measured and reported, not a
+failure), the rule for every pass whose purpose is to change the function and whose recovery is
+training: the rewrite is an architecture change meant to be fine-tuned, and at random init the
+factorised network's output moves by about its own size (ResNet-50 0.99, ConvNeXt 1.3; see
+benchmarks/results/cpu/depthwise_separable_resnet50.md). Give a budget (e.g. ``budget=0.05``) to
+use the rewrite as a drop-in approximation. ``check`` also measures the
 same rewrite with ``init=random`` so the report states both errors.
 
 Declined, with the reason: grouped/depthwise convs (already factorised), 1x1 convs (nothing to
@@ -48,8 +50,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from graphopt.ir import name_matches, output_shape, run_calibration
-from graphopt.pass_infra import Decline, Option, Pass, PassResult, Rewrite, Semantics
+from graphopt import Option, Pass, PassResult, Rewrite, Semantics
+from graphopt.ir import candidate_sites, copy_graph, output_shape, replace_module, run_calibration
 from graphopt.verify import rel_l2_error, run_with_grads
 
 __all__ = ["DepthwiseSeparable", "factorize"]
@@ -75,8 +77,8 @@ class DepthwiseSeparable(Pass):
     semantics = Semantics.APPROXIMATE
     summary = "k x k convs -> depthwise k x k + pointwise 1x1 (SVD-factorised init), ~k*k fewer MACs"
     options = {
-        "budget": Option(float, 1.0, "relative L2 error of the outputs allowed (see the docs for the default)",
-                         min=0.0),
+        "budget": Option(float, float("inf"), "relative L2 error of the outputs allowed (default: measured and "
+                                              "reported; the rewrite is meant to be fine-tuned)", min=0.0),
         "init": Option(str, "factorize", "factorize the original weights (rank-1 SVD per input channel) or "
                                          "PyTorch's random init", choices=("factorize", "random")),
         "between": Option(str, "none", "what goes between depthwise and pointwise (MobileNet: bn_relu)",
@@ -90,7 +92,7 @@ class DepthwiseSeparable(Pass):
     }
 
     def _candidate(self, path: str, mod: nn.Module) -> str | None:
-        """The reason not to rewrite, or None."""
+        """The reason not to rewrite (before the include/exclude globs), or None."""
         if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
             return "transposed convolution: not supported"
         if isinstance(mod, (nn.Conv1d, nn.Conv3d)):
@@ -101,10 +103,6 @@ class DepthwiseSeparable(Pass):
         kh, kw = mod.kernel_size
         if kh * kw == 1:
             return "1x1 conv: nothing to separate"
-        if self.config["include"] and not name_matches(path, self.config["include"]):
-            return "not matched by include globs"
-        if name_matches(path, self.config["exclude"]):
-            return "matched by exclude globs"
         if mod.in_channels < self.config["min_channels"]:
             return (f"{mod.in_channels} input channels < min_channels={self.config['min_channels']} (one "
                     "depthwise filter per input channel would keep too little)")
@@ -118,24 +116,15 @@ class DepthwiseSeparable(Pass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         rewrites: list[Rewrite] = []
-        declined: list[Decline] = []
-        sites: dict[str, list[fx.Node]] = {}
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                mod = gm.get_submodule(str(node.target))
-                if isinstance(mod, nn.modules.conv._ConvNd):
-                    sites.setdefault(str(node.target), []).append(node)
+        sites, declined = candidate_sites(gm, nn.modules.conv._ConvNd, include=self.config["include"],
+                                          exclude=self.config["exclude"], reject=self._candidate)
         between = self.config["between"]
         eps = 1e-5
         done: list[dict[str, Any]] = []
         tot = {"macs_before": 0, "macs_after": 0, "params_before": 0, "params_after": 0}
         errors: list[float] = []
-        for path, nodes in sites.items():
-            conv = gm.get_submodule(path)
-            why = self._candidate(path, conv)
-            if why:
-                declined.append(Decline(path, why))
-                continue
+        for site in sites:
+            path, conv, nodes = site.path, site.module, site.nodes
             co, ci = conv.out_channels, conv.in_channels
             kh, kw = conv.kernel_size
             dw = nn.Conv2d(ci, ci, conv.kernel_size, stride=conv.stride, padding=conv.padding,
@@ -163,8 +152,7 @@ class DepthwiseSeparable(Pass):
                     bn.weight.fill_(math.sqrt(1.0 + eps))  # identity in eval mode (running stats 0 / 1)
                 holder.add_module("bn", bn)
             holder.add_module("pw", pw)
-            parent, _, leaf = path.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, leaf, holder)
+            replace_module(gm, path, holder)
             for node in nodes:
                 with gm.graph.inserting_before(node):
                     cur = gm.graph.call_module(f"{path}.dw", node.args[:1])
@@ -266,12 +254,10 @@ class DepthwiseSeparable(Pass):
         """The same rewrite with random init, for comparison (factorised init only)."""
         if self.config["init"] != "factorize":
             return {}
-        from graphopt.manager import _copy_graph
-
         alt = DepthwiseSeparable(**{**self.config, "init": "random"})
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            rnd = alt.call(_copy_graph(before)).gm
+            rnd = alt.call(copy_graph(before)).gm
         ref, _ = run_with_grads(before, inputs, False)
         fac, _ = run_with_grads(after, inputs, False)
         ran, _ = run_with_grads(rnd, inputs, False)

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphopt.manager import _copy_graph
-from graphopt.pass_infra import Decline, Pass, PassResult, Rewrite, Semantics
+from graphopt import Decline, Pass, PassResult, Rewrite, Semantics
+from graphopt.ir import copy_graph, module_of
 
 __all__ = ["DropRegularization"]
 
@@ -155,7 +155,7 @@ def _eval_reference(gm: fx.GraphModule) -> fx.GraphModule | None:
             hits.append((node.name, None))
     if not hits:
         return None
-    ref = _copy_graph(gm)
+    ref = copy_graph(gm)
     by_name = {n.name: n for n in ref.graph.nodes}
     for name, spec in hits:
         node = by_name[name]
@@ -206,7 +206,7 @@ class DropRegularization(Pass):
             if node in erased:
                 continue
             if node.op == "call_module":
-                mod = gm.get_submodule(str(node.target))
+                mod = module_of(gm, node)
                 cls = type(mod).__name__
                 if isinstance(mod, _DROPOUT_MODULES) or cls in _NAMED_MODULES:
                     p = getattr(mod, "p", getattr(mod, "drop_prob", getattr(mod, "drop_rate", None)))

@@ -41,9 +41,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphopt.errors import PreconditionError
-from graphopt.ir import graph_meta, name_matches
-from graphopt.pass_infra import Decline, Option, Pass, PassResult, Rewrite, Semantics
+from graphopt import Decline, Option, Pass, PassResult, PreconditionError, Rewrite, Semantics
+from graphopt.ir import graph_meta, name_matches, replace_module
 
 __all__ = ["Freeze", "stages_of", "head_modules"]
 
@@ -258,8 +257,7 @@ class Freeze(Pass):
             holder.register_parameter("bias", mod.bias)
             holder.register_buffer("running_mean", mod.running_mean)
             holder.register_buffer("running_var", mod.running_var)
-            parent, _, leaf = path.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, leaf, holder)
+            replace_module(gm, path, holder)
             for node in [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) == path]:
                 with gm.graph.inserting_before(node):
                     attrs = [gm.graph.get_attr(f"{path}.{a}") for a in ("running_mean", "running_var", "weight", "bias")]

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphopt.ir import add_module, example_inputs, name_matches, output_shape, run_calibration
-from graphopt.pass_infra import Decline, Option, Pass, PassResult, Rewrite, Semantics
+from graphopt import Decline, Option, Pass, PassResult, Rewrite, Semantics
+from graphopt.ir import (add_module, candidate_sites, example_inputs, is_module, module_of, output_shape,
+                         run_calibration, train_mode)
 from graphopt.verify import rel_l2_error
 
 __all__ = ["InsertBatchNorm"]
@@ -63,7 +64,7 @@ def _norm_user(gm: fx.GraphModule, node: fx.Node, depth: int = 0) -> str | None:
                 return found
             continue
         if user.op == "call_module":
-            mod = gm.get_submodule(str(user.target))
+            mod = module_of(gm, user)
             if isinstance(mod, _NORM_MODULES) or "Norm" in type(mod).__name__:
                 return f"{type(mod).__name__} ({user.target})"
         if user.op == "call_function" and user.target in _NORM_FUNCTIONS:
@@ -74,14 +75,11 @@ def _norm_user(gm: fx.GraphModule, node: fx.Node, depth: int = 0) -> str | None:
 def _train_mode_output(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], seed: int = 0) -> list[torch.Tensor]:
     """Train-mode outputs with a fixed RNG seed; buffers (BN statistics) and flags restored."""
     saved = {k: v.clone() for k, v in gm.named_buffers()}
-    was = gm.training
     try:
-        gm.train()
-        with torch.no_grad(), torch.random.fork_rng():
+        with train_mode(gm), torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(seed)
             out = gm(*inputs)
     finally:
-        gm.train(was)
         with torch.no_grad():
             for k, v in gm.named_buffers():
                 v.copy_(saved[k])
@@ -111,24 +109,14 @@ class InsertBatchNorm(Pass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         rewrites: list[Rewrite] = []
-        declined: list[Decline] = []
         types: tuple[type, ...] = _CONV + ((nn.Linear,) if self.config["linear"] else ())
-        sites: dict[str, list[fx.Node]] = {}
-        for node in gm.graph.nodes:
-            if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), types):
-                sites.setdefault(str(node.target), []).append(node)
+        sites, declined = candidate_sites(gm, types, include=self.config["include"], exclude=self.config["exclude"])
         inputs = example_inputs(gm)
         train_before: list[torch.Tensor] | str | None = None
         inserted: list[tuple[str, str, torch.Tensor | None]] = []  # (layer, bn path, old bias)
-        for path, nodes in sites.items():
-            mod = gm.get_submodule(path)
+        for site in sites:
+            path, mod, nodes = site.path, site.module, site.nodes
             kind = type(mod).__name__
-            if self.config["include"] and not name_matches(path, self.config["include"]):
-                declined.append(Decline(path, "not matched by include globs"))
-                continue
-            if name_matches(path, self.config["exclude"]):
-                declined.append(Decline(path, "matched by exclude globs"))
-                continue
             if len(nodes) > 1:
                 declined.append(Decline(path, f"{kind} called at {len(nodes)} places (shared weights): its bias "
                                               "cannot move into one BatchNorm"))
@@ -220,7 +208,7 @@ class InsertBatchNorm(Pass):
 
     def ensures(self, gm: fx.GraphModule) -> None:
         for node in gm.graph.nodes:
-            if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _CONV):
+            if is_module(gm, node, _CONV):
                 users = list(node.users)
                 if len(users) == 1 and users[0].op == "call_module" and str(users[0].target).endswith("_bn"):
-                    assert gm.get_submodule(str(node.target)).bias is None, f"{node.target}: bias not folded"
+                    assert module_of(gm, node).bias is None, f"{node.target}: bias not folded"

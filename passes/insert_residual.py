@@ -18,8 +18,9 @@ read by ``get_attr`` and applied with ``torch.mul`` / ``operator.add``, so emitt
 - ``none``: ``y = f(x) + x``.
 
 ``rezero`` and ``none`` change the function by design: the pass is then APPROXIMATE with
-``budget`` (default 10: the relative L2 change of the outputs; it catches activations blowing
-up), and the rewrite must equal, exactly, a reference that runs the original graph through an
+``budget`` (the relative L2 change of the outputs; default unbounded: measured and reported, the
+rule for passes whose purpose is to change the function and whose recovery is training), and the
+rewrite must equal, exactly, a reference that runs the original graph through an
 ``fx.Interpreter`` applying the same combination at each block output.
 
 ``projection=true`` also covers blocks whose channels and/or resolution change (4-D NCHW, the
@@ -44,11 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphopt.analysis.graph import to_networkx
-from graphopt.errors import PassConfigError
-from graphopt.ir import name_matches, output_shape, unique_attr_name
-from graphopt.manager import _copy_graph
-from graphopt.pass_infra import Decline, Option, Pass, PassResult, Rewrite, Semantics
+from graphopt import Decline, Option, Pass, PassConfigError, PassResult, Rewrite, Semantics
+from graphopt.analysis import to_networkx
+from graphopt.ir import copy_graph, glob_decline, is_module, module_of, output_shape, unique_attr_name
 
 __all__ = ["InsertResidual", "find_chains"]
 
@@ -136,8 +135,8 @@ class InsertResidual(Pass):
         "max_layers": Option(int, 3, "most conv/linear layers in a block", min=1),
         "include": Option(list, [], "globs on a block's first layer path (empty: all)"),
         "exclude": Option(list, [], "globs on a block's first layer path to skip"),
-        "budget": Option(float, 10.0, "gate=rezero|none: relative L2 output change allowed (they change the "
-                                      "function by design)", min=0.0),
+        "budget": Option(float, float("inf"), "gate=rezero|none: relative L2 output change allowed (default: "
+                                              "measured and reported; they change the function by design)", min=0.0),
     }
 
     def __init__(self, **options: Any) -> None:
@@ -153,12 +152,12 @@ class InsertResidual(Pass):
 
     @staticmethod
     def _layer(gm: fx.GraphModule, node: fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _LAYERS)
+        return is_module(gm, node, _LAYERS)
 
     @staticmethod
     def _norm(gm: fx.GraphModule, node: fx.Node) -> bool:
         if node.op == "call_module":
-            return isinstance(gm.get_submodule(str(node.target)), _NORMS)
+            return is_module(gm, node, _NORMS)
         return node.op == "call_function" and node.target in _NORM_FUNCTIONS
 
     def _blocks(self, gm: fx.GraphModule) -> tuple[list[dict[str, Any]], list[Decline]]:
@@ -212,11 +211,9 @@ class InsertResidual(Pass):
                 nodes = chain[start:e + 1]
                 layers = [str(n.target) for n in nodes if self._layer(gm, n)]
                 j += k
-                if self.config["include"] and not name_matches(first, self.config["include"]):
-                    declined.append(Decline(first, "not matched by include globs"))
-                    continue
-                if name_matches(first, self.config["exclude"]):
-                    declined.append(Decline(first, "matched by exclude globs"))
+                excluded = glob_decline(first, self.config["include"], self.config["exclude"])
+                if excluded is not None:
+                    declined.append(excluded)
                     continue
                 joined = self._joined(graph, chain_input, chain, nodes[-1], bypass)
                 if joined:
@@ -265,7 +262,7 @@ class InsertResidual(Pass):
         if not blocks:
             return PassResult(gm, False, [], declined)
         gate = self.config["gate"]
-        original = _copy_graph(gm) if gate != "preserve" else None
+        original = copy_graph(gm) if gate != "preserve" else None
         root = CONTAINER
         existing = getattr(gm, root, None)
         called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
@@ -293,25 +290,20 @@ class InsertResidual(Pass):
                 if b["projection"]:
                     s = _stride_for(shape_in[2], shape_in[3], shape_out[2], shape_out[3])
                     assert s is not None
-                    if s > 1:
-                        pool = nn.AvgPool2d(s, s, ceil_mode=True, count_include_pad=False)
-                        pname = _fresh(container, f"{base}_pool")
-                        container.add_module(pname, pool)
-                        skip_mods.append(pool)
-                        with graph.inserting_after(anchor):
-                            skip = graph.call_module(f"{root}.{pname}", (skip,))
-                        new_nodes.append(skip)
-                        anchor = skip
                     conv = nn.Conv2d(shape_in[1], shape_out[1], 1, bias=False).to(dtype)
                     if gate != "rezero":
                         nn.init.zeros_(conv.weight)
-                    cname = _fresh(container, f"{base}_proj")
-                    container.add_module(cname, conv)
-                    skip_mods.append(conv)
-                    with graph.inserting_after(anchor):
-                        skip = graph.call_module(f"{root}.{cname}", (skip,))
-                    new_nodes.append(skip)
-                    anchor = skip
+                    pool = nn.AvgPool2d(s, s, ceil_mode=True, count_include_pad=False) if s > 1 else None
+                    for suffix, mod in (("pool", pool), ("proj", conv)):
+                        if mod is None:
+                            continue
+                        mname = _fresh(container, f"{base}_{suffix}")
+                        container.add_module(mname, mod)
+                        skip_mods.append(mod)
+                        with graph.inserting_after(anchor):
+                            skip = graph.call_module(f"{root}.{mname}", (skip,))
+                        new_nodes.append(skip)
+                        anchor = skip
                     proj_desc = (f"AvgPool2d({s}) + " if s > 1 else "") + (
                         "default-init" if gate == "rezero" else "zero-init") + f" 1x1 conv {shape_in[1]}->{shape_out[1]}"
                 gate_name = None
@@ -342,7 +334,7 @@ class InsertResidual(Pass):
                     n.meta["tensor_meta"] = end.meta.get("tensor_meta")
             if original is not None:
                 ref_blocks[end.name] = (x.name, self._ref_combine(gate, b["projection"], skip_mods, ref_skips, base))
-            kinds = [type(gm.get_submodule(str(n.target))).__name__ if n.op == "call_module" else
+            kinds = [type(module_of(gm, n)).__name__ if n.op == "call_module" else
                      getattr(n.target, "__name__", str(n.target)) for n in b["nodes"]]
             last = end.target if end.op == "call_module" else end.name
             rewrites.append(Rewrite(b["first"], (

@@ -18,28 +18,25 @@ shipped and trained without a context manager:
 
 A cleanup removes redundant casts; the report counts casts inserted and removed. float16
 graphs record that they need dynamic loss scaling (``torch.amp.GradScaler``); bfloat16 does not.
-See passes/_precision.py for the op lists and how they differ from torch.autocast.
+See :mod:`graphopt.precision.sweep` for the op lists and how they differ from torch.autocast.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import fx
 
-from graphopt.ir import example_inputs, graph_meta
-from graphopt.pass_infra import Decline, Option, Pass, PassResult, Semantics
-from graphopt.precision import set_policy
-
-from passes._precision import (PrecisionSweep, check_existing_policy, cleanup_casts, compare_with_references,
-                               count_casts, low_dtype, make_policy)
+from graphopt import Decline, Option, Pass, PassResult, Semantics
+from graphopt.ir import graph_meta
+from graphopt.precision import PrecisionPass, PrecisionSweep, make_policy, set_policy
 
 DEFAULT_BUDGET = 0.05
 
 
-class MixedPrecision(Pass):
+class MixedPrecision(PrecisionPass, Pass):
     name = "mixed_precision"
+    mode = "mixed"
     semantics = Semantics.APPROXIMATE
     summary = "conv/linear/matmul/attention in float16 or bfloat16 with float32 master weights, casts in the graph"
     options = {
@@ -54,18 +51,11 @@ class MixedPrecision(Pass):
         "exclude": Option(list, [], "module paths (globs) kept in float32, e.g. 'fc|layer4.*'"),
     }
 
-    def requires(self, gm: fx.GraphModule) -> None:
-        check_existing_policy(gm, "mixed", self.config["dtype"])
-
     def call(self, gm: fx.GraphModule) -> PassResult:
-        dtype = low_dtype(self.config["dtype"])
-        before = count_casts(gm)
-        sweep = PrecisionSweep(gm, dtype, "mixed", batchnorm=self.config["batchnorm"],
-                               cast_outputs=self.config["cast_outputs"], exclude=self.config["exclude"])
-        res = sweep.run(example_inputs(gm))
-        removed = cleanup_casts(gm, sweep.env)
-        after = count_casts(gm)
-        modified = bool(res.rewrites) or sum(removed.values()) > 0
+        dtype = self.dtype
+        res, casts, modified = self.sweep(gm, PrecisionSweep(
+            gm, dtype, "mixed", batchnorm=self.config["batchnorm"], cast_outputs=self.config["cast_outputs"],
+            exclude=self.config["exclude"]))
         if not res.low_ops:
             res.declined.append(Decline("graph", "no conv, linear, matmul or attention op: nothing gains "
                                                  "from low precision"))
@@ -81,19 +71,12 @@ class MixedPrecision(Pass):
             "float32_ops": dict(sorted(res.fp32_ops.items())),
             "batchnorm_mixed": res.mixed_bn,
             "modules_to_functional": res.modules_converted,
-            "casts": {"before": before, "inserted": res.inserted, "removed": sum(removed.values()),
-                      "removed_by_rule": {k: v for k, v in removed.items() if v}, "after": after,
-                      "parameter_casts": res.param_casts},
+            "casts": {**casts, "parameter_casts": res.param_casts},
         }
         return PassResult(gm, modified, res.rewrites, res.declined, notes)
 
-    def check(self, before: fx.GraphModule, after: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
-              result: PassResult) -> dict[str, Any]:
-        return {"precision": compare_with_references(before, after, inputs, low_dtype(self.config["dtype"]),
-                                                     self.config["autocast_factor"])}
-
     def ensures(self, gm: fx.GraphModule) -> None:
         for name, p in gm.named_parameters():
-            assert p.dtype != low_dtype(self.config["dtype"]), f"parameter {name} is not float32 any more"
+            assert p.dtype != self.dtype, f"parameter {name} is not float32 any more"
         assert graph_meta(gm).get("precision") is not None or not any(
             n.op == "call_method" and n.target == "to" for n in gm.graph.nodes), "casts without a policy"

@@ -11,7 +11,7 @@ from torch import nn
 import graphopt
 from graphopt.precision import get_policy
 from helpers import assert_idempotent, count_modules, run_pass
-from passes._precision import count_casts
+from graphopt.precision import count_casts
 from precision_models import Block, NoHeavy, calibrate_bn
 
 

@@ -87,3 +87,77 @@ def test_real_architectures(zoo, name):
     assert rec.modified and rec.verification.status == "passed"
     convs = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+
+
+class _OpaqueBlock(nn.Module):
+    """Data-dependent control flow keeps this block opaque; its conv's weight is computed at run time
+    (a weight_norm parametrization) and its code assumes the NCHW memory it was written for."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(c, c, 3, padding=1))
+        self.proj = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        if h % 2 == 0:
+            x = self.conv(x)
+        x = self.proj(x)
+        return x.view(b, c * h * w)[:, :c]  # a view of the whole sample: needs NCHW-contiguous memory
+
+
+class _WithOpaque(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = _OpaqueBlock(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.block(torch.relu(self.stem(x))))
+
+
+def test_opaque_submodule_is_left_as_it_was_and_the_rewrite_stays_exact():
+    torch.manual_seed(0)
+    module, x = _WithOpaque().eval(), torch.randn(2, 3, 8, 8)
+    gm0 = graphopt.capture(module, (x,))
+    assert set(gm0.meta["graphopt"]["opaque"]) == {"block"}
+    gm, rec = run_pass("channels_last", module, (x,))
+    assert rec.modified and rec.verification.status == "passed"
+    assert rec.verification.value == 0.0  # exact to the bit: the opaque block computes as before
+    assert gm.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not gm.block.proj.weight.is_contiguous(memory_format=torch.channels_last)
+    reasons = {d["target"]: d["reason"] for d in rec.declined}
+    assert "opaque" in reasons["block.conv"] and "opaque" in reasons["block.proj"]
+    assert any(r["target"] == "block" and "NCHW" in r["detail"] for r in rec.rewrites)
+    torch.testing.assert_close(gm(x), module(x), rtol=0, atol=0)
+    assert_idempotent("channels_last", gm, (x,))
+
+
+def test_declines_a_traced_conv_whose_weight_is_computed_at_run_time():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 3))).eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm, rec = run_pass("channels_last", module, (x,))
+    assert rec.modified and rec.verification.status == "passed"
+    assert gm.get_submodule("0").weight.is_contiguous(memory_format=torch.channels_last)
+    reasons = {d["target"]: d["reason"] for d in rec.declined}
+    assert "computed at run time" in reasons["1"]
+
+
+@pytest.mark.zoo
+def test_real_architecture_with_opaque_blocks(zoo):
+    """timm's MobileViT: its transformer blocks stay opaque (a shape check used as control flow)."""
+    torch.manual_seed(0)
+    module = zoo("timm:mobilevit_xxs").eval()
+    x = torch.randn(1, 3, 64, 64)
+    gm, rec = run_pass("channels_last", module, (x,))
+    opaque = set(gm.meta["graphopt"]["opaque"])
+    assert opaque and rec.modified and rec.verification.status == "passed"
+    inside = {n for n, m in gm.named_modules() if isinstance(m, nn.Conv2d)
+              and any(n.startswith(o + ".") for o in opaque)}
+    declined = {d["target"] for d in rec.declined}
+    assert inside and inside <= declined
+    assert all(not gm.get_submodule(n).weight.is_contiguous(memory_format=torch.channels_last)
+               or gm.get_submodule(n).weight.shape[2:] == (1, 1) for n in inside)
+    torch.testing.assert_close(gm(x), module(x), rtol=1e-4, atol=1e-5)

@@ -15,7 +15,7 @@ from graphopt.cli import main
 from graphopt.errors import PreconditionError, VerificationError
 from graphopt.precision import get_policy
 from helpers import assert_idempotent, count_calls, count_modules, run_pass
-from passes._precision import cleanup_casts, compare_with_references, count_casts
+from graphopt.precision import cleanup_casts, compare_with_references, count_casts
 from passes.mixed_precision import MixedPrecision
 from precision_models import Block, NoHeavy, SdpaBlock, Tiny, UserCasts, calibrate_bn, small_vit
 
@@ -416,3 +416,26 @@ def test_leaf_with_heavy_internals_is_declined_and_runs_float32():
     assert lstm.args[0].op == "call_method" and lstm.args[0].args[1] == torch.float32  # half input cast up
     assert rec.notes["low_precision_ops"] == {"linear": 2}
     assert rec.verification.status == "passed"
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name,kw", [
+    # global-average-pool ViT (trained at 256 px), DeiT-III (384 px), ViT-Base variants: built small.
+    ("timm:vit_base_patch16_gap_224", dict(img_size=32, patch_size=8)),
+    ("timm:deit3_small_patch16_384", dict(img_size=32, patch_size=8)),
+    ("timm:vit_base_patch16_224", dict(img_size=32, patch_size=8)),
+    ("timm:vit_base_patch32_clip_224", dict(img_size=32, patch_size=16)),
+])
+def test_timm_vits_with_optional_forward_arguments(zoo, name, kw):
+    """timm's ViT forward has optional arguments (``attn_mask=None``, ``is_causal=False``) that the
+    captured graph keeps as placeholders with defaults: the sweep runs them at their defaults."""
+    torch.manual_seed(0)
+    model = zoo(name, embed_dim=32, depth=2, num_heads=2, num_classes=10, **kw).eval()
+    x = torch.randn(2, 3, 32, 32)
+    placeholders = [n for n in graphopt.capture(model, (x,)).graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) > 1  # the defaulted arguments are in the graph
+    gm, rec = run_pass("mixed_precision", model, (x,))
+    assert rec.modified and rec.verification.status == "passed"
+    assert rec.notes["low_precision_ops"]["linear"] >= 2 * 4 + 1  # qkv, proj, fc1, fc2 per block + head
+    assert rec.verification.value < 0.05
+    torch.testing.assert_close(gm(x), model(x), rtol=0.05, atol=0.05)

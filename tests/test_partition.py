@@ -12,7 +12,7 @@ from torch import nn
 import graphopt
 from graphopt.dist import SequentialStages, device_map, split_stages
 from graphopt.errors import PreconditionError
-from passes.partition import CutPoint, analyse_cuts, choose_cuts, predicted_bubble
+from graphopt.analysis.partition import CutPoint, analyze_cuts, choose_cuts, predicted_bubble
 from tests.helpers import assert_idempotent, run_pass
 
 
@@ -202,7 +202,7 @@ class SizeUser(nn.Module):
 def test_non_tensor_values_do_not_cross():
     torch.manual_seed(0)
     gm = graphopt.capture(SizeUser(), (torch.randn(4, 8),))
-    compute, cuts = analyse_cuts(gm)
+    compute, cuts = analyze_cuts(gm)
     assert compute[0] == "size"
     assert all("non-tensor value 'size'" in c.reason for c in cuts if c.index < len(compute) - 1)
 

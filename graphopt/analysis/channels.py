@@ -839,10 +839,6 @@ class _Analyzer:
         return x
 
 
-def _lcm(a: int, b: int) -> int:
-    return a * b // math.gcd(a, b)
-
-
 def analyze_channels(gm: fx.GraphModule) -> ChannelGraph:
     """Channel groups of ``gm`` (annotated with shapes, e.g. by :func:`graphopt.capture`)."""
     an = _Analyzer(gm)

@@ -22,6 +22,8 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from graphopt.ir import eval_mode
+
 __all__ = ["NodeCost", "GraphCost", "annotate", "graph_cost", "BACKWARD_FACTOR"]
 
 BACKWARD_FACTOR = 2.0
@@ -118,14 +120,9 @@ def annotate(gm: fx.GraphModule, example_inputs: Iterable[torch.Tensor]) -> Grap
 
     The module's training flag and buffers (BatchNorm statistics) are left as they were.
     """
-    was_training = gm.training
-    gm.eval()
-    try:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            _CostInterpreter(gm, counter).run(*example_inputs)
-    finally:
-        gm.train(was_training)
+    counter = FlopCounterMode(display=False)
+    with eval_mode(gm), torch.no_grad(), counter:
+        _CostInterpreter(gm, counter).run(*example_inputs)
     return graph_cost(gm)
 
 

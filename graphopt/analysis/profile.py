@@ -23,22 +23,11 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten
 
+from graphopt.ir import node_values
+
 __all__ = ["profile_node_times", "COMPUTE_OPS"]
 
 COMPUTE_OPS = ("call_module", "call_function", "call_method")
-
-
-class _Recorder(fx.Interpreter):
-    """Runs the graph once and keeps every node's output value."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.values: dict[str, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        self.values[n.name] = result
-        return result
 
 
 def _sync(device: torch.device) -> None:
@@ -129,9 +118,7 @@ def profile_node_times(gm: fx.GraphModule, inputs: Iterable[torch.Tensor], *, de
     work = copy.deepcopy(gm).to(device)
     work.train()
     xs = tuple(x.to(device) for x in inputs)
-    rec = _Recorder(work)
-    with torch.no_grad():
-        rec.run(*xs)
+    values = node_values(work, xs)
     # BatchNorm running stats moved during recording and will move again: irrelevant on a copy.
     gen = torch.Generator().manual_seed(seed)
     needs_grad = _needs_grad(work)
@@ -139,6 +126,6 @@ def profile_node_times(gm: fx.GraphModule, inputs: Iterable[torch.Tensor], *, de
     for node in work.graph.nodes:
         if node.op not in COMPUTE_OPS:
             continue
-        fwd, bwd = _time_node(work, node, rec.values, device, repeats, gen, needs_grad)
+        fwd, bwd = _time_node(work, node, values, device, repeats, gen, needs_grad)
         out[node.name] = {"forward": fwd, "backward": bwd, "total": fwd + bwd}
     return out

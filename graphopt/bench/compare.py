@@ -40,6 +40,7 @@ from graphopt.bench.measure import (MemoryProbe, PeakFlops, StepTimer, count_flo
                                     measure_peak_flops, summarize, thread_settings)
 from graphopt.bench.torch_backend import TorchBackend, default_loss, resolve_device
 from graphopt.errors import GraphoptError
+from graphopt.ir import eval_mode
 from graphopt.precision import get_policy
 from graphopt.serialize import dumps
 
@@ -100,13 +101,8 @@ class BenchResult:
 
 def synthetic_target(module: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int = 0) -> torch.Tensor:
     """A target matching the model's output: class indices for (N, C) outputs, else a random tensor."""
-    was = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            out = module(*inputs)
-    finally:
-        module.train(was)
+    with eval_mode(module), torch.no_grad():
+        out = module(*inputs)
     if not isinstance(out, torch.Tensor):
         raise GraphoptError(f"the model returns {type(out).__name__}, not a tensor",
                             fix="benchmark a model whose forward returns one tensor, or give loss()/data()")

@@ -23,6 +23,7 @@ from torch import nn
 
 from graphopt.bench.backend import TrainBackend
 from graphopt.errors import GraphoptError, PassConfigError
+from graphopt.ir import eval_mode
 from graphopt.precision import MasterWeights, PrecisionPolicy, get_policy, needs_grad_scaler
 
 __all__ = ["TorchBackend", "OPTIMIZERS", "build_optimizer", "default_loss", "resolve_device"]
@@ -194,13 +195,10 @@ class TorchBackend(TrainBackend):
     @torch.no_grad()
     def evaluate(self, inputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> tuple[float, torch.Tensor]:
         inputs, target = self.prepare(inputs, target)
-        self.module.eval()
-        try:
+        with eval_mode(self.module):
             out = self.runner(*inputs)
             out = out.float() if out.is_floating_point() else out
             loss = self.loss_fn(out, target)
-        finally:
-            self.module.train()
         return float(loss.item()), out.detach().cpu()
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from graphopt.cli import cli
 from graphopt.bench.backend import BACKENDS
 from graphopt.errors import GraphoptError, PassConfigError
 from graphopt.serialize import dumps
+from graphopt.ir import eval_mode
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)  # what a person reads when stdout carries --format json
@@ -155,15 +156,12 @@ def _bench_batch(spec: Any, batch_size: int | None):
     inputs = tuple(inputs)
     target = synthetic_target(spec.module, inputs)
     try:
-        with torch.no_grad():
-            spec.module.eval()
+        with torch.no_grad(), eval_mode(spec.module):
             (spec.loss or default_loss)(spec.module(*inputs).float(), target)
         return inputs, target, "random inputs and targets"
     except Exception:
         if spec.data is None:
             raise
-    finally:
-        spec.module.train()
     from graphopt.modelfile import _call
 
     cols = as_tensors(_call(spec.data, spec.path, "data()")[0], limit=n)

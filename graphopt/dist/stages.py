@@ -28,7 +28,7 @@ from torch.fx.passes.split_module import split_module
 from graphopt.analysis.cost import annotate
 from graphopt.analysis.profile import COMPUTE_OPS
 from graphopt.errors import PreconditionError
-from graphopt.ir import tensor_specs
+from graphopt.ir import eval_mode, node_values, tensor_specs
 
 __all__ = ["partition_plan", "split_stages", "stage_example_inputs", "SequentialStages", "device_map",
            "resolve_devices"]
@@ -57,29 +57,12 @@ def partition_plan(gm: fx.GraphModule) -> dict[str, Any]:
     return plan
 
 
-class _Values(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.values: dict[str, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        self.values[n.name] = out
-        return out
-
-
 def stage_example_inputs(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> list[tuple[Any, ...]]:
     """Each stage's inputs when the whole graph runs on ``inputs`` (eval mode, no grad)."""
     plan = partition_plan(gm)
-    rec = _Values(gm)
-    was = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            rec.run(*inputs)
-    finally:
-        gm.train(was)
-    return [tuple(rec.values[name] for name in d["inputs"]) for d in plan["stage_detail"]]
+    with eval_mode(gm):
+        values = node_values(gm, inputs)
+    return [tuple(values[name] for name in d["inputs"]) for d in plan["stage_detail"]]
 
 
 def split_stages(gm: fx.GraphModule, inputs: Sequence[torch.Tensor] | None = None) -> list[fx.GraphModule]:

@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from graphopt.emit._fs import atomic_folder, check_output_folder, manifest_header, resolve_inputs, sha256_file
 from graphopt.errors import EmitError, PassConfigError
-from graphopt.ir import tensor_specs
+from graphopt.ir import eval_mode, tensor_specs
 
 __all__ = ["emit_ort", "emit_ort_artifacts", "preflight", "check_summary", "OPTIONS"]
 
@@ -137,10 +137,8 @@ def emit_ort_artifacts(module: nn.Module, out: str | Path, *, loss: str | None =
         meta = module.meta["graphopt"]
     meta.setdefault("example_inputs", inputs)
     optimizer = optimizer or OptimizerSpec()
-    with torch.no_grad():
-        was = module.training
-        probe = module.eval()(*inputs)
-        module.train(was)
+    with torch.no_grad(), eval_mode(module):
+        probe = module(*inputs)
     if not isinstance(probe, torch.Tensor):
         raise EmitError("ORT training needs a model with a single tensor output", where=str(out),
                         fix="return one tensor (the logits/prediction) from forward()")

@@ -27,7 +27,7 @@ from torch import fx, nn
 from graphopt.emit._fs import atomic_folder, check_output_folder, manifest_header, read_manifest
 from graphopt.emit.torch_folder import MANIFEST_FILE, MODULE_FILE, WEIGHTS_FILE, emit_torch_folder, load
 from graphopt.errors import ArtifactError, EmitError, PreconditionError
-from graphopt.ir import tensor_specs
+from graphopt.ir import eval_mode, tensor_specs
 
 __all__ = ["emit_pipeline", "load_pipeline", "load_stage", "read_pipeline_manifest", "FORMAT", "FORMAT_VERSION"]
 
@@ -53,13 +53,8 @@ def emit_pipeline(gm: fx.GraphModule, out: str | Path, *, report: Any = None, fo
                         fix="capture it with graphopt.capture/optimize")
     inputs = tuple(inputs)
     stages = split_stages(gm, inputs)
-    was = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            reference = gm(*inputs)
-    finally:
-        gm.train(was)
+    with eval_mode(gm), torch.no_grad():
+        reference = gm(*inputs)
     n = len(stages)
     with atomic_folder(out, force) as tmp:
         entries = []

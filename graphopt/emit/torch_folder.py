@@ -257,6 +257,8 @@ def generate_source(gm: fx.GraphModule, class_name: str, header: str = "") -> tu
         out.append("            self.get_parameter(name).requires_grad_(False)")
     if channels_last:
         out.append("        self.to(memory_format=torch.channels_last)")
+        for path in meta.get("memory_format_kept", []):  # opaque modules keep the layout they had
+            out.append(f"        self.get_submodule({path!r}).to(memory_format=torch.contiguous_format)")
     out.append("")
     out.append(body)
     out.append("")

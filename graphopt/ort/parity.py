@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from graphopt.ort.spec import OptimizerSpec, make_target, torch_loss
+from graphopt.verify import max_rel_error, rel_l2_error
 
 __all__ = ["TOLERANCES", "check_artifacts", "compare_training", "ParityResult"]
 
@@ -31,12 +31,6 @@ __all__ = ["TOLERANCES", "check_artifacts", "compare_training", "ParityResult"]
 TOLERANCES = {"float32": (1e-4, 1e-4, 5e-2), "mixed": (2e-2, 2e-2, 1e-1)}
 # ORT's gradients may be this many times further from float64 than torch's own float32 gradients
 GRAD_SLACK = 4.0
-
-
-def _rel_l2(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    num = sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a, b))
-    den = sum(float(y.double().pow(2).sum()) for y in b)
-    return math.sqrt(num) / max(math.sqrt(den), 1e-12)
 
 
 def _torch_grads(module: nn.Module, inputs: Sequence[torch.Tensor], target: torch.Tensor, loss: str,
@@ -58,8 +52,6 @@ def _torch_grads(module: nn.Module, inputs: Sequence[torch.Tensor], target: torc
 def check_artifacts(backend: Any, module: nn.Module, inputs: Sequence[torch.Tensor], *, half: bool,
                     has_dropout: bool) -> dict[str, Any]:
     """Compare an :class:`OrtTrainBackend` (fresh, untrained) with ``module`` on ``inputs``."""
-    from graphopt.verify import max_rel_error
-
     tol_out, tol_loss, tol_grad = TOLERANCES["mixed" if half else "float32"]
     inputs = tuple(inputs)
     g = torch.Generator().manual_seed(0)
@@ -104,9 +96,9 @@ def check_artifacts(backend: Any, module: nn.Module, inputs: Sequence[torch.Tens
                         tg64.append(tgrads64[tname])
             backend.module.lazy_reset_grad()
             if tgrads64 is not None:
-                ort_err, torch_err = _rel_l2(og, tg64), _rel_l2(tg, tg64)
+                ort_err, torch_err = rel_l2_error(og, tg64), rel_l2_error(tg, tg64)
             else:  # no float64 reference: compare with torch's float32 gradients
-                ort_err, torch_err = _rel_l2(og, tg), 0.0
+                ort_err, torch_err = rel_l2_error(og, tg), 0.0
                 result["gradients_reference"] = "torch float32 (the graph does not run in float64)"
             result.update({"train_loss_ort": oloss, "train_loss_torch": tl,
                            "train_loss_rel_error": abs(oloss - tl) / max(abs(tl), 1e-12),
@@ -115,7 +107,7 @@ def check_artifacts(backend: Any, module: nn.Module, inputs: Sequence[torch.Tens
                            # to how far torch's own float32 gradients are (BatchNorm over few values per
                            # channel makes them ill-conditioned in float32 in both runtimes)
                            "gradients_rel_l2_error": ort_err, "torch_float32_gradients_rel_l2_error": torch_err,
-                           "gradients_rel_l2_error_vs_torch_float32": _rel_l2(og, tg),
+                           "gradients_rel_l2_error_vs_torch_float32": rel_l2_error(og, tg),
                            "train_check": "compared"})
     ok = result["eval_outputs_max_rel_error"] <= tol_out
     if result["train_check"] == "compared":
@@ -223,7 +215,7 @@ def compare_training(module: nn.Module, batches: Iterable[tuple[Sequence[torch.T
         tsd = ref.state_dict()
         keys = [k for k in trained if k in tsd and tsd[k].is_floating_point()]
         wmax = max(float((trained[k].float() - tsd[k].float()).abs().max()) for k in keys)
-        wrel = _rel_l2([trained[k] for k in keys], [tsd[k] for k in keys])
+        wrel = rel_l2_error([trained[k] for k in keys], [tsd[k] for k in keys])
         counts_ok = all(int(trained[k]) == int(tsd[k]) for k in trained if k in tsd and not tsd[k].is_floating_point())
         return ParityResult(ort_losses, torch_losses, wmax, wrel,
                             {**notes, "steps": len(batches), "tensors_compared": len(keys), "int_buffers_equal": counts_ok,

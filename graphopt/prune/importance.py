@@ -23,6 +23,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from graphopt.analysis.channels import ChannelGraph, Member
+from graphopt.ir import eval_mode
 
 __all__ = ["CRITERIA", "gradients", "default_loss", "channel_scores", "element_scores"]
 
@@ -46,9 +47,7 @@ def gradients(gm: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]],
     loss_fn = loss_fn or default_loss
     params = dict(gm.named_parameters())
     grads = {k: torch.zeros_like(p) for k, p in params.items()}
-    was = gm.training
-    gm.eval()
-    try:
+    with eval_mode(gm):
         for batch in batches:
             gm.zero_grad(set_to_none=True)
             with torch.enable_grad():
@@ -58,8 +57,6 @@ def gradients(gm: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]],
                 if p.grad is not None:
                     grads[k] += p.grad.detach()
         gm.zero_grad(set_to_none=True)
-    finally:
-        gm.train(was)
     return grads
 
 

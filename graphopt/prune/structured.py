@@ -42,10 +42,6 @@ class PruningPlan:
         return int(self.removed[group.classes].sum())
 
 
-def _lcm(a: int, b: int) -> int:
-    return a * b // math.gcd(a, b)
-
-
 class _GroupRule:
     """How many channels a group may lose and which ones, given its constraints."""
 
@@ -68,7 +64,7 @@ class _GroupRule:
                 self.units, base = parts, size
         step = base
         if round_to > 1:
-            lcm = _lcm(base, round_to)
+            lcm = math.lcm(base, round_to)
             if n % lcm == 0 or n >= lcm:
                 step = lcm
         self.step = step

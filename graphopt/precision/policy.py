@@ -15,9 +15,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-__all__ = ["PrecisionPolicy", "get_policy", "set_policy", "needs_grad_scaler", "MasterWeights"]
+from graphopt.errors import PreconditionError
+
+__all__ = ["PrecisionPolicy", "get_policy", "set_policy", "needs_grad_scaler", "MasterWeights", "make_policy",
+           "check_existing_policy", "low_dtype"]
 
 
 @dataclass(frozen=True)
@@ -99,3 +102,29 @@ class MasterWeights:
         for p in self.params:
             p.grad = None
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def check_existing_policy(gm: fx.GraphModule, mode: str, dtype: str) -> None:
+    """A precision pass's precondition: no other precision policy on the graph, no float64 parameters."""
+    pol = get_policy(gm)
+    if pol is not None and (pol.mode, pol.dtype) != (mode, dtype):
+        raise PreconditionError(
+            f"the graph already has a {pol.mode} {pol.dtype} precision policy",
+            fix="apply one precision pass to the float32 model (re-capture it from the model file)")
+    if pol is None:
+        wide = next((n for n, p in gm.named_parameters() if p.dtype == torch.float64), None)
+        if wide is not None:
+            raise PreconditionError(f"parameter '{wide}' is float64",
+                                    fix="precision passes rewrite float32 models; convert the model to float32")
+
+
+def make_policy(mode: str, dtype: torch.dtype, fp32_ops: Iterable[str]) -> PrecisionPolicy:
+    """The policy a precision pass records: dynamic loss scaling for float16, master weights for pure half."""
+    name = str(dtype).replace("torch.", "")
+    return PrecisionPolicy(mode=mode, dtype=name, loss_scaling="dynamic" if dtype == torch.float16 else None,
+                           master_weights=mode == "half", fp32_ops=tuple(sorted(set(fp32_ops))))
+
+
+def low_dtype(name: str) -> torch.dtype:
+    """``"float16"`` -> ``torch.float16``, ``"bfloat16"`` -> ``torch.bfloat16``."""
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}[name]
