@@ -59,7 +59,7 @@ def build_command(folder: str | Path, *, stages: int | None = None, replicas: in
                   rdzv_backend: str = "c10d", python: str | None = None) -> LaunchPlan:
     """The torchrun command for ``folder``, after checking the configuration."""
     from graphopt.dist.train import TrainConfig, check_config
-    from graphopt.emit.pipeline import read_pipeline_manifest
+    from graphopt.dist.pipeline import read_pipeline_manifest
 
     manifest = read_pipeline_manifest(folder)
     folder_stages = len(manifest["stages"])

@@ -179,7 +179,7 @@ def _groups(topo: Topology) -> tuple[Any, Any]:
 
 
 def _load_module(cfg: TrainConfig, manifest: dict[str, Any], topo: Topology) -> nn.Module:
-    from graphopt.emit.pipeline import load_pipeline, load_stage
+    from graphopt.dist.pipeline import load_pipeline, load_stage
 
     if topo.stages == 1:
         return load_pipeline(cfg.folder)
@@ -193,7 +193,7 @@ def _unwrap(module: nn.Module) -> nn.Module:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """One rank's training run (inside torchrun). Returns the metrics (losses on the last stage)."""
     from graphopt.dist.data import make_data, shard
-    from graphopt.emit.pipeline import read_pipeline_manifest
+    from graphopt.dist.pipeline import read_pipeline_manifest
 
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         raise PassConfigError("not started by torchrun (WORLD_SIZE/RANK are not set)",
