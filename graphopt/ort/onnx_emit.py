@@ -97,9 +97,9 @@ def emit_onnx_model(module: nn.Module, out: str | Path, *, inputs: Sequence[torc
         if report is not None:
             manifest["verified"] = report.verified
             manifest["passes"] = [r.as_dict() for r in report.records]
-        from graphopt.manager import _json_default
+        from graphopt.manager import dumps_json
 
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
+        (tmp / MANIFEST).write_text(dumps_json(manifest))
         if not check["passed"]:
             raise EmitError(f"ONNX Runtime's outputs differ from PyTorch's (max relative error {worst:.2e} > "
                             f"{tol:g})", where=str(out), fix="report it with the model; --emit torch is unaffected")
