@@ -152,9 +152,10 @@ def test_pipeline_emit_without_partition_is_refused_before_any_pass(model_file, 
     code = main(["optimize", str(model_file), "-p", "cleanup", "--emit", "pipeline", "-o", str(tmp_path / "p")])
     captured = capsys.readouterr()
     assert code == 2
-    assert "--emit pipeline needs a partition pass" in captured.err and "-p partition:stages=N" in captured.err
+    assert "--emit pipeline: the pipeline has no partition pass" in captured.err
+    assert "-p partition:stages=2" in captured.err
     assert "captured" not in captured.out and not (tmp_path / "p").exists()
-    with pytest.raises(PassConfigError, match="needs a partition pass"):
+    with pytest.raises(PassConfigError, match="no partition pass"):
         create_emitter("pipeline").preflight([])
 
 

@@ -167,8 +167,9 @@ class PipelineEmitter(Emitter):
 
     def preflight(self, passes: Sequence[Any] = ()) -> None:
         if not any(getattr(p, "name", None) == "partition" for p in passes):
-            raise PassConfigError("--emit pipeline needs a partition pass in the pipeline",
-                                  fix="add -p partition:stages=N (after the other passes)")
+            raise PassConfigError("the pipeline has no partition pass, so the graph would have no pipeline partition",
+                                  where="--emit pipeline",
+                                  fix="add -p partition:stages=2 (or N stages) as the last pass")
 
     def emit(self, gm: fx.GraphModule, out: str | Path, *, report: Any = None, force: bool = False,
              source: dict[str, Any] | None = None, spec: Any = None) -> EmitResult:
