@@ -224,3 +224,55 @@ def test_real_models_round_trip_without_code(zoo, tmp_path, name, kw, passes):
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), ref.eval()(x), rtol=0, atol=0)
     _same_training_step(ref, loaded, x)
+
+
+# ----------------------------------------------------------------------------- pipelines (graphopt launch)
+
+PIPELINE_MODEL = '''
+import torch
+from torch import nn
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def example_inputs():
+    return (torch.randn(8, 16),)
+'''
+
+
+def test_pipeline_stages_load_without_code_and_launch_asks_for_trust_code(tmp_path, capsys):
+    from graphopt.cli import main
+    from graphopt.dist.pipeline import load_pipeline
+    from graphopt.dist.train import parse_args
+
+    f = tmp_path / "m.py"
+    f.write_text(PIPELINE_MODEL)
+    out = tmp_path / "pipe"
+    assert main(["optimize", str(f), "-p", "partition:stages=2", "--emit", "pipeline", "-o", str(out)]) == 0
+    assert all((out / s / "graph.json").is_file() for s in ("stage0", "stage1"))
+    x = torch.randn(8, 16)
+    from graphopt.modelfile import load_model_file
+
+    ref = load_model_file(str(f)).module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_pipeline(out).eval()(x), ref(x))
+    capsys.readouterr()
+    # a stage folder without graph.json (an older graphopt): refused before torchrun starts, one line
+    stage = out / "stage1"
+    (stage / "graph.json").unlink()
+    manifest = json.loads((stage / "manifest.json").read_text())
+    del manifest["files"]["graph.json"]
+    (stage / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["launch", str(out), "--print-command"]) == 2
+    err = capsys.readouterr().err
+    assert "stage 1 needs code to load" in err and "--trust-code" in err and err.count("\n") == 1
+    assert main(["launch", str(out), "--print-command", "--trust-code"]) == 0
+    cmd = capsys.readouterr().out.split()
+    assert cmd[-1] == "--trust-code" and parse_args([str(out), "--trust-code"]).trust_code
+    with pytest.raises(ArtifactError, match="needs code"):
+        load_pipeline(out)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pipeline(out, trust_code=True).eval()(x), ref(x))

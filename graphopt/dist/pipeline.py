@@ -131,6 +131,23 @@ def read_pipeline_manifest(folder: str | Path, *, check_files: bool = True) -> d
     return manifest
 
 
+def check_loads_without_code(folder: str | Path, manifest: dict[str, Any] | None = None) -> None:
+    """Refuse (one line) a pipeline folder whose stages cannot be rebuilt without running their code."""
+    import json
+
+    from graphopt.emit.graph_json import GRAPH_FILE
+
+    folder = Path(folder)
+    manifest = manifest or read_pipeline_manifest(folder)
+    for entry in manifest["stages"]:
+        stage = json.loads((folder / entry["folder"] / MANIFEST_FILE).read_text())
+        if GRAPH_FILE not in stage.get("files", {}):
+            reason = stage.get("needs_code") or "written by a graphopt without graph.json"
+            raise ArtifactError(f"stage {entry['index']} needs code to load ({reason}); the default load runs none",
+                                where=str(folder), fix="pass --trust-code if you trust the folder's module.py "
+                                                       "files, or re-emit the folder")
+
+
 def load_stage(folder: str | Path, index: int, manifest: dict[str, Any] | None = None, *,
                trust_code: bool = False) -> nn.Module:
     """Stage ``index`` of a pipeline folder as an ``nn.Module`` (checksums verified; no code runs
