@@ -201,6 +201,7 @@ def _same_training_step(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
 
 
 REAL = [("resnet18", {}, ()), ("mobilenet_v2", {}, ()), ("timm:vit_tiny_patch16_224", {"img_size": 32}, ()),
+        ("efficientnet_b0", {}, ()),  # torchvision's stochastic_depth -> graphopt.emit.graph_ops
         ("resnet18", {}, ("channels_last",)), ("resnet18", {}, ("prune:ratio=0.5",)),
         ("resnet18", {}, ("mixed_precision",))]
 
@@ -276,3 +277,23 @@ def test_pipeline_stages_load_without_code_and_launch_asks_for_trust_code(tmp_pa
         load_pipeline(out)
     with torch.no_grad():
         torch.testing.assert_close(load_pipeline(out, trust_code=True).eval()(x), ref(x))
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_graphopt_stochastic_depth_is_torchvisions(zoo, mode):
+    """The equivalent graph.json names must compute what torchvision computes, random draws included."""
+    import sys
+
+    from graphopt.emit.graph_ops import stochastic_depth
+
+    zoo("resnet18")  # imports torchvision (with the CPU stub)
+    tv = sys.modules["torchvision.ops.stochastic_depth"].stochastic_depth
+    x = torch.randn(8, 4, 3, 3)
+    for p, training in ((0.3, True), (0.0, True), (0.5, False), (1.0, True)):
+        torch.manual_seed(3)
+        want = tv(x, p, mode, training)
+        torch.manual_seed(3)
+        got = stochastic_depth(x, p, mode, training)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(stochastic_depth(x, 0.5, mode, True), x)  # it does drop (or rescale)

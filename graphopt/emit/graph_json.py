@@ -13,7 +13,9 @@ safetensors applied to code), which holds only data:
   output) with structured arguments (node references, literals, dtypes, devices, slices).
   ``call_function`` targets are qualified names on an allowlist (tensor operators of ``torch``,
   ``torch.nn.functional``, ``torch.ops.aten``, ``operator`` arithmetic, ``math``, a few
-  builtins such as ``getattr`` and ``len``); ``call_method`` targets are public tensor methods.
+  builtins such as ``getattr`` and ``len``, and graphopt's own versions of a few library functions
+  torch.fx keeps opaque, see :mod:`graphopt.emit.graph_ops`); ``call_method`` targets are public
+  tensor methods.
 
 The rebuild resolves every name against these allowlists before anything runs, and refuses
 (:class:`NeedsCode`) anything else: a folder that needs code is loaded only with
@@ -33,6 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from graphopt.emit.graph_ops import EQUIVALENTS
 
 __all__ = ["GRAPH_FILE", "GRAPH_FORMAT_VERSION", "NeedsCode", "describe", "rebuild"]
 
@@ -59,7 +63,9 @@ _DENY_METHODS = {"apply_", "map_", "map2_", "register_hook", "register_post_accu
                  "share_memory_", "untyped_storage", "storage", "pin_memory", "record_stream"}
 _MODULE_PREFIXES = ("torch.nn.", "graphopt.")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PATH_PART = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)$")
+# module and tensor names: torch.fx writes non-identifiers into generated code inside quotes without
+# escaping them, so only a plain character set is accepted (letters, digits, _ and -)
+_PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 _PLACEHOLDER = re.compile(r"^\*{0,2}[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -108,7 +114,9 @@ def function_name(fn: Any) -> str:
             return f"torch._C._nn.{name}"
         if getattr(torch, name, None) is fn and _torch_function_ok(name):
             return f"torch.{name}"
-    qual = f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', None) or fn!r}"
+    qual = f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', None) or repr(fn)}"
+    if qual in EQUIVALENTS:
+        return EQUIVALENTS[qual]
     raise NeedsCode(f"the graph calls {qual}, which is not on the allowlist")
 
 
@@ -130,6 +138,10 @@ def resolve_function(qualname: str) -> Any:
         fn = getattr(torch._C._nn, name, None)
     elif mod == "torch" and _torch_function_ok(name):
         fn = getattr(torch, name, None)
+    elif qualname in EQUIVALENTS.values():
+        import graphopt.emit.graph_ops as ops
+
+        fn = getattr(ops, name)
     elif qualname.startswith("torch.ops.aten."):
         parts = qualname.split(".")[3:]
         if 1 <= len(parts) <= 2 and all(_NAME.match(p) for p in parts) and not _denied(parts[0]):
@@ -350,8 +362,8 @@ def rebuild(doc: dict[str, Any]) -> fx.GraphModule:
     for t in doc.get("tensors", []):
         owner = _owner(root, _check_path(t["owner"], "owner") if t["owner"] else "")
         name = t["name"]
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise NeedsCode(f"tensor name {name!r} is not an identifier")
+        if not isinstance(name, str) or not _PATH_PART.match(name) or name.startswith("__"):
+            raise NeedsCode(f"tensor name {name!r} is not a plain name")
         empty = torch.empty(tuple(int(s) for s in t["shape"]), dtype=_dtype(t["dtype"]))
         if t["kind"] == "parameter":
             owner.register_parameter(name, nn.Parameter(empty, requires_grad=empty.is_floating_point()
