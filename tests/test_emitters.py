@@ -19,26 +19,7 @@ from graphopt.emit.fs import atomic_folder
 from graphopt.errors import PassConfigError
 from graphopt.pass_infra import Option
 
-MODEL = """
-import torch
-from torch import nn
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-def model():
-    return Net()
-
-def example_inputs():
-    return (torch.randn(2, 3, 16, 16),)
-"""
+from test_cli import MODEL  # the CLI tests' model file (conv, bn, fc)
 
 
 @pytest.fixture
@@ -121,10 +102,10 @@ def test_emitter_options_are_typed_and_checked_before_any_work(registered, model
 
 def test_an_entry_point_emitter_is_found(monkeypatch, model_file, tmp_path):
     """A package's entry point (here a fake one pointing at the built-in torch emitter class)."""
-    real = emit_base._entry_points()
+    real = emit_base._registry.entry_points()
     fake = metadata.EntryPoint(name="torch_copy", value="graphopt.emit.torch_folder:TorchEmitter",
                                group="graphopt.emitters")
-    monkeypatch.setattr(emit_base, "_entry_points", lambda: {**real, "torch_copy": fake})
+    monkeypatch.setattr(emit_base._registry, "entry_points", lambda: {**real, "torch_copy": fake})
     try:
         assert "torch_copy" in emitter_names()
         assert main(["optimize", str(model_file), "-p", "cleanup", "--emit", "torch_copy", "-o",
@@ -136,7 +117,7 @@ def test_an_entry_point_emitter_is_found(monkeypatch, model_file, tmp_path):
 
 def test_a_broken_entry_point_is_one_line(monkeypatch):
     fake = metadata.EntryPoint(name="broken", value="no_such_package.emitters:Thing", group="graphopt.emitters")
-    monkeypatch.setattr(emit_base, "_entry_points", lambda: {"broken": fake})
+    monkeypatch.setattr(emit_base._registry, "entry_points", lambda: {"broken": fake})
     with pytest.raises(PassConfigError, match="emitter 'broken' is installed but failed to load: ModuleNotFound"):
         get_emitter("broken")
     assert "broken" not in emit_base.available_emitters()
@@ -196,6 +177,6 @@ def test_a_backend_registered_at_run_time_trains(small_cnn):
         assert made == [0.05] and loss1 < loss0
         assert "mine" in backends.backend_names()
     finally:
-        backends._registry.pop("mine", None)
+        backends.unregister_backend("mine")
     with pytest.raises(PassConfigError, match="unknown training backend 'nope'.*torch"):
         backends.create_backend("nope", None, None)

@@ -7,12 +7,13 @@ interface; a backend only knows how to take one optimizer step and evaluate one 
 from __future__ import annotations
 
 import abc
-from importlib import metadata
 from typing import Callable, ClassVar
 
 import torch
 
-__all__ = ["TrainBackend", "register_backend", "backend_names", "get_backend", "create_backend", "ENTRY_POINT_GROUP"]
+from graphopt.plugins import PluginRegistry
+
+__all__ = ["TrainBackend", "register_backend", "unregister_backend", "backend_names", "get_backend", "create_backend", "ENTRY_POINT_GROUP"]
 
 
 class TrainBackend(abc.ABC):
@@ -37,45 +38,29 @@ class TrainBackend(abc.ABC):
 #     factory(module: nn.Module, config: TrainConfig, *, loss, example_inputs) -> TrainBackend
 # (TrainConfig: graphopt.bench.train).
 ENTRY_POINT_GROUP = "graphopt.backends"
-_registry: dict[str, Callable[..., TrainBackend]] = {}
+_registry: PluginRegistry[Callable[..., TrainBackend]] = PluginRegistry(
+    ENTRY_POINT_GROUP, "training backend", "unknown training backend '{name}'",
+    lambda f: None if callable(f) else "not a callable factory")
 
 
 def register_backend(name: str, factory: Callable[..., TrainBackend]) -> Callable[..., TrainBackend]:
     """Register a training-backend factory at run time under ``name`` (overrides an entry point)."""
-    if not callable(factory):
-        raise TypeError("register_backend expects a callable factory")
-    _registry[name] = factory
-    return factory
+    return _registry.register(name, factory)
 
 
-def _entry_points() -> dict[str, metadata.EntryPoint]:
-    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+def unregister_backend(name: str) -> None:
+    """Remove a run-time registration (tests)."""
+    _registry.unregister(name)
 
 
 def backend_names() -> list[str]:
     """Names of every training backend, registered or installed, without importing any of them."""
-    return sorted(set(_registry) | set(_entry_points()))
+    return _registry.names()
 
 
 def get_backend(name: str) -> Callable[..., TrainBackend]:
     """The factory registered as ``name`` (imported on first use)."""
-    from graphopt.errors import PassConfigError
-
-    if name in _registry:
-        return _registry[name]
-    ep = _entry_points().get(name)
-    if ep is None:
-        names = backend_names()
-        fix = ("choose one of " + ", ".join(names)) if names else \
-            "no backend is installed: reinstall graphopt (pip install -e .) so its entry points exist"
-        raise PassConfigError(f"unknown training backend '{name}'", fix=fix)
-    try:
-        factory = ep.load()
-    except Exception as exc:  # a broken plug-in must not break the others
-        raise PassConfigError(f"training backend '{name}' is installed but failed to load: "
-                              f"{type(exc).__name__}: {exc}", fix="reinstall the package that provides it") from exc
-    _registry[name] = factory
-    return factory
+    return _registry.get(name)
 
 
 def create_backend(name: str, module, config, *, loss=None, example_inputs=None) -> TrainBackend:

@@ -26,9 +26,7 @@ Emitters are found through the entry-point group ``graphopt.emitters`` (built-in
 from __future__ import annotations
 
 import abc
-import logging
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -36,11 +34,11 @@ from torch import fx
 
 from graphopt.errors import PassConfigError
 from graphopt.pass_infra import Option
+from graphopt.plugins import PluginRegistry
 
 __all__ = ["Emitter", "EmitResult", "register_emitter", "available_emitters", "emitter_names", "get_emitter",
            "create_emitter", "ENTRY_POINT_GROUP"]
 
-log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "graphopt.emitters"
 
 
@@ -97,68 +95,41 @@ class Emitter(abc.ABC):
 
 # ----------------------------------------------------------------------------- registry
 
-_registry: dict[str, type[Emitter]] = {}
-_broken: dict[str, str] = {}
+def _not_an_emitter(cls: Any) -> str | None:
+    if not (isinstance(cls, type) and issubclass(cls, Emitter)):
+        return "not an Emitter subclass"
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        return f"{cls.__qualname__} has no name"
+    return None
+
+
+_registry: PluginRegistry[type[Emitter]] = PluginRegistry(ENTRY_POINT_GROUP, "emitter", "unknown --emit format '{name}'",
+                                                          _not_an_emitter)
 
 
 def register_emitter(cls: type[Emitter]) -> type[Emitter]:
     """Register an emitter class at run time (usable as a decorator); it overrides an entry point."""
-    if not (isinstance(cls, type) and issubclass(cls, Emitter)):
-        raise TypeError("register_emitter expects an Emitter subclass")
-    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
-        raise TypeError(f"{cls.__qualname__} has no name")
-    _registry[cls.name] = cls
-    _broken.pop(cls.name, None)
-    return cls
+    return _registry.register(getattr(cls, "name", ""), cls)
 
 
 def unregister_emitter(name: str) -> None:
     """Remove a run-time registration (tests)."""
-    _registry.pop(name, None)
-
-
-def _entry_points() -> dict[str, metadata.EntryPoint]:
-    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    _registry.unregister(name)
 
 
 def emitter_names() -> list[str]:
     """Names of every emitter, registered or installed, without importing any of them."""
-    return sorted(set(_registry) | set(_entry_points()))
+    return _registry.names()
 
 
 def get_emitter(name: str) -> type[Emitter]:
     """The emitter class registered as ``name`` (imported on first use)."""
-    if name in _registry:
-        return _registry[name]
-    ep = _entry_points().get(name)
-    if ep is None:
-        names = emitter_names()
-        fix = ("choose one of " + ", ".join(names)) if names else \
-            "no emitter is installed: reinstall graphopt (pip install -e .) so its entry points exist"
-        raise PassConfigError(f"unknown --emit format '{name}'", fix=fix)
-    try:
-        cls = ep.load()
-    except Exception as exc:  # a broken plug-in must not break the others
-        _broken[name] = f"{type(exc).__name__}: {exc}"
-        log.warning("emitter '%s' (%s) failed to load: %s", name, ep.value, exc)
-        raise PassConfigError(f"emitter '{name}' is installed but failed to load: {_broken[name]}",
-                              fix="reinstall the package that provides it") from exc
-    if not (isinstance(cls, type) and issubclass(cls, Emitter)):
-        raise PassConfigError(f"emitter '{name}' ({ep.value}) is not an Emitter subclass",
-                              fix="fix the package's graphopt.emitters entry point")
-    _registry[name] = cls
-    return cls
+    return _registry.get(name)
 
 
 def available_emitters() -> dict[str, type[Emitter]]:
     """Every emitter that loads, by name (broken plug-ins are logged and left out)."""
-    out = {}
-    for name in emitter_names():
-        try:
-            out[name] = get_emitter(name)
-        except PassConfigError:
-            continue
-    return out
+    return _registry.available()
 
 
 def create_emitter(name: str, options: Mapping[str, Any] | None = None) -> Emitter:

@@ -405,10 +405,8 @@ def rebuild(doc: dict[str, Any]) -> fx.GraphModule:
             raise NeedsCode(f"node {name}: malformed arguments")
         if target is builtins.getattr and (len(args) < 2 or not isinstance(args[1], str) or args[1].startswith("_")):
             raise NeedsCode(f"node {name}: getattr of a private or computed attribute")
-        node = graph.create_node(op, target if op != "output" else "output", args, kwargs, name=name)
-        if node.name != name:
-            raise NeedsCode(f"node name {name!r} clashes with a reserved name")
-        env[name] = node
+        # torch.fx may rename a node that shadows a builtin ("input" -> "input_1"); references are by node
+        env[name] = graph.create_node(op, target if op != "output" else "output", args, kwargs, name=name)
     graph.lint()
     gm = fx.GraphModule(root, graph, class_name)
     # GraphModule copies only what the graph references: adopt the whole tree (unused weights included)

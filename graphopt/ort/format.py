@@ -34,9 +34,8 @@ TORCH_SUBFOLDER = "torch"
 # manifest["artifacts"]: role -> file name
 ARTIFACTS = {"training_model": TRAINING_MODEL, "eval_model": EVAL_MODEL, "optimizer_model": OPTIMIZER_MODEL,
              "checkpoint": CHECKPOINT, "torch_folder": TORCH_SUBFOLDER}
-# keys the reader needs (written by the emitter, from build_training_artifacts' facts)
-MANIFEST_KEYS = ("format", "format_version", "artifacts", "inputs", "loss", "output", "names", "batchnorm",
-                 "optimizer", "files")
+# keys the reader needs (written by the emitter, most from build_training_artifacts' facts)
+MANIFEST_KEYS = ("artifacts", "inputs", "loss", "output", "names", "optimizer", "files")
 
 
 def read_ort_manifest(folder: str | Path, verify_checksums: bool = True) -> dict[str, Any]:
@@ -44,7 +43,7 @@ def read_ort_manifest(folder: str | Path, verify_checksums: bool = True) -> dict
     folder = Path(folder)
     manifest = read_manifest(folder, fmt=ORT_FORMAT, version=ORT_FORMAT_VERSION, what="ORT training folder",
                              emit_hint="graphopt optimize --emit ort")
-    missing = [k for k in ("artifacts", "loss", "output", "names", "files") if k not in manifest]
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
     if missing:
         raise ArtifactError(f"manifest.json lacks {', '.join(missing)}", where=str(folder), fix="re-emit the folder")
     for fname, digest in manifest.get("files", {}).items():
