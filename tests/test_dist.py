@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from graphopt.cli import main
 from graphopt.dist.data import make_data
 from graphopt.dist.launch import build_command, run_command
-from graphopt.emit.pipeline import load_pipeline, read_pipeline_manifest
+from graphopt.dist.pipeline import load_pipeline, read_pipeline_manifest
 from tests.test_pipeline_emit import MODEL_FILE
 
 pytestmark = pytest.mark.dist

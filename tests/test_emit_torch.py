@@ -21,7 +21,7 @@ def emit(module, inputs, out, passes=("channels_last",), **kw):
 def test_folder_contents_and_reload(small_cnn, tmp_path):
     module, inputs = small_cnn
     gm, out = emit(module, inputs, tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "module.py", "weights.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["graph.json", "manifest.json", "module.py", "weights.safetensors"]
     src = (out / "module.py").read_text()
     assert "import torch\n" in src and "nn.Conv2d(in_channels=3, out_channels=8, kernel_size=(3, 3)" in src
     assert "import pickle" not in src and " torch.load(" not in src
@@ -56,8 +56,15 @@ def test_existing_folder_refused_then_forced(small_cnn, tmp_path):
     with pytest.raises(EmitError, match="output folder exists and is not empty"):
         emit(module, inputs, out)
     assert (out / "mine.txt").read_text() == "user data"
-    emit(module, inputs, out, force=True)
-    assert not (out / "mine.txt").exists() and (out / "manifest.json").exists()
+    # issue 16: --force replaces only a folder graphopt wrote (or an empty one), never the user's files
+    with pytest.raises(EmitError, match="--force replaces only a folder graphopt wrote"):
+        emit(module, inputs, out, force=True)
+    assert (out / "mine.txt").read_text() == "user data"
+    (out / "mine.txt").unlink()
+    emit(module, inputs, out, force=True)  # empty: written
+    (out / "stale.txt").write_text("left by an earlier run")
+    emit(module, inputs, out, force=True)  # graphopt's own folder: replaced
+    assert not (out / "stale.txt").exists() and (out / "manifest.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left behind
 
 

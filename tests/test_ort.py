@@ -322,11 +322,11 @@ def test_graphopt_imports_without_onnx():
         import sys
         for n in ("onnx", "onnxruntime"):
             sys.modules[n] = None
-        import graphopt, graphopt.ort, graphopt.emit.onnx, graphopt.emit.ort_training, graphopt.cli
-        from graphopt.emit import EMITTERS
-        assert {"onnx", "ort"} <= set(EMITTERS)
+        import graphopt, graphopt.ort, graphopt.ort.onnx_emit, graphopt.ort.training_emit, graphopt.cli
+        from graphopt.emit import available_emitters, create_emitter
+        assert {"onnx", "ort"} <= set(available_emitters())
         try:
-            graphopt.emit.ort_training.preflight({})
+            create_emitter("ort").preflight()
         except graphopt.errors.MissingDependencyError as e:
             print(e)
     """)
@@ -568,7 +568,7 @@ def test_a_native_onnxruntime_crash_becomes_a_one_line_error(tmp_path, monkeypat
     itself with SIGSEGV): whether a given onnxruntime build crashes on a given graph is not
     deterministic enough for a test to depend on."""
     import graphopt.ort.parity as parity
-    from graphopt.emit.ort_training import emit_ort_artifacts
+    from graphopt.ort.training_emit import emit_ort_artifacts
 
     monkeypatch.setattr(parity, "_CRASH_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     torch.manual_seed(0)
@@ -585,7 +585,7 @@ def test_ort_that_trains_a_graph_wrongly_is_refused_in_one_line(tmp_path):
     """onnxruntime-training 1.19 gets AveragePoolGrad wrong for an adaptive average pool with output
     2x2 (on some machines it crashes instead): either way the user gets one line and no folder; an
     onnxruntime that trains it correctly yields a checked folder."""
-    from graphopt.emit.ort_training import emit_ort_artifacts
+    from graphopt.ort.training_emit import emit_ort_artifacts
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),

@@ -13,8 +13,8 @@ from graphopt.cli import main
 from graphopt.dist.data import make_data, shard
 from graphopt.dist.launch import build_command
 from graphopt.dist.train import TrainConfig, train
-from graphopt.emit.pipeline import load_pipeline, read_pipeline_manifest
-from graphopt.errors import ArtifactError, LaunchConfigError
+from graphopt.dist.pipeline import load_pipeline, read_pipeline_manifest
+from graphopt.errors import ArtifactError, LaunchConfigError, PassConfigError
 
 MODEL_FILE = '''
 import torch

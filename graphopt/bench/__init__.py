@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from graphopt.bench.backend import BACKENDS, TrainBackend, create_backend
+from graphopt.bench.backend import TrainBackend, backend_names, create_backend, register_backend
 from graphopt.bench.compare import BenchResult, VariantResult, compare, synthetic_target
 from graphopt.bench.data import BUILTIN as DATASETS
 from graphopt.bench.data import Batches, DataSplits, adapt, load_builtin
@@ -19,7 +19,7 @@ from graphopt.bench.torch_backend import OPTIMIZERS, TorchBackend
 from graphopt.bench.train import EarlyStopping, EpochRecord, TrainConfig, Trainer, TrainResult, fit, fit_many
 
 __all__ = [
-    "TrainBackend", "TorchBackend", "BACKENDS", "create_backend", "OPTIMIZERS",
+    "TrainBackend", "TorchBackend", "backend_names", "register_backend", "create_backend", "OPTIMIZERS",
     "TrainConfig", "TrainResult", "EpochRecord", "EarlyStopping", "Trainer", "fit", "fit_many",
     "SCHEDULES", "Schedule", "lr_schedule",
     "DATASETS", "load_builtin", "adapt", "Batches", "DataSplits",

@@ -7,11 +7,13 @@ interface; a backend only knows how to take one optimizer step and evaluate one 
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
-__all__ = ["TrainBackend", "BACKENDS", "create_backend"]
+from graphopt.plugins import PluginRegistry
+
+__all__ = ["TrainBackend", "register_backend", "unregister_backend", "backend_names", "get_backend", "create_backend", "ENTRY_POINT_GROUP"]
 
 
 class TrainBackend(abc.ABC):
@@ -30,25 +32,37 @@ class TrainBackend(abc.ABC):
         """The current (trained) weights under the torch module's parameter/buffer names."""
 
 
-# Backends by name: "module:callable", where the callable is a factory
+# Backends are found through the entry-point group ``graphopt.backends`` (built-ins ``torch`` and
+# ``ort``, and user packages alike) or registered at run time with :func:`register_backend`. An entry
+# point names a factory:
 #     factory(module: nn.Module, config: TrainConfig, *, loss, example_inputs) -> TrainBackend
-# (TrainConfig: graphopt.bench.train). Adding a backend is one line here.
-BACKENDS: dict[str, str] = {
-    "torch": "graphopt.bench.torch_backend:TorchBackend.from_config",
-    "ort": "graphopt.ort.backend:OrtTrainBackend.from_config",
-}
+# (TrainConfig: graphopt.bench.train).
+ENTRY_POINT_GROUP = "graphopt.backends"
+_registry: PluginRegistry[Callable[..., TrainBackend]] = PluginRegistry(
+    ENTRY_POINT_GROUP, "training backend", "unknown training backend '{name}'",
+    lambda f: None if callable(f) else "not a callable factory")
+
+
+def register_backend(name: str, factory: Callable[..., TrainBackend]) -> Callable[..., TrainBackend]:
+    """Register a training-backend factory at run time under ``name`` (overrides an entry point)."""
+    return _registry.register(name, factory)
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a run-time registration (tests)."""
+    _registry.unregister(name)
+
+
+def backend_names() -> list[str]:
+    """Names of every training backend, registered or installed, without importing any of them."""
+    return _registry.names()
+
+
+def get_backend(name: str) -> Callable[..., TrainBackend]:
+    """The factory registered as ``name`` (imported on first use)."""
+    return _registry.get(name)
 
 
 def create_backend(name: str, module, config, *, loss=None, example_inputs=None) -> TrainBackend:
     """Build the backend registered as ``name`` for ``module`` with the training ``config``."""
-    import importlib
-
-    from graphopt.errors import PassConfigError
-
-    if name not in BACKENDS:
-        raise PassConfigError(f"unknown training backend '{name}'", fix="choose one of " + ", ".join(BACKENDS))
-    mod_name, _, attr = BACKENDS[name].partition(":")
-    obj = importlib.import_module(mod_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj(module, config, loss=loss, example_inputs=example_inputs)
+    return get_backend(name)(module, config, loss=loss, example_inputs=example_inputs)

@@ -335,7 +335,7 @@ def plot_sweep(res: SweepResult, path: str | Path) -> Path:
 def write_outputs(out: str | Path, files: Mapping[str, str | bytes | Callable[[Path], Any]], force: bool = False) -> Path:
     """Write ``files`` (name -> text, bytes, or a function writing to the given path) into ``out``,
     atomically: nothing appears unless everything was written."""
-    from graphopt.emit._fs import atomic_folder
+    from graphopt.emit.fs import atomic_folder
 
     out = Path(out)
     with atomic_folder(out, force=force) as tmp:

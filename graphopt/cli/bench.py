@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 
 from graphopt.cli import cli
-from graphopt.bench.backend import BACKENDS
+from graphopt.bench.backend import backend_names
 from graphopt.errors import GraphoptError, PassConfigError
 from graphopt.serialize import dumps
 from graphopt.ir import eval_mode
@@ -80,7 +80,7 @@ def _config(kw: dict[str, Any], batch_size: int, **over: Any):
 
 
 def _out_folder(out: str | None, default: str, force: bool) -> Path:
-    from graphopt.emit._fs import check_output_folder
+    from graphopt.emit.fs import check_output_folder
 
     return check_output_folder(Path(out) if out else Path(default), force)
 
@@ -284,8 +284,8 @@ def _bench_train(spec: Any, variants: dict[str, Any], kw: dict[str, Any], batch_
 @click.option("--config", "pipeline_config", type=click.Path(dir_okay=False), help="TOML pipeline file.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @_train_options
-@click.option("--backend", type=click.Choice(list(BACKENDS)), default="torch", show_default=True,
-              help="Training backend (see graphopt.bench.backend.BACKENDS).")
+@click.option("--backend", default="torch", show_default=True,
+              help="Training backend: " + ", ".join(backend_names()) + " (entry-point group graphopt.backends).")
 @click.option("--no-verify", is_flag=True, help="Skip the rewrite's numeric checks.")
 @click.option("-o", "--out", type=click.Path(file_okay=False),
               help="Also write train.json, train.md, train.png and the trained model (model/, a torch folder; + model.onnx with --backend ort) here.")
@@ -305,8 +305,8 @@ def train(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
     from graphopt.modelfile import load_model_file
     import torch
 
-    if backend not in BACKENDS:
-        raise PassConfigError(f"unknown backend '{backend}'", fix="choose one of " + ", ".join(BACKENDS))
+    if backend not in backend_names():
+        raise PassConfigError(f"unknown backend '{backend}'", fix="choose one of " + ", ".join(backend_names()))
     out_path = _out_folder(out, "", force) if out else None
     spec = load_model_file(model_file)
     module = spec.module

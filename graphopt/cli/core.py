@@ -9,16 +9,11 @@ from rich.console import Console
 from rich.table import Table
 
 from graphopt.cli import cli
+from graphopt.emit.base import emitter_names
 from graphopt.errors import EmitError, PassConfigError
 from graphopt.serialize import dumps, read_json, write_json
 
 console = Console(highlight=False)
-
-
-def _emitters() -> list[str]:
-    from graphopt.emit import EMITTERS
-
-    return list(EMITTERS)
 
 
 @cli.command(context_settings={"max_content_width": 100})
@@ -28,7 +23,7 @@ def _emitters() -> list[str]:
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML pipeline file ([[pass]] tables); runs before -p passes.")
 @click.option("-o", "--out", type=click.Path(file_okay=False), help="Output folder [default: MODEL_optimized].")
 @click.option("--emit", "emit_format", default="torch", show_default=True,
-              help="Artifact format: " + ", ".join(["torch", "onnx", "ort", "pipeline"]) + " (the ones installed).")
+              help="Artifact format: " + ", ".join(emitter_names()) + " (entry-point group graphopt.emitters).")
 @click.option("--emit-option", "emit_options", multiple=True, metavar="KEY=VALUE",
               help="An option of the emitter, repeatable (--emit ort: loss=, optimizer=adamw|sgd, lr=, "
                    "weight_decay=, eps=, betas='b1|b2'; --emit onnx: opset=, dynamic_batch=).")
@@ -44,8 +39,8 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
       graphopt optimize model.py -p channels_last -p cleanup -o out/
       graphopt optimize model.py -p prune:ratio=0.5,mode=structured --emit onnx -o out/
     """
-    from graphopt.emit import EMITTERS
-    from graphopt.emit._fs import check_output_folder
+    from graphopt.emit.base import create_emitter
+    from graphopt.emit.fs import check_output_folder
     from graphopt.manager import PassManager
     from graphopt.modelfile import load_model_file
     from graphopt.pass_infra import build_pipeline
@@ -54,28 +49,17 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
     if not pass_specs and not config:
         raise PassConfigError("no passes given", fix="add -p PASS (see `graphopt passes`) or --config FILE.toml")
     passes = build_pipeline(pass_specs, config)
-    if emit_format not in EMITTERS:
-        raise PassConfigError(f"unknown --emit format '{emit_format}'", fix="choose one of " + ", ".join(EMITTERS))
-    import importlib
-    import inspect as _inspect
-
-    module_name, func_name = EMITTERS[emit_format].split(":")
-    emit_module = importlib.import_module(module_name)
-    emit_fn = getattr(emit_module, func_name)
     options: dict[str, str] = {}
     for item in emit_options:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise PassConfigError(f"--emit-option '{item}' is not KEY=VALUE", fix="e.g. --emit-option loss=mse")
         options[key.strip()] = value.strip()
-    emit_params = _inspect.signature(emit_fn).parameters
-    if options and "options" not in emit_params:
-        raise PassConfigError(f"--emit {emit_format} takes no --emit-option")
-    if hasattr(emit_module, "preflight"):  # missing optional packages / bad options: before any work
-        emit_module.preflight(options)
+    emitter = create_emitter(emit_format, options)  # unknown format or options: refused here
+    emitter.preflight(passes)  # missing packages, impossible pipelines: before any work
     model_path = model_file.rsplit(":", 1)[0] if not Path(model_file).exists() else model_file
     out_path = Path(out) if out else Path(f"{Path(model_path).stem}_optimized")
-    check_output_folder(out_path, force)
+    check_output_folder(out_path, force, protect=[model_path])
     if report_path and Path(report_path).exists() and not force:
         raise EmitError("report file exists", where=report_path, fix="choose another --report path or pass --force")
     spec = load_model_file(model_file)
@@ -94,20 +78,14 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
     manager = PassManager(passes, verify=not no_verify, on_pass=lambda rec: console.print(pass_table(rec)))
     gm, report = manager.run(gm, spec.example_inputs)
     console.print(summary_table(report))
-    extra_kw: dict[str, object] = {}
-    if "options" in emit_params:
-        extra_kw["options"] = options
-    if "spec" in emit_params:
-        extra_kw["spec"] = spec
     with console.status(f"emitting {emit_format}"):
-        path = emit_fn(gm, out_path, report=report, force=force,
-                       source={"file": str(spec.path), "sha256": spec.sha256, "factory": spec.factory}, **extra_kw)
-    emit_check = None
-    manifest_path = Path(path) / "manifest.json"
-    if emit_format != "torch" and manifest_path.is_file():
-        emit_check = read_json(manifest_path).get("check")
-        if emit_check and hasattr(emit_module, "check_summary"):
-            console.print(emit_module.check_summary(emit_check))
+        result = emitter.emit(gm, out_path, report=report, force=force, spec=spec,
+                              source={"file": str(spec.path), "sha256": spec.sha256, "factory": spec.factory})
+    line = emitter.summary(result)
+    if line:
+        console.print(line)
+    emit_check = result.check
+    path = result.path
     if report_path:
         doc = report.as_dict()
         if emit_check:

@@ -66,11 +66,13 @@ def plan_table(manifest: dict) -> Table:
 @click.option("--pg-timeout", type=float, default=300.0, show_default=True, help="Timeout of each collective (s).")
 @click.option("--timeout", type=float, help="Stop the whole run after this many seconds.")
 @click.option("--print-command", is_flag=True, help="Print the torchrun command instead of running it.")
+@click.option("--trust-code", is_flag=True, help="Load stage folders that need code (imports their module.py: "
+              "only for folders you trust). Without it, stages are rebuilt from graph.json and no code runs.")
 def launch(folder: str, stages: int | None, replicas: int, schedule: str, microbatches: int | None, steps: int,
            batch_size: int | None, lr: float, optimizer: str, momentum: float, seed: int, device: str,
            save: str | None, synthetic: bool, model_file: str | None, nnodes: int, nproc_per_node: int | None,
            node_rank: int | None, rdzv_endpoint: str | None, rdzv_id: str | None, pg_timeout: float,
-           timeout: float | None, print_command: bool) -> None:
+           timeout: float | None, print_command: bool, trust_code: bool) -> None:
     """Train a pipeline folder (`optimize -p partition:stages=N --emit pipeline`) under torchrun.
 
     \b
@@ -87,7 +89,7 @@ def launch(folder: str, stages: int | None, replicas: int, schedule: str, microb
                          steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                          seed=seed, device=device, save=save, synthetic=synthetic, model_file=model_file,
                          pg_timeout=pg_timeout, nnodes=nnodes, nproc_per_node=nproc_per_node, node_rank=node_rank,
-                         rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
+                         rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, trust_code=trust_code)
     if print_command:
         click.echo(plan.shell())
         return

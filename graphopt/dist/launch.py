@@ -56,12 +56,16 @@ def build_command(folder: str | Path, *, stages: int | None = None, replicas: in
                   save: str | None = None, synthetic: bool = False, model_file: str | None = None,
                   pg_timeout: float = 300.0, nnodes: int = 1, nproc_per_node: int | None = None,
                   node_rank: int | None = None, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
-                  rdzv_backend: str = "c10d", python: str | None = None) -> LaunchPlan:
+                  rdzv_backend: str = "c10d", python: str | None = None, trust_code: bool = False) -> LaunchPlan:
     """The torchrun command for ``folder``, after checking the configuration."""
     from graphopt.dist.train import TrainConfig, check_config
-    from graphopt.emit.pipeline import read_pipeline_manifest
+    from graphopt.dist.pipeline import read_pipeline_manifest
 
     manifest = read_pipeline_manifest(folder)
+    if not trust_code:  # refused here, not in every rank after torchrun started
+        from graphopt.dist.pipeline import check_loads_without_code
+
+        check_loads_without_code(folder, manifest)
     folder_stages = len(manifest["stages"])
     n_stages = stages if stages is not None else folder_stages
     if replicas < 1:
@@ -105,6 +109,8 @@ def build_command(folder: str | Path, *, stages: int | None = None, replicas: in
         cmd.append("--synthetic")
     if model_file:
         cmd += ["--model-file", str(model_file)]
+    if trust_code:
+        cmd.append("--trust-code")
     return LaunchPlan(cmd, world, nnodes, nproc_per_node, n_stages, replicas, micro, batch, manifest)
 
 

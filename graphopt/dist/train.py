@@ -62,6 +62,7 @@ class TrainConfig:
     model_file: str | None = None
     pg_timeout: float = 300.0
     log_every: int = 1
+    trust_code: bool = False  # load stage folders that need code (runs their module.py)
 
 
 @dataclass
@@ -179,11 +180,11 @@ def _groups(topo: Topology) -> tuple[Any, Any]:
 
 
 def _load_module(cfg: TrainConfig, manifest: dict[str, Any], topo: Topology) -> nn.Module:
-    from graphopt.emit.pipeline import load_pipeline, load_stage
+    from graphopt.dist.pipeline import load_pipeline, load_stage
 
     if topo.stages == 1:
-        return load_pipeline(cfg.folder)
-    return load_stage(cfg.folder, topo.stage, manifest)
+        return load_pipeline(cfg.folder, trust_code=cfg.trust_code)
+    return load_stage(cfg.folder, topo.stage, manifest, trust_code=cfg.trust_code)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -193,7 +194,7 @@ def _unwrap(module: nn.Module) -> nn.Module:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """One rank's training run (inside torchrun). Returns the metrics (losses on the last stage)."""
     from graphopt.dist.data import make_data, shard
-    from graphopt.emit.pipeline import read_pipeline_manifest
+    from graphopt.dist.pipeline import read_pipeline_manifest
 
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         raise LaunchConfigError("not started by torchrun (WORLD_SIZE/RANK are not set)",
@@ -338,6 +339,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--model-file")
     p.add_argument("--pg-timeout", type=float, default=300.0)
     p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--trust-code", action="store_true")
     a = p.parse_args(argv)
     return TrainConfig(**{k.replace("-", "_"): v for k, v in vars(a).items()})
 

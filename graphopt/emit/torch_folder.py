@@ -1,14 +1,19 @@
-"""The PyTorch emitter: a folder with readable module source, safetensors weights, a manifest.
+"""The PyTorch emitter: a folder with readable module source, a graph description, safetensors
+weights and a manifest.
 
     out/
-      module.py            standalone source: ``import torch`` (+ the imports the graph itself
-                           calls, listed in the manifest), one nn.Module class
+      module.py            standalone source to read: ``import torch`` (+ the imports the graph
+                           itself calls, listed in the manifest), one nn.Module class
+      graph.json           the same graph as data (modules, tensors, nodes; see graph_json)
       weights.safetensors  parameters and buffers (no pickle)
       manifest.json        versions, passes + options, verification, costs, policies, checksums
 
-:func:`load` rebuilds the module from the source and the weights, after checking the files
-against the manifest's checksums. The emitted module is re-loaded and compared with the graph
-before the folder is moved into place, so a folder that exists is a folder that loads.
+:func:`load` checks the files against the manifest's checksums (they catch corruption, not
+tampering), then rebuilds the module from ``graph.json`` and the weights: it runs no code from
+the folder. ``load(folder, trust_code=True)`` imports ``module.py`` instead (a folder whose
+graph calls something outside the allowlists, e.g. a class of another package, has no
+``graph.json`` and needs it). Both ways are loaded and compared with the graph before the folder
+is moved into place, so a folder that exists is a folder that loads.
 """
 
 from __future__ import annotations
@@ -30,10 +35,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
-from graphopt.emit._fs import atomic_folder, manifest_header, read_manifest, sha256_file
+from graphopt.emit.base import EmitResult, Emitter
+from graphopt.emit.fs import atomic_folder, manifest_header, read_manifest, sha256_file
+from graphopt.emit.graph_json import GRAPH_FILE, NeedsCode, describe, rebuild
 from graphopt.errors import ArtifactError, EmitError
 
-__all__ = ["emit_torch_folder", "load", "generate_source", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["TorchEmitter", "emit_torch_folder", "load", "generate_source", "FORMAT", "FORMAT_VERSION",
+           "MODULE_FILE", "GRAPH_FILE", "WEIGHTS_FILE", "MANIFEST_FILE"]
 
 FORMAT = "graphopt.torch_folder"
 FORMAT_VERSION = 1
@@ -325,17 +333,29 @@ def emit_torch_folder(gm: fx.GraphModule, out: str | Path, *, report: Any = None
               f"Load with `graphopt.load(folder)`, or import this file and\n"
               f"`model.load_state_dict(safetensors.torch.load_file('weights.safetensors'))`.\n\"\"\"\n")
     source_code, facts = generate_source(gm, class_name, header)
+    try:
+        graph_doc: dict[str, Any] | None = describe(gm, class_name, facts, _ctor_kwargs)
+        needs_code = None
+    except NeedsCode as exc:
+        graph_doc, needs_code = None, str(exc)
     meta = gm.meta.get("graphopt", {})
     with atomic_folder(out, force) as tmp:
         (tmp / MODULE_FILE).write_text(source_code)
+        files = {MODULE_FILE: sha256_file(tmp / MODULE_FILE)}
+        if graph_doc is not None:
+            (tmp / GRAPH_FILE).write_text(json.dumps(graph_doc, indent=1))
+            files[GRAPH_FILE] = sha256_file(tmp / GRAPH_FILE)
         tensors = _weights(gm, facts["tied"])
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        files[WEIGHTS_FILE] = sha256_file(tmp / WEIGHTS_FILE)
         cost = meta.get("cost")
         manifest: dict[str, Any] = {
             **manifest_header(FORMAT, FORMAT_VERSION, meta, source),
             "class_name": class_name,
             "inputs": meta.get("inputs", []),
-            "files": {MODULE_FILE: sha256_file(tmp / MODULE_FILE), WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)},
+            "files": files,
+            "declarative": needs_code is None,
+            "needs_code": needs_code,
             "imports": facts["imports"],
             "frozen": facts["frozen"],
             "tied": facts["tied"],
@@ -354,12 +374,34 @@ def emit_torch_folder(gm: fx.GraphModule, out: str | Path, *, report: Any = None
         from graphopt.serialize import write_json
 
         write_json(tmp / MANIFEST_FILE, manifest)
-        # the folder must load and compute what the graph computes before it is moved into place
-        reloaded = load(tmp)
+        # the folder must load (both ways) and compute what the graph computes before it is moved into place
+        reloaded = [load(tmp, trust_code=True)]  # our own module.py, written just now
+        if graph_doc is not None:
+            reloaded.append(load(tmp))
         inputs = check_inputs if check_inputs is not None else meta.get("example_inputs")
         if inputs is not None:
-            _check_same(gm, reloaded, tuple(inputs))
+            for net in reloaded:
+                _check_same(gm, net, tuple(inputs))
     return Path(out)
+
+
+class TorchEmitter(Emitter):
+    """``--emit torch`` (the default): readable module source, graph.json, safetensors, manifest."""
+
+    name = "torch"
+    description = "graphopt torch folder: module.py (to read), graph.json + weights.safetensors (graphopt.load)"
+
+    def emit(self, gm: fx.GraphModule, out: str | Path, *, report: Any = None, force: bool = False,
+             source: dict[str, Any] | None = None, spec: Any = None) -> EmitResult:
+        path = emit_torch_folder(gm, out, report=report, force=force, source=source)
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        return EmitResult(path, self.name, details={"needs_code": manifest.get("needs_code")})
+
+    def summary(self, result: EmitResult) -> str:
+        reason = result.details.get("needs_code")
+        if reason:
+            return (f"note: graphopt.load needs trust_code=True for this folder (it runs module.py): {reason}")
+        return ""
 
 
 def _check_same(gm: fx.GraphModule, reloaded: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -381,21 +423,24 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
                          emit_hint="graphopt optimize -o")
 
 
-def load(folder: str | Path, *, verify_checksums: bool = True) -> nn.Module:
-    """Rebuild the module a torch folder holds. No pickle: source + safetensors.
+def _from_graph(folder: Path) -> nn.Module:
+    try:
+        doc = json.loads((folder / GRAPH_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{GRAPH_FILE} is not valid JSON ({exc})", where=str(folder), fix="re-emit the folder") from exc
+    try:
+        return rebuild(doc)
+    except NeedsCode as exc:
+        raise ArtifactError(f"rebuilding this model needs code ({exc}); the default load runs none", where=str(folder),
+                            fix="pass trust_code=True (CLI: --trust-code) if you trust the folder's module.py, "
+                                "or re-emit the folder") from None
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise ArtifactError(f"{GRAPH_FILE} does not describe a model ({type(exc).__name__}: {exc})", where=str(folder),
+                            fix="re-emit the folder") from exc
 
-    The module is in training mode with the manifest at ``module.graphopt_manifest``.
-    """
-    folder = Path(folder)
-    manifest = _read_manifest(folder)
-    files = manifest.get("files", {})
-    for fname in (MODULE_FILE, WEIGHTS_FILE):
-        fpath = folder / fname
-        if not fpath.is_file():
-            raise ArtifactError(f"{fname} is missing", where=str(folder), fix="re-emit the folder")
-        if verify_checksums and files.get(fname) and sha256_file(fpath) != files[fname]:
-            raise ArtifactError(f"{fname} does not match the manifest's checksum (modified or corrupt)",
-                                where=str(folder), fix="re-emit the folder, or load(..., verify_checksums=False)")
+
+def _from_code(folder: Path, manifest: dict[str, Any]) -> nn.Module:
+    """Import the folder's module.py (trust_code=True: this runs the file)."""
     if "torchvision" in manifest.get("imports", []):
         from graphopt.zoo import import_torchvision
         import_torchvision()
@@ -406,10 +451,39 @@ def load(folder: str | Path, *, verify_checksums: bool = True) -> nn.Module:
     try:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
         cls = getattr(module, manifest["class_name"])
-        net: nn.Module = cls()
+        return cls()
     except Exception as exc:
         raise ArtifactError(f"{MODULE_FILE} does not build the model: {type(exc).__name__}: {exc}",
                             where=str(folder), fix="re-emit the folder (is a package it imports missing?)") from exc
+
+
+def load(folder: str | Path, *, verify_checksums: bool = True, trust_code: bool = False) -> nn.Module:
+    """Rebuild the module a torch folder holds. No pickle, and by default no code from the folder.
+
+    The files are checked against the manifest's checksums (corruption; not tampering: whoever can
+    change the files can change the manifest). The module is then rebuilt from ``graph.json``,
+    whose classes and functions are checked against allowlists (``torch.nn``, tensor operators,
+    graphopt's own modules): nothing in the folder is executed. ``trust_code=True`` imports the
+    folder's ``module.py`` instead, running whatever it holds: only for folders you trust.
+    The module is in training mode with the manifest at ``module.graphopt_manifest``.
+    """
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    files = manifest.get("files", {})
+    wanted = [MODULE_FILE if trust_code else GRAPH_FILE, WEIGHTS_FILE]
+    for fname in [f for f in files if f not in wanted] + wanted:
+        fpath = folder / fname
+        if fname == GRAPH_FILE and fname not in files:
+            reason = manifest.get("needs_code") or "the folder was written by a graphopt without graph.json"
+            raise ArtifactError(f"rebuilding this model needs code ({reason}); the default load runs none",
+                                where=str(folder), fix="pass trust_code=True (CLI: --trust-code) if you trust the "
+                                "folder's module.py, or re-emit the folder")
+        if not fpath.is_file():
+            raise ArtifactError(f"{fname} is missing", where=str(folder), fix="re-emit the folder")
+        if verify_checksums and files.get(fname) and sha256_file(fpath) != files[fname]:
+            raise ArtifactError(f"{fname} does not match the manifest's checksum (modified or corrupt)",
+                                where=str(folder), fix="re-emit the folder, or load(..., verify_checksums=False)")
+    net = _from_code(folder, manifest) if trust_code else _from_graph(folder)
     try:
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -22,12 +22,12 @@ __all__ = ["OrtTrainBackend", "OptimizerSpec", "emit_ort_artifacts", "emit_onnx_
 
 _LAZY = {
     "OrtTrainBackend": "graphopt.ort.backend",
-    "read_ort_manifest": "graphopt.ort.backend",
+    "read_ort_manifest": "graphopt.ort.format",
     "OptimizerSpec": "graphopt.ort.spec",
     "LOSSES": "graphopt.ort.spec",
     "export_onnx": "graphopt.ort.export",
-    "emit_ort_artifacts": "graphopt.emit.ort_training",
-    "emit_onnx_model": "graphopt.emit.onnx",
+    "emit_ort_artifacts": "graphopt.ort.training_emit",
+    "emit_onnx_model": "graphopt.ort.onnx_emit",
     "train": "graphopt.ort.train",
     "TrainResult": "graphopt.ort.train",
     "compare_training": "graphopt.ort.parity",

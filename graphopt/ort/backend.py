@@ -23,34 +23,13 @@ import torch
 from graphopt.bench.backend import TrainBackend
 from graphopt.errors import ArtifactError, EmitError
 from graphopt.ort._deps import require_ort, require_ort_training
+from graphopt.ort.format import ORT_FORMAT, ORT_FORMAT_VERSION, TORCH_SUBFOLDER, read_ort_manifest
 
 __all__ = ["ORT_FORMAT", "ORT_FORMAT_VERSION", "TORCH_SUBFOLDER", "OrtTrainBackend", "read_ort_manifest"]
 
 log = logging.getLogger(__name__)
 
-ORT_FORMAT = "graphopt.ort_training"
-ORT_FORMAT_VERSION = 1
-TORCH_SUBFOLDER = "torch"
-MANIFEST = "manifest.json"
 _STEPS_PROPERTY = "graphopt_steps"
-
-
-def read_ort_manifest(folder: str | Path, verify_checksums: bool = True) -> dict[str, Any]:
-    from graphopt.emit._fs import sha256_file
-
-    from graphopt.emit._fs import read_manifest
-
-    folder = Path(folder)
-    manifest = read_manifest(folder, fmt=ORT_FORMAT, version=ORT_FORMAT_VERSION, what="ORT training folder",
-                             emit_hint="graphopt optimize --emit ort")
-    for fname, digest in manifest.get("files", {}).items():
-        fpath = folder / fname
-        if not fpath.is_file():
-            raise ArtifactError(f"{fname} is missing", where=str(folder), fix="re-emit the folder")
-        if verify_checksums and sha256_file(fpath) != digest:
-            raise ArtifactError(f"{fname} does not match the manifest's checksum (modified or corrupt)",
-                                where=str(folder), fix="re-emit the folder")
-    return manifest
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -105,7 +84,7 @@ class OrtTrainBackend(TrainBackend):
         """
         import tempfile
 
-        from graphopt.emit.ort_training import emit_ort_artifacts
+        from graphopt.ort.training_emit import emit_ort_artifacts
         from graphopt.errors import OrtConfigError
         from graphopt.ort.spec import OptimizerSpec
 
@@ -229,7 +208,8 @@ class OrtTrainBackend(TrainBackend):
         onnx.checker.check_model(str(path))
         return path
 
-    def write_torch_folder(self, out: str | Path, *, force: bool = False, check: bool = True) -> Path:
+    def write_torch_folder(self, out: str | Path, *, force: bool = False, check: bool = True,
+                           trust_code: bool = False) -> Path:
         """Write the trained weights back as a graphopt torch folder (``graphopt.load`` reads it).
 
         The module source is the emitted one; the weights are the trained ones. With ``check``,
@@ -238,8 +218,8 @@ class OrtTrainBackend(TrainBackend):
         """
         from safetensors.torch import load_file, save_file
 
-        from graphopt.emit._fs import atomic_folder, sha256_file
-        from graphopt.emit.torch_folder import FORMAT, MANIFEST_FILE, MODULE_FILE, WEIGHTS_FILE, load
+        from graphopt.emit.fs import atomic_folder, sha256_file
+        from graphopt.emit.torch_folder import FORMAT, MANIFEST_FILE, WEIGHTS_FILE, load
         from graphopt.serialize import write_json
 
         src = self.folder / TORCH_SUBFOLDER
@@ -260,17 +240,22 @@ class OrtTrainBackend(TrainBackend):
             weights[key] = value.to(old.dtype).contiguous()
             updated += 1
         with atomic_folder(out, force) as tmp:
-            shutil.copyfile(src / MODULE_FILE, tmp / MODULE_FILE)
+            files = {}
+            for fname in manifest["files"]:  # module.py and graph.json as emitted, the trained weights
+                if fname != WEIGHTS_FILE:
+                    shutil.copyfile(src / fname, tmp / fname)
+                    files[fname] = sha256_file(tmp / fname)
             save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-            manifest["files"] = {MODULE_FILE: sha256_file(tmp / MODULE_FILE),
-                                 WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}
+            files[WEIGHTS_FILE] = sha256_file(tmp / WEIGHTS_FILE)
+            manifest["files"] = files
             import onnxruntime
 
             manifest["trained"] = {"backend": "onnxruntime-training", "onnxruntime_version": onnxruntime.__version__,
                                    "steps": self.steps, "tensors_updated": updated,
                                    "loss": self.loss, "optimizer": self.manifest["optimizer"]}
             write_json(tmp / MANIFEST_FILE, manifest)
-            net = load(tmp)
+            # artifacts this backend emitted itself (from_config) are trusted; others load without code
+            net = load(tmp, trust_code=trust_code or getattr(self, "_tmp", None) is not None)
             if check:
                 self._check_same(net, manifest)
         return Path(out)

@@ -24,7 +24,7 @@ from torch import nn
 from graphopt.errors import EmitError
 from graphopt.ort._deps import require_onnx
 
-__all__ = ["DEFAULT_OPSET", "ExportedGraph", "export_onnx", "explain_failure", "input_names_for",
+__all__ = ["DEFAULT_OPSET", "ExportedGraph", "export_onnx", "explain_failure", "has_half_casts", "input_names_for",
            "output_names_for"]
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,19 @@ def explain_failure(exc: BaseException) -> tuple[str | None, str]:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     first = lines[-1] if lines else ""
     return None, f"{type(exc).__name__}: {first[:300]}"
+
+
+def has_half_casts(model: Any) -> bool:
+    """Whether an ONNX model casts to float16/bfloat16 anywhere (mixed precision inside the graph)."""
+    from onnx import TensorProto
+
+    half = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
+    for node in model.graph.node:
+        if node.op_type == "Cast":
+            for a in node.attribute:
+                if a.name == "to" and a.i in half:
+                    return True
+    return False
 
 
 def _flat_outputs(out: Any) -> list[torch.Tensor]:

@@ -171,7 +171,7 @@ def compare_training(module: nn.Module, batches: Iterable[tuple[Sequence[torch.T
     difference float32 vs float64 torch) says how much of an ORT-vs-torch difference that explains.
     """
     import graphopt
-    from graphopt.ort import emit_ort_artifacts
+    from graphopt.ort.training_emit import emit_ort_artifacts
     from graphopt.ort.backend import OrtTrainBackend
 
     optimizer = optimizer or OptimizerSpec()

@@ -24,12 +24,15 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
-from graphopt.emit._fs import atomic_folder, check_output_folder, manifest_header, read_manifest
-from graphopt.emit.torch_folder import MANIFEST_FILE, MODULE_FILE, WEIGHTS_FILE, emit_torch_folder, load
-from graphopt.errors import ArtifactError, EmitError, PreconditionError
+from graphopt.dist.stages import SequentialStages, partition_plan, resolve_devices, split_stages
+from graphopt.emit.base import EmitResult, Emitter
+from graphopt.emit.fs import atomic_folder, check_output_folder, manifest_header, read_manifest
+from graphopt.emit.torch_folder import MANIFEST_FILE, WEIGHTS_FILE, emit_torch_folder, load
+from graphopt.errors import ArtifactError, EmitError, PassConfigError, PreconditionError
 from graphopt.ir import eval_mode, tensor_specs
 
-__all__ = ["emit_pipeline", "load_pipeline", "load_stage", "read_pipeline_manifest", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["PipelineEmitter", "emit_pipeline", "load_pipeline", "load_stage", "read_pipeline_manifest", "FORMAT",
+           "FORMAT_VERSION"]
 
 FORMAT = "graphopt.pipeline"
 FORMAT_VERSION = 1
@@ -38,7 +41,6 @@ FORMAT_VERSION = 1
 def emit_pipeline(gm: fx.GraphModule, out: str | Path, *, report: Any = None, force: bool = False,
                   source: dict[str, Any] | None = None) -> Path:
     """Write the stages of a partitioned graph (``-p partition:stages=N``) to ``out``."""
-    from graphopt.dist.stages import partition_plan, split_stages
     from graphopt.serialize import write_json
 
     check_output_folder(out, force)
@@ -117,35 +119,76 @@ def read_pipeline_manifest(folder: str | Path, *, check_files: bool = True) -> d
     if check_files:
         for entry in manifest.get("stages", []):
             sdir = folder / entry["folder"]
-            for fname in (MANIFEST_FILE, MODULE_FILE, WEIGHTS_FILE):
+            for fname in (MANIFEST_FILE, WEIGHTS_FILE):
                 if not (sdir / fname).is_file():
                     raise ArtifactError(f"stage {entry['index']} file {entry['folder']}/{fname} is missing",
                                         where=str(folder), fix="re-emit the pipeline folder")
     return manifest
 
 
-def load_stage(folder: str | Path, index: int, manifest: dict[str, Any] | None = None) -> nn.Module:
-    """Stage ``index`` of a pipeline folder as an ``nn.Module`` (checksums verified)."""
+def check_loads_without_code(folder: str | Path, manifest: dict[str, Any] | None = None) -> None:
+    """Refuse (one line) a pipeline folder whose stages cannot be rebuilt without running their code."""
+    import json
+
+    from graphopt.emit.graph_json import GRAPH_FILE
+
+    folder = Path(folder)
+    manifest = manifest or read_pipeline_manifest(folder)
+    for entry in manifest["stages"]:
+        stage = json.loads((folder / entry["folder"] / MANIFEST_FILE).read_text())
+        if GRAPH_FILE not in stage.get("files", {}):
+            reason = stage.get("needs_code") or "written by a graphopt without graph.json"
+            raise ArtifactError(f"stage {entry['index']} needs code to load ({reason}); the default load runs none",
+                                where=str(folder), fix="pass --trust-code if you trust the folder's module.py "
+                                                       "files, or re-emit the folder")
+
+
+def load_stage(folder: str | Path, index: int, manifest: dict[str, Any] | None = None, *,
+               trust_code: bool = False) -> nn.Module:
+    """Stage ``index`` of a pipeline folder as an ``nn.Module`` (checksums verified; no code runs
+    unless ``trust_code``: see :func:`graphopt.load`)."""
     folder = Path(folder)
     manifest = manifest or read_pipeline_manifest(folder)
     stages = manifest["stages"]
     if not 0 <= index < len(stages):
         raise ArtifactError(f"no stage {index} (the pipeline has {len(stages)})", where=str(folder))
-    return load(folder / stages[index]["folder"])
+    return load(folder / stages[index]["folder"], trust_code=trust_code)
 
 
-def load_pipeline(folder: str | Path, devices: Sequence[str | torch.device] | str | None = None) -> nn.Module:
+def load_pipeline(folder: str | Path, devices: Sequence[str | torch.device] | str | None = None, *,
+                  trust_code: bool = False) -> nn.Module:
     """All stages chained in one process (``devices``: one per stage, or ``"auto"``).
 
     The result has ``.graphopt_manifest`` (the pipeline manifest) and ``.stages``.
     """
-    from graphopt.dist.stages import SequentialStages, resolve_devices
-
     folder = Path(folder)
     manifest = read_pipeline_manifest(folder)
-    mods = [load_stage(folder, i, manifest) for i in range(len(manifest["stages"]))]
+    mods = [load_stage(folder, i, manifest, trust_code=trust_code) for i in range(len(manifest["stages"]))]
     devs = resolve_devices(devices, len(mods)) if devices is not None else None
     net = SequentialStages(mods, devs)
     net.graphopt_manifest = manifest  # type: ignore[attr-defined]
     net.train()
     return net
+
+
+class PipelineEmitter(Emitter):
+    """``--emit pipeline``: one torch folder per stage of a partitioned graph, plus the plan."""
+
+    name = "pipeline"
+    description = "one torch folder per pipeline stage (needs -p partition:stages=N); train with graphopt launch"
+
+    def preflight(self, passes: Sequence[Any] = ()) -> None:
+        if not any(getattr(p, "name", None) == "partition" for p in passes):
+            raise PassConfigError("the pipeline has no partition pass, so the graph would have no pipeline partition",
+                                  where="--emit pipeline",
+                                  fix="add -p partition:stages=2 (or N stages) as the last pass")
+
+    def emit(self, gm: fx.GraphModule, out: str | Path, *, report: Any = None, force: bool = False,
+             source: dict[str, Any] | None = None, spec: Any = None) -> EmitResult:
+        path = emit_pipeline(gm, out, report=report, force=force, source=source)
+        manifest = read_pipeline_manifest(path)
+        return EmitResult(path, self.name, details={"stages": len(manifest["stages"])})
+
+    def summary(self, result: EmitResult) -> str:
+        return (f"{result.details.get('stages')} stages, each reloaded and chained: outputs match the graph; "
+                f"train with `graphopt launch {result.path}`")

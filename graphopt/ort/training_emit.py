@@ -21,54 +21,15 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
-from graphopt.emit._fs import atomic_folder, check_output_folder, manifest_header, resolve_inputs, sha256_file
-from graphopt.errors import EmitError, PassConfigError
+from graphopt.emit.base import EmitResult, Emitter
+from graphopt.emit.fs import atomic_folder, check_output_folder, manifest_header, resolve_inputs, sha256_file
+from graphopt.errors import EmitError
 from graphopt.ir import eval_mode, tensor_specs
+from graphopt.ort.format import (ARTIFACTS, CHECKPOINT, EVAL_MODEL, MANIFEST, OPTIMIZER_MODEL, ORT_FORMAT,
+                                 ORT_FORMAT_VERSION, TORCH_SUBFOLDER, TRAINING_MODEL)
+from graphopt.pass_infra import Option
 
-__all__ = ["emit_ort", "emit_ort_artifacts", "preflight", "check_summary", "OPTIONS"]
-
-# --emit-option KEY=VALUE for this emitter: name -> (type, help)
-OPTIONS: dict[str, tuple[type, str]] = {
-    "loss": (str, "cross_entropy | mse | l1 | bce_with_logits | auto (the model file's loss(), else cross_entropy)"),
-    "optimizer": (str, "adamw (torch.optim.AdamW semantics) | sgd (plain)"),
-    "lr": (float, "default learning rate recorded for the runner (adamw 1e-3, sgd 0.01)"),
-    "weight_decay": (float, "AdamW decoupled weight decay (torch default 0.01)"),
-    "eps": (float, "AdamW eps (torch default 1e-8)"),
-    "betas": (str, "AdamW betas as 'b1|b2' (torch default 0.9|0.999)"),
-    "momentum": (float, "SGD momentum: only 0 (ORT's SGD has none)"),
-    "opset": (int, "ONNX opset (default 17)"),
-}
-
-
-def as_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
-
-
-as_bool.__name__ = "bool"
-
-
-def parse_options(options: dict[str, Any] | None, known: dict[str, tuple[type, str]], fmt: str) -> dict[str, Any]:
-    """Validate ``--emit-option`` values against ``known`` and convert their types."""
-    parsed: dict[str, Any] = {}
-    for key, value in (options or {}).items():
-        if key not in known:
-            raise PassConfigError(f"unknown --emit-option '{key}' for --emit {fmt}",
-                                  fix="known: " + ", ".join(f"{k} ({h})" for k, (_, h) in known.items()))
-        typ = known[key][0]
-        try:
-            parsed[key] = value if isinstance(typ, type) and isinstance(value, typ) else typ(value)
-        except (TypeError, ValueError) as exc:
-            raise PassConfigError(f"--emit-option {key}={value!r} is not a {getattr(typ, '__name__', 'value')}",
-                                  fix=known[key][1]) from exc
-    return parsed
-
+__all__ = ["OrtEmitter", "emit_ort_artifacts", "check_summary", "summarize_check"]
 
 def _optimizer_from(opts: dict[str, Any]) -> Any:
     from graphopt.ort.spec import OptimizerSpec
@@ -76,31 +37,6 @@ def _optimizer_from(opts: dict[str, Any]) -> Any:
     return OptimizerSpec.create(opts.get("optimizer", "adamw"), lr=opts.get("lr"),
                                 weight_decay=opts.get("weight_decay"), eps=opts.get("eps"),
                                 betas=opts.get("betas"), momentum=opts.get("momentum"))
-
-
-def preflight(options: dict[str, Any] | None = None) -> None:
-    """Before any work: the ``ort`` extra is installed and the options make sense."""
-    from graphopt.ort._deps import require_ort_training
-
-    require_ort_training("--emit ort")
-    opts = parse_options(options, OPTIONS, "ort")
-    _optimizer_from(opts)
-    if opts.get("loss") not in (None, "auto"):
-        from graphopt.ort.spec import resolve_loss
-
-        resolve_loss(opts["loss"], None, torch.zeros(1, 2))
-
-
-def _has_half_casts(model: Any) -> bool:
-    from onnx import TensorProto
-
-    half = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
-    for node in model.graph.node:
-        if node.op_type == "Cast":
-            for a in node.attribute:
-                if a.name == "to" and a.i in half:
-                    return True
-    return False
 
 
 def _active_dropout(model: Any) -> bool:
@@ -120,9 +56,9 @@ def emit_ort_artifacts(module: nn.Module, out: str | Path, *, loss: str | None =
     emit-time parity check must pass or nothing is written.
     """
     from graphopt.ort._deps import require_ort_training
-    from graphopt.ort.artifacts import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, build_training_artifacts
-    from graphopt.ort.backend import MANIFEST, ORT_FORMAT, ORT_FORMAT_VERSION, TORCH_SUBFOLDER, OrtTrainBackend
-    from graphopt.ort.export import DEFAULT_OPSET
+    from graphopt.ort.artifacts import build_training_artifacts
+    from graphopt.ort.backend import OrtTrainBackend
+    from graphopt.ort.export import DEFAULT_OPSET, has_half_casts
     from graphopt.ort.parity import check_artifacts
     from graphopt.ort.spec import OptimizerSpec, resolve_loss
 
@@ -131,9 +67,9 @@ def emit_ort_artifacts(module: nn.Module, out: str | Path, *, loss: str | None =
     meta = module.meta.get("graphopt", {}) if isinstance(module, fx.GraphModule) else {}
     inputs = resolve_inputs(module, inputs, out)
     if not isinstance(module, fx.GraphModule):
-        import graphopt
+        from graphopt.capture import capture
 
-        module = graphopt.capture(module, inputs)
+        module = capture(module, inputs)
         meta = module.meta["graphopt"]
     meta.setdefault("example_inputs", inputs)
     optimizer = optimizer or OptimizerSpec()
@@ -151,7 +87,7 @@ def emit_ort_artifacts(module: nn.Module, out: str | Path, *, loss: str | None =
         facts = build_training_artifacts(module, inputs, tmp, loss=loss_name, optimizer=optimizer, opset=opset,
                                          where=str(out))
         model = onnx.load(str(tmp / TRAINING_MODEL), load_external_data=False)
-        half = _has_half_casts(model)
+        half = has_half_casts(model)
         dropout = _active_dropout(model)
         del model
         from graphopt.emit.torch_folder import emit_torch_folder
@@ -166,9 +102,7 @@ def emit_ort_artifacts(module: nn.Module, out: str | Path, *, loss: str | None =
             "onnx_version": onnx.__version__,
             "onnxruntime_version": onnxruntime.__version__,
             "example_inputs": tensor_specs(inputs),
-            "artifacts": {"training_model": TRAINING_MODEL, "eval_model": EVAL_MODEL,
-                          "optimizer_model": OPTIMIZER_MODEL, "checkpoint": CHECKPOINT,
-                          "torch_folder": TORCH_SUBFOLDER},
+            "artifacts": dict(ARTIFACTS),
             **facts,
             "half": half,
             "precision": meta.get("precision"),
@@ -212,11 +146,46 @@ def summarize_check(check: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def emit_ort(gm: fx.GraphModule, out: str | Path, *, report: Any = None, force: bool = False,
-             source: dict[str, Any] | None = None, options: dict[str, Any] | None = None, spec: Any = None) -> Path:
-    """The ``--emit ort`` entry (EMITTERS). ``options``: ``--emit-option`` values (see :data:`OPTIONS`);
-    ``spec``: the model file's ModelSpec (its ``loss`` picks the loss when ``loss`` is not given)."""
-    opts = parse_options(options, OPTIONS, "ort")
-    return emit_ort_artifacts(gm, out, loss=opts.get("loss"), optimizer=_optimizer_from(opts), force=force,
-                              report=report, source=source, model_loss=getattr(spec, "loss", None),
-                              opset=opts.get("opset"))
+class OrtEmitter(Emitter):
+    """``--emit ort``: ONNX Runtime training artifacts, checked against PyTorch before they are kept."""
+
+    name = "ort"
+    description = "ONNX Runtime training artifacts (training/eval/optimizer models, checkpoint, torch/ folder)"
+    options = {
+        "loss": Option(str, "auto", "cross_entropy | mse | l1 | bce_with_logits | auto (the model file's loss(), "
+                                    "else cross_entropy)"),
+        "optimizer": Option(str, "adamw", "adamw (torch.optim.AdamW semantics) | sgd (plain)"),
+        "lr": Option(float, None, "default learning rate recorded for the runner (adamw 1e-3, sgd 0.01)",
+                     nullable=True),
+        "weight_decay": Option(float, None, "AdamW decoupled weight decay (torch default 0.01)", nullable=True),
+        "eps": Option(float, None, "AdamW eps (torch default 1e-8)", nullable=True),
+        "betas": Option(str, None, "AdamW betas as 'b1|b2' (torch default 0.9|0.999)", nullable=True),
+        "momentum": Option(float, None, "SGD momentum: only 0 (ORT's SGD has none)", nullable=True),
+        "opset": Option(int, None, "ONNX opset (default 17)", nullable=True),
+    }
+
+    def preflight(self, passes: Sequence[Any] = ()) -> None:
+        """Before any work: the ``ort`` extra is installed and the options make sense."""
+        from graphopt.ort._deps import require_ort_training
+
+        require_ort_training("--emit ort")
+        _optimizer_from(self.config)
+        if self.config["loss"] not in (None, "auto"):
+            from graphopt.ort.spec import resolve_loss
+
+            resolve_loss(self.config["loss"], None, torch.zeros(1, 2))
+
+    def emit(self, gm: fx.GraphModule, out: str | Path, *, report: Any = None, force: bool = False,
+             source: dict[str, Any] | None = None, spec: Any = None) -> EmitResult:
+        """``spec``: the model file's ModelSpec (its ``loss`` picks the loss when ``loss`` is auto)."""
+        opts = self.config
+        path = emit_ort_artifacts(gm, out, loss=opts["loss"], optimizer=_optimizer_from(opts), force=force,
+                                  report=report, source=source, model_loss=getattr(spec, "loss", None),
+                                  opset=opts["opset"])
+        import json
+
+        manifest = json.loads((path / MANIFEST).read_text())
+        return EmitResult(path, self.name, check=manifest.get("check"))
+
+    def summary(self, result: EmitResult) -> str:
+        return check_summary(result.check) if result.check else ""

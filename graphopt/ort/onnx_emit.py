@@ -18,27 +18,16 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
-from graphopt.emit._fs import atomic_folder, check_output_folder, manifest_header, resolve_inputs, sha256_file
-from graphopt.emit.ort_training import _has_half_casts, as_bool, parse_options
+from graphopt.emit.base import EmitResult, Emitter
+from graphopt.emit.fs import atomic_folder, check_output_folder, manifest_header, resolve_inputs, sha256_file
 from graphopt.errors import EmitError
+from graphopt.pass_infra import Option
 
-__all__ = ["emit_onnx", "emit_onnx_model", "preflight", "check_summary", "OPTIONS", "MODEL_FILE", "ONNX_FORMAT"]
+__all__ = ["OnnxEmitter", "emit_onnx_model", "check_summary", "MODEL_FILE", "ONNX_FORMAT"]
 
 ONNX_FORMAT = "graphopt.onnx"
 MODEL_FILE = "model.onnx"
 MANIFEST = "manifest.json"
-OPTIONS: dict[str, tuple[type, str]] = {
-    "opset": (int, "ONNX opset (default 17)"),
-    "dynamic_batch": (as_bool, "dynamic batch axis (default true)"),  # type: ignore[dict-item]
-}
-
-
-def preflight(options: dict[str, Any] | None = None) -> None:
-    from graphopt.ort._deps import require_onnx, require_ort
-
-    require_onnx("--emit onnx")
-    require_ort("--emit onnx (checking the model with ONNX Runtime)")
-    parse_options(options, OPTIONS, "onnx")
 
 
 def _outputs(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -71,7 +60,7 @@ def emit_onnx_model(module: nn.Module, out: str | Path, *, inputs: Sequence[torc
                     opset: int | None = None, dynamic_batch: bool = True) -> Path:
     """Write ``module`` (a GraphModule or any nn.Module; not modified) as an inference ONNX folder."""
     from graphopt.ort._deps import require_onnx, require_ort
-    from graphopt.ort.export import DEFAULT_OPSET, export_onnx
+    from graphopt.ort.export import DEFAULT_OPSET, export_onnx, has_half_casts
 
     onnx = require_onnx("--emit onnx")
     ort = require_ort("--emit onnx")
@@ -80,7 +69,7 @@ def emit_onnx_model(module: nn.Module, out: str | Path, *, inputs: Sequence[torc
     inputs = resolve_inputs(module, inputs, out)
     exported = export_onnx(module, inputs, training=False, opset=opset or DEFAULT_OPSET,
                            dynamic_batch=dynamic_batch, where=str(out))
-    half = _has_half_casts(exported.model)
+    half = has_half_casts(exported.model)
     tol = 2e-2 if half or any(p.dtype != torch.float32 for p in module.parameters()) else 1e-4
     with atomic_folder(out, force) as tmp:
         onnx.save(exported.model, str(tmp / MODEL_FILE))
@@ -124,9 +113,30 @@ def check_summary(check: dict[str, Any]) -> str:
             f"{check['max_rel_error']:.1e} (tolerance {check['tolerance']:g}; inputs {shapes})")
 
 
-def emit_onnx(gm: fx.GraphModule, out: str | Path, *, report: Any = None, force: bool = False,
-              source: dict[str, Any] | None = None, options: dict[str, Any] | None = None, spec: Any = None) -> Path:
-    """The ``--emit onnx`` entry (EMITTERS)."""
-    opts = parse_options(options, OPTIONS, "onnx")
-    return emit_onnx_model(gm, out, force=force, report=report, source=source, opset=opts.get("opset"),
-                           dynamic_batch=opts.get("dynamic_batch", True))
+class OnnxEmitter(Emitter):
+    """``--emit onnx``: an inference ONNX model, checked with onnx.checker and ONNX Runtime."""
+
+    name = "onnx"
+    description = "inference ONNX model (opset 17, dynamic batch), compared with PyTorch in ONNX Runtime"
+    options = {
+        "opset": Option(int, None, "ONNX opset (default 17)", nullable=True, min=7),
+        "dynamic_batch": Option(bool, True, "dynamic batch axis"),
+    }
+
+    def preflight(self, passes: Sequence[Any] = ()) -> None:
+        from graphopt.ort._deps import require_onnx, require_ort
+
+        require_onnx("--emit onnx")
+        require_ort("--emit onnx (checking the model with ONNX Runtime)")
+
+    def emit(self, gm: fx.GraphModule, out: str | Path, *, report: Any = None, force: bool = False,
+             source: dict[str, Any] | None = None, spec: Any = None) -> EmitResult:
+        path = emit_onnx_model(gm, out, force=force, report=report, source=source, opset=self.config["opset"],
+                               dynamic_batch=self.config["dynamic_batch"])
+        from graphopt.serialize import read_json
+
+        manifest = read_json(path / MANIFEST)
+        return EmitResult(path, self.name, check=manifest.get("check"))
+
+    def summary(self, result: EmitResult) -> str:
+        return check_summary(result.check) if result.check else ""
