@@ -492,3 +492,32 @@ def test_cli_prune_iterative_fine_tunes_between_rounds(tmp_path):
     assert all(r["test_accuracy"] is not None for r in rounds)
     model = graphopt.load(out / "model")
     assert model.get_submodule("0").out_channels == 4  # 16 -> 8 -> 4 channels
+
+
+# ----------------------------------------------------------------------------- models the rules cannot fully follow
+
+
+HARD_MODELS = {  # model -> the construct its declines must name
+    "shufflenet_v2_x0_5": "splits the channel axis",       # channel shuffle: view(N, g, C/g, H, W)
+    "shufflenet_v2_x1_0": "splits the channel axis",
+    "shufflenet_v2_x1_5": "splits the channel axis",
+    "shufflenet_v2_x2_0": "splits the channel axis",
+    "timm:ghostnet_100": "channel",                         # cat + channel slice out[:, :out_chs]
+    "timm:cs3darknet_focus_s": "",
+}
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", list(HARD_MODELS))
+def test_prune_never_breaks_models_it_cannot_fully_follow(zoo, name):
+    """Issue 16 item 9: groups the rules cannot follow are declined with the reason; the graph stays
+    valid, verifies against the masked original, and whatever can be pruned still is."""
+    model, x = zoo(name), (torch.randn(2, 3, 64, 64),)
+    gm, rec = run_pass("prune:ratio=0.5", model, x)
+    gm.graph.lint()
+    assert rec.modified and rec.verification.status == "passed", rec.verification.message
+    assert rec.verification.details["reference_max_rel_error"] < 1e-4
+    assert rec.after["macs"] < 0.9 * rec.before["macs"]
+    assert outputs(gm, x)[0].shape == (2, 1000)
+    if HARD_MODELS[name]:
+        assert any(HARD_MODELS[name] in d["reason"] for d in rec.declined), [d["reason"] for d in rec.declined]
