@@ -502,13 +502,16 @@ HARD_MODELS = {  # model -> the construct its declines must name
     "shufflenet_v2_x1_0": "splits the channel axis",
     "shufflenet_v2_x1_5": "splits the channel axis",
     "shufflenet_v2_x2_0": "splits the channel axis",
-    "timm:ghostnet_100": "channel",                         # cat + channel slice out[:, :out_chs]
-    "timm:cs3darknet_focus_s": "",
+    "timm:ghostnet_100": "linear() (node linear)",          # cat + channel slice followed; F.linear head is not
+    "timm:cs3darknet_focus_s": "model output",              # focus stem on the input; split(k) pieces shrink
 }
 
 
+_FAST_HARD = ("shufflenet_v2_x0_5", "timm:cs3darknet_focus_s")  # the others take 5-15 s here: slow
+
+
 @pytest.mark.zoo
-@pytest.mark.parametrize("name", list(HARD_MODELS))
+@pytest.mark.parametrize("name", [n if n in _FAST_HARD else pytest.param(n, marks=pytest.mark.slow) for n in HARD_MODELS])
 def test_prune_never_breaks_models_it_cannot_fully_follow(zoo, name):
     """Issue 16 item 9: groups the rules cannot follow are declined with the reason; the graph stays
     valid, verifies against the masked original, and whatever can be pruned still is."""
@@ -518,6 +521,18 @@ def test_prune_never_breaks_models_it_cannot_fully_follow(zoo, name):
     assert rec.modified and rec.verification.status == "passed", rec.verification.message
     assert rec.verification.details["reference_max_rel_error"] < 1e-4
     assert rec.after["macs"] < 0.9 * rec.before["macs"]
-    assert outputs(gm, x)[0].shape == (2, 1000)
-    if HARD_MODELS[name]:
-        assert any(HARD_MODELS[name] in d["reason"] for d in rec.declined), [d["reason"] for d in rec.declined]
+    assert gm(*x).shape == (2, 1000)
+    assert any(HARD_MODELS[name] in d["reason"] for d in rec.declined), [d["reason"] for d in rec.declined]
+    if name.startswith("shufflenet"):      # the branch convs between shuffles are pruned, the stream is not
+        assert gm.get_submodule("stage2.1.branch2.0").out_channels < model.get_submodule("stage2.1.branch2.0").out_channels
+        assert gm.get_submodule("stage2.1.branch2.3").out_channels == gm.get_submodule("stage2.1.branch2.0").out_channels
+        assert gm.get_submodule("stage2.1.branch2.5").out_channels == model.get_submodule("stage2.1.branch2.5").out_channels
+    if name == "timm:ghostnet_100":        # the ghost module's slice out[:, :out_chs] keeps every channel: followed
+        ghost = "blocks.1.0.ghost1"
+        assert gm.get_submodule(f"{ghost}.primary_conv.0").out_channels < model.get_submodule(
+            f"{ghost}.primary_conv.0").out_channels
+        assert gm.get_submodule(f"{ghost}.cheap_operation.0").out_channels == gm.get_submodule(
+            f"{ghost}.primary_conv.0").out_channels
+    if name == "timm:cs3darknet_focus_s":  # x.split(k, dim=1): the literal piece size follows the pruning
+        split = next(n for n in gm.graph.nodes if n.target == "split")
+        assert split.args[1] == 16 and gm.get_submodule("stages.0.conv_exp.conv").out_channels == 32  # was 32, 64

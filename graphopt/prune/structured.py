@@ -42,10 +42,6 @@ class PruningPlan:
         return int(self.removed[group.classes].sum())
 
 
-def _lcm(a: int, b: int) -> int:
-    return a * b // math.gcd(a, b)
-
-
 class _GroupRule:
     """How many channels a group may lose and which ones, given its constraints."""
 
@@ -68,7 +64,7 @@ class _GroupRule:
                 self.units, base = parts, size
         step = base
         if round_to > 1:
-            lcm = _lcm(base, round_to)
+            lcm = math.lcm(base, round_to)
             if n % lcm == 0 or n >= lcm:
                 step = lcm
         self.step = step
@@ -213,186 +209,121 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def _set_param(mod: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(mod, name)
-    if isinstance(old, nn.Parameter):
-        setattr(mod, name, nn.Parameter(value.detach().clone().contiguous(), requires_grad=old.requires_grad))
-    else:
-        mod.register_buffer(name, value.detach().clone().contiguous(),
-                            persistent=name not in getattr(mod, "_non_persistent_buffers_set", set()))
-
-
 def _owner(gm: fx.GraphModule, path: str) -> tuple[nn.Module, str]:
     parent, _, leaf = path.rpartition(".")
     return (gm.get_submodule(parent) if parent else gm), leaf
+
+
+def _set_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(owner, name)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, name, nn.Parameter(value.detach().clone().contiguous(), requires_grad=old.requires_grad))
+    else:
+        owner.register_buffer(name, value.detach().clone().contiguous(),
+                              persistent=name not in getattr(owner, "_non_persistent_buffers_set", set()))
 
 
 def _idx(keep: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(keep, dtype=torch.long)
 
 
-def _slice_conv(mod: nn.Module, out_keep: np.ndarray | None, in_keep: np.ndarray | None) -> None:
-    g = mod.groups
-    w = mod.weight.detach()
-    cout, in_g = w.shape[0], w.shape[1]
-    cin = in_g * g
-    out_keep = np.arange(cout) if out_keep is None else out_keep
-    in_keep = np.arange(cin) if in_keep is None else in_keep
-    if g == 1:
-        nw = w[_idx(out_keep)][:, _idx(in_keep)]
-        new_groups = 1
-    else:
-        out_g = cout // g
-        parts = []
-        counts_o, counts_i = set(), set()
-        for q in range(g):
-            oq = out_keep[(out_keep >= q * out_g) & (out_keep < (q + 1) * out_g)]
-            iq = in_keep[(in_keep >= q * in_g) & (in_keep < (q + 1) * in_g)] - q * in_g
-            counts_o.add(len(oq))
-            counts_i.add(len(iq))
-            parts.append(w[_idx(oq)][:, _idx(iq)])
-        if len(counts_o) != 1 or len(counts_i) != 1:
-            raise RuntimeError(f"uneven pruning across the groups of a grouped conv: {counts_o}, {counts_i}")
-        nw = torch.cat(parts, 0)
-        new_groups = g
-    _set_param(mod, "weight", nw)
-    if mod.bias is not None:
-        _set_param(mod, "bias", mod.bias.detach()[_idx(out_keep)])
-    mod.out_channels = len(out_keep)
-    mod.in_channels = len(in_keep)
-    mod.groups = new_groups
-
-
-def _slice_depthwise(mod: nn.Module, keep: np.ndarray) -> None:
-    _set_param(mod, "weight", mod.weight.detach()[_idx(keep)])
-    if mod.bias is not None:
-        _set_param(mod, "bias", mod.bias.detach()[_idx(keep)])
-    mod.in_channels = mod.out_channels = mod.groups = len(keep)
-
-
-def _slice_linear(mod: nn.Linear, out_keep: np.ndarray | None, in_cols: np.ndarray | None) -> None:
-    w = mod.weight.detach()
-    if out_keep is not None:
-        w = w[_idx(out_keep)]
-        if mod.bias is not None:
-            _set_param(mod, "bias", mod.bias.detach()[_idx(out_keep)])
-        mod.out_features = len(out_keep)
-    if in_cols is not None:
-        w = w[:, _idx(in_cols)]
-        mod.in_features = len(in_cols)
-    _set_param(mod, "weight", w)
-
-
 def _cols(keep: np.ndarray, inner: int) -> np.ndarray:
-    return (keep[:, None] * inner + np.arange(inner)[None, :]).reshape(-1)
+    """Channel positions -> feature positions when each channel is ``inner`` consecutive features."""
+    return keep if inner == 1 else (keep[:, None] * inner + np.arange(inner)[None, :]).reshape(-1)
+
+
+# graph members (no layer rule): what a removal rewrites in the graph itself
+
+def _slice_param(gm: fx.GraphModule, nodes: dict[str, fx.Node], m: Member, keep: np.ndarray) -> None:
+    owner, leaf = _owner(gm, m.target)
+    _set_tensor(owner, leaf, getattr(owner, leaf).detach().index_select(m.axis, _idx(keep)))
+
+
+def _slice_bn_f(gm: fx.GraphModule, nodes: dict[str, fx.Node], m: Member, keep: np.ndarray) -> None:
+    for path in m.extra["targets"].values():
+        owner, leaf = _owner(gm, path)
+        _set_tensor(owner, leaf, getattr(owner, leaf).detach()[_idx(keep)])
+
+
+def _rewrite_reshape(gm: fx.GraphModule, nodes: dict[str, fx.Node], m: Member, keep: np.ndarray) -> None:
+    node = nodes[m.node]
+    new_size = len(keep) * m.inner
+    args = list(node.args)
+    if m.extra["kind"] == "method" and not (len(args) == 2 and isinstance(args[1], (list, tuple))):
+        args[1 + m.axis] = new_size
+    else:
+        sizes = list(args[1])
+        sizes[m.axis] = new_size
+        args[1] = type(args[1])(sizes)
+    node.args = tuple(args)
+
+
+def _rewrite_split(gm: fx.GraphModule, nodes: dict[str, fx.Node], m: Member, keep: np.ndarray) -> None:
+    node = nodes[m.node]
+    sizes, start, new = m.extra["sizes"], 0, []
+    for s in sizes:
+        new.append(int(((keep >= start) & (keep < start + s)).sum()))
+        start += s
+    if m.extra.get("equal"):  # split(size): one piece size, equal removal per piece (a group constraint)
+        if len(set(new)) != 1:
+            raise RuntimeError(f"uneven removal across the pieces of split node {m.node}: {new}")
+        new = new[0]
+    if len(node.args) > 1:
+        args = list(node.args)
+        args[1] = new
+        node.args = tuple(args)
+    else:
+        kwargs = dict(node.kwargs)
+        kwargs["split_size_or_sections" if node.op == "call_function" else "split_size"] = new
+        node.kwargs = kwargs
+
+
+_GRAPH_MEMBERS = {"param": _slice_param, "bn_f": _slice_bn_f, "reshape": _rewrite_reshape, "split": _rewrite_split}
 
 
 def apply_pruning(gm: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray) -> dict[str, Any]:
-    """Slice ``gm`` in place to drop the removed classes; returns counts of what changed."""
+    """Slice ``gm`` in place to drop the removed classes; returns counts of what changed.
+
+    Layers are sliced by their channel rules (:class:`graphopt.analysis.ChannelRule`), given the
+    kept output/input positions; graph members (sliced parameters, literal sizes) are rewritten here.
+    """
     keep_of = {id(m): cg.keep_positions(m.atoms, removed) for m in cg.members}
-    family = {"conv_out": "mod", "conv_in": "mod", "dw": "mod", "linear_out": "mod", "linear_in": "mod",
-              "bn": "mod", "gn": "mod"}
-    by_target: dict[tuple[str, str], dict[str, Member]] = {}
-    for m in cg.members:
-        by_target.setdefault((family.get(m.kind, m.kind), m.target), {})[m.kind] = m
+    layers: dict[str, dict[str, Member]] = {}
     nodes = {n.name: n for n in gm.graph.nodes}
     sliced = 0
-    for (_, target), kinds in by_target.items():
-        if not any(len(keep_of[id(m)]) != len(m.atoms) for m in kinds.values()):
+    for m in cg.members:
+        if m.rule is not None:
+            layers.setdefault(m.target, {})[m.kind] = m
+        elif len(keep_of[id(m)]) != len(m.atoms):
+            _GRAPH_MEMBERS[m.kind](gm, nodes, m, keep_of[id(m)])
+            sliced += 1
+    for target, roles in layers.items():
+        if not any(len(keep_of[id(m)]) != len(m.atoms) for m in roles.values()):
             continue
         sliced += 1
-        if "conv_out" in kinds or "conv_in" in kinds:
-            mod = gm.get_submodule(target)
-            o, i = kinds.get("conv_out"), kinds.get("conv_in")
-            _slice_conv(mod, keep_of[id(o)] if o else None, keep_of[id(i)] if i else None)
-        elif "dw" in kinds:
-            _slice_depthwise(gm.get_submodule(target), keep_of[id(kinds["dw"])])
-        elif "linear_out" in kinds or "linear_in" in kinds:
-            o, i = kinds.get("linear_out"), kinds.get("linear_in")
-            _slice_linear(gm.get_submodule(target), keep_of[id(o)] if o else None,
-                          _cols(keep_of[id(i)], i.inner) if i else None)
-        elif "bn" in kinds:
-            mod = gm.get_submodule(target)
-            keep = _idx(keep_of[id(kinds["bn"])])
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                t = getattr(mod, name, None)
-                if isinstance(t, torch.Tensor):
-                    _set_param(mod, name, t.detach()[keep])
-            mod.num_features = len(keep)
-        elif "gn" in kinds:
-            mod = gm.get_submodule(target)
-            m = kinds["gn"]
-            keep = keep_of[id(m)]
-            unit = len(m.atoms) // mod.num_groups
-            for name in ("weight", "bias"):
-                t = getattr(mod, name, None)
-                if isinstance(t, torch.Tensor):
-                    _set_param(mod, name, t.detach()[_idx(keep)])
-            mod.num_channels = len(keep)
-            mod.num_groups = len(keep) // unit
-        elif "bn_f" in kinds:
-            keep = _idx(keep_of[id(kinds["bn_f"])])
-            for path in kinds["bn_f"].extra["targets"].values():
-                owner, leaf = _owner(gm, path)
-                _set_param(owner, leaf, getattr(owner, leaf).detach()[keep])
-        elif "param" in kinds:
-            m = kinds["param"]
-            owner, leaf = _owner(gm, target)
-            t = getattr(owner, leaf).detach()
-            _set_param(owner, leaf, t.index_select(m.axis, _idx(keep_of[id(m)])))
-        elif "reshape" in kinds:
-            m = kinds["reshape"]
-            node = nodes[m.node]
-            new_size = len(keep_of[id(m)]) * m.inner
-            args = list(node.args)
-            if m.extra["kind"] == "method":
-                if len(args) == 2 and isinstance(args[1], (list, tuple)):
-                    sizes = list(args[1])
-                    sizes[m.axis] = new_size
-                    args[1] = type(args[1])(sizes)
-                else:
-                    args[1 + m.axis] = new_size
-            else:
-                sizes = list(args[1])
-                sizes[m.axis] = new_size
-                args[1] = type(node.args[1])(sizes)
-            node.args = tuple(args)
-        elif "split" in kinds:
-            m = kinds["split"]
-            node = nodes[m.node]
-            keep = keep_of[id(m)]
-            sizes, start, new = m.extra["sizes"], 0, []
-            for s in sizes:
-                new.append(int(((keep >= start) & (keep < start + s)).sum()))
-                start += s
-            args = list(node.args)
-            args[1] = new
-            node.args = tuple(args)
+        mod = gm.get_submodule(target)
+        rule = next(iter(roles.values())).rule
+        keep = {k: _cols(keep_of[id(m)], m.inner) for k, m in roles.items()}
+        if "coupled" in keep:
+            rule.prune(mod, keep["coupled"], keep["coupled"])
+        else:
+            rule.prune(mod, keep.get("out"), keep.get("in"))
     gm.recompile()
     return {"tensors_sliced": sliced}
 
 
 def masked_reference(gm: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray) -> fx.GraphModule:
-    """A copy of the unpruned ``gm`` in which removed channels contribute nothing: the weight
-    columns of every consumer that reads them are zero. The pruned model must equal it."""
+    """A copy of the unpruned ``gm`` in which removed channels contribute nothing: every layer that
+    reads them as input channels has them masked (its rule's ``mask_in_channels``: weight columns
+    zero). The pruned model must equal it."""
     ref = copy_graph_module(gm)
     with torch.no_grad():
         for m in cg.members:
-            gone = np.nonzero(removed[cg.root[m.atoms]])[0]
-            if not len(gone):
+            if m.kind != "in" or m.rule is None:
                 continue
-            if m.kind == "conv_in":
-                mod = ref.get_submodule(m.target)
-                g = mod.groups
-                w = mod.weight
-                cout, in_g = w.shape[0], w.shape[1]
-                out_g = cout // g
-                for p in gone:
-                    q, j = divmod(int(p), in_g)
-                    w[q * out_g:(q + 1) * out_g, j] = 0
-            elif m.kind == "linear_in":
-                mod = ref.get_submodule(m.target)
-                mod.weight[:, _idx(_cols(gone, m.inner))] = 0
+            gone = np.nonzero(removed[cg.root[m.atoms]])[0]
+            if len(gone):
+                m.rule.mask_in_channels(ref.get_submodule(m.target), _cols(gone, m.inner))
     return ref
 
 
