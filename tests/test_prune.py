@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphopt
-from graphopt.analysis.channels import analyze_channels
+from graphopt.analysis import ChannelRule, analyze_channels, register_channel_rule, unregister_channel_rule
 from graphopt.errors import PassConfigError
 from graphopt.prune import prune_iterative, sparsity_of, to_semi_structured
 from tests.helpers import count_calls, count_modules, outputs, run_pass, train_steps
@@ -345,6 +345,129 @@ def test_real_models(zoo, tmp_path, name):
     if name == "convnext_tiny":
         assert any("LayerNorm" in d["reason"] or "layer_norm" in d["reason"] for d in rec.declined)
     _emit_load_train(gm, tmp_path, x, classes=1000)
+
+
+# ----------------------------------------------------------------------------- channel rule registry
+
+
+class ChannelAffine(nn.Module):
+    """A layer of the user's own: a per-channel affine map. Its shape check is control flow on a
+    traced value, so capture keeps it whole (an opaque leaf): the analysis sees a module call."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.c = c
+        self.scale = nn.Parameter(torch.rand(c) + 0.5)
+        self.shift = nn.Parameter(torch.randn(c))
+        self.register_buffer("calls", torch.zeros(()))  # an unsliced buffer rides along
+
+    def forward(self, x):
+        if x.shape[1] != self.c:
+            raise ValueError(f"expected {self.c} channels, got {x.shape[1]}")
+        return x * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
+
+
+class ChannelAffineRule(ChannelRule):
+    """Coupled (channel i in is channel i out) on axis 1; scale and shift are sliced."""
+
+    in_axis = 1
+
+    def get_in_channels(self, module):
+        return module.c
+
+    def out_params(self, module):
+        return {"scale": 0, "shift": 0}
+
+    def set_out_channels(self, module, n):
+        module.c = n
+
+
+class AffineNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.affine = ChannelAffine(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.relu(self.affine(self.conv1(x)))
+        return self.fc(F.relu(self.conv2(y)).mean((2, 3)))
+
+
+@pytest.fixture
+def affine_rule():
+    register_channel_rule(ChannelAffine, ChannelAffineRule())
+    yield
+    unregister_channel_rule(ChannelAffine)
+
+
+def test_custom_layer_without_rule_is_declined_with_reason():
+    model, x = AffineNet().eval(), _inputs()
+    gm, rec = run_pass("prune:ratio=0.5", model, x)
+    assert isinstance(gm.get_submodule("affine"), ChannelAffine)      # kept whole by capture
+    declined = {d["target"]: d["reason"] for d in rec.declined}
+    assert "no channel rule for ChannelAffine" in declined["conv1"]
+    assert "register_channel_rule" in declined["conv1"]
+    assert gm.conv1.out_channels == 8 and gm.affine.c == 8 and gm.conv2.out_channels == 4  # the rest is pruned
+
+
+def test_custom_layer_with_registered_rule_is_pruned(affine_rule):
+    model, x = AffineNet().eval(), _inputs()
+    gm, rec = run_pass("prune:ratio=0.5", model, x)
+    gm.graph.lint()
+    assert rec.modified and rec.verification.status == "passed", rec.verification.message
+    assert gm.conv1.out_channels == 4 and gm.conv2.in_channels == 4
+    assert gm.affine.c == 4 and gm.affine.scale.shape == (4,) and gm.affine.shift.shape == (4,)
+    assert isinstance(gm.affine.scale, nn.Parameter) and gm.affine.calls.shape == ()
+    # independently of the verifier: the pruned model equals the original with the removed channels'
+    # columns of conv2 zeroed, and the kept channels keep their own scale/shift
+    kept = [i for i in range(8) if any(torch.equal(model.conv1.weight[i], w) for w in gm.conv1.weight)]
+    assert len(kept) == 4
+    torch.testing.assert_close(gm.affine.scale, model.affine.scale[kept])
+    ref = graphopt.capture(model, x)
+    with torch.no_grad():
+        for i in set(range(8)) - set(kept):
+            ref.conv2.weight[:, i] = 0
+        gone2 = [i for i in range(8) if not any(torch.equal(ref.conv2.weight[i, kept], w) for w in gm.conv2.weight)]
+        for i in gone2:
+            ref.fc.weight[:, i] = 0
+    torch.testing.assert_close(outputs(gm, x), outputs(ref, x), rtol=1e-5, atol=1e-6)
+    # the rule scores too: its parameters join the group importance
+    assert rec.after["params"] < rec.before["params"]
+
+
+def test_rule_registry_api():
+    from graphopt.analysis import channel_rule_for
+    from graphopt.prune import register_channel_rule as via_prune
+
+    assert via_prune is register_channel_rule
+    assert channel_rule_for(ChannelAffine(2)) is None
+    assert type(channel_rule_for(nn.Conv2d(2, 2, 1))).__name__ == "ConvRule"
+
+    class MyConv(nn.Conv2d):
+        pass
+
+    assert channel_rule_for(MyConv) is channel_rule_for(nn.Conv2d)     # by MRO
+    with pytest.raises(PassConfigError, match="ChannelRule"):
+        register_channel_rule(ChannelAffine, object())
+    with pytest.raises(PassConfigError, match="nn.Module"):
+        register_channel_rule(int, ChannelAffineRule())
+
+
+def test_exclude_option_and_old_name_ignore(small_cnn, caplog):
+    model, x = small_cnn
+    gm, rec = run_pass("prune:ratio=0.9,exclude=conv1,min_channels=3", model, x)
+    assert gm.conv1.out_channels == 8 and gm.conv2.out_channels == 3
+    assert "renamed_options" not in rec.notes
+    with caplog.at_level("WARNING"):
+        gm2, rec2 = run_pass("prune:ratio=0.9,ignore=conv1,min_channels=3", model, x)
+    assert gm2.conv1.out_channels == 8 and gm2.conv2.out_channels == 3
+    assert rec2.notes["renamed_options"] == ["'ignore' is now 'exclude'"]
+    assert any("'ignore' was renamed to 'exclude'" in r.getMessage() for r in caplog.records)
+    assert graphopt.create_pass("prune", {"ignore": ["a*"]}).spec() == "prune:exclude=a*"
+    with pytest.raises(PassConfigError, match="renamed"):
+        graphopt.create_pass("prune", {"ignore": ["a"], "exclude": ["b"]})
 
 
 # ----------------------------------------------------------------------------- sparsity

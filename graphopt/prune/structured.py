@@ -330,6 +330,14 @@ def masked_reference(gm: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray) 
 # ----------------------------------------------------------------------------- driver
 
 
+def renamed_exclude(exclude: list[str] | None, ignore: list[str] | None, where: str) -> list[str] | None:
+    """``ignore`` is the old name of ``exclude``: accepted, merged, and logged as renamed."""
+    if ignore is None:
+        return exclude
+    log.warning("%s: option 'ignore' was renamed to 'exclude'; 'ignore' still works but will go", where)
+    return list(exclude or []) + list(ignore)
+
+
 @dataclass
 class StructuredResult:
     """What :func:`prune_structured` did: the plan, the groups, the masked reference."""
@@ -345,18 +353,20 @@ class StructuredResult:
 
 def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | None = None,
                      criterion: str = "l1", scope: str = "per_layer", round_to: int = 1,
-                     min_channels: int = 1, max_ratio: float = 0.9, ignore: list[str] | None = None,
+                     min_channels: int = 1, max_ratio: float = 0.9, exclude: list[str] | None = None,
                      batches: list[tuple[torch.Tensor, ...]] | None = None,
-                     loss_fn: Any = None) -> StructuredResult:
+                     loss_fn: Any = None, ignore: list[str] | None = None) -> StructuredResult:
     """Prune channel groups of ``gm`` in place (see the module docstring).
 
-    ``ignore``: globs of module paths whose *output* channels are kept (groups with an ignored
-    producer are not pruned). ``batches``: input batches for ``taylor``.
+    ``exclude``: globs of module paths whose *output* channels are kept (groups with an excluded
+    producer or coupled layer are not pruned; ``ignore`` is its old name, still accepted).
+    ``batches``: input batches for ``taylor``.
     """
     from graphopt.analysis.channels import analyze_channels
     from graphopt.ir import name_matches
     from graphopt.prune.importance import channel_scores, gradients
 
+    exclude = renamed_exclude(exclude, ignore, "prune_structured")
     cg = analyze_channels(gm)
     declined: list[tuple[str, str]] = []
     candidates: list[ChannelGroup] = []
@@ -364,8 +374,8 @@ def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | No
         if not g.prunable:
             declined.append((g.name, "not prunable: " + "; ".join(g.blocked[:3])
                              + (f" (+{len(g.blocked) - 3} more reasons)" if len(g.blocked) > 3 else "")))
-        elif any(name_matches(p, ignore) for p in g.producers):
-            declined.append((g.name, "ignored by the 'ignore' option"))
+        elif any(name_matches(p, exclude) for p in g.producers + g.modules):
+            declined.append((g.name, "excluded by the 'exclude' option (formerly 'ignore')"))
         elif g.size <= 1:
             declined.append((g.name, "a single channel"))
         else:
