@@ -572,6 +572,36 @@ def test_prune_iterative_with_finetuning(small_cnn):
         prune_iterative(model, x, rounds=2, ratio_per_round=0.5, ratio=0.3)
 
 
+def _mnist_cnn(width: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)).eval()
+
+
+def test_prune_iterative_round_to_removes_every_round():
+    """Issue 16 item 7: with round_to=8 every round removes its share of the current widths; rounding
+    never turns a wanted removal into nothing while a multiple of 8 can still go."""
+    model, x = _mnist_cnn(32), (torch.randn(4, 1, 8, 8),)
+    widths = []
+    gm, reports = prune_iterative(model, x, rounds=3, ratio_per_round=0.3, round_to=8,
+                                  finetune=lambda m: widths.append(m.get_submodule("0").out_channels))
+    macs = [reports[0].records[0].before["macs"]] + [r.records[0].after["macs"] for r in reports]
+    assert all(a > b for a, b in zip(macs, macs[1:])), macs
+    assert widths == [24, 16, 8]                      # 30% of 32, 24, 16 rounded to one multiple of 8
+    assert all(r.records[0].modified and not r.records[0].notes["round"]["removed_nothing"] for r in reports)
+
+
+def test_prune_iterative_says_when_a_round_removes_nothing(caplog):
+    model, x = _mnist_cnn(16), (torch.randn(4, 1, 8, 8),)
+    with caplog.at_level("WARNING"):
+        gm, reports = prune_iterative(model, x, rounds=2, ratio_per_round=0.3, round_to=8)
+    assert gm.get_submodule("0").out_channels == 8
+    note = reports[1].records[0].notes["round"]
+    assert note["removed_nothing"] and "nothing to remove after rounding" in note["why"]
+    assert any("round 2/2 removed nothing" in r.getMessage() for r in caplog.records)
+
+
 def test_cli_prune(tmp_path):
     from graphopt.cli import main
 
@@ -659,3 +689,30 @@ def test_prune_never_breaks_models_it_cannot_fully_follow(zoo, name):
     if name == "timm:cs3darknet_focus_s":  # x.split(k, dim=1): the literal piece size follows the pruning
         split = next(n for n in gm.graph.nodes if n.target == "split")
         assert split.args[1] == 16 and gm.get_submodule("stages.0.conv_exp.conv").out_channels == 32  # was 32, 64
+
+
+def test_cli_prune_iterative_warns_when_a_round_removes_nothing(tmp_path, capsys):
+    """Issue 16 item 7: the table, prune.json/prune.md and a warning say when a round removed nothing."""
+    import json
+
+    from graphopt.cli import main
+
+    mf = tmp_path / "m.py"
+    mf.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def model():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),\n"
+        "                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))\n\n"
+        "def example_inputs():\n    return (torch.randn(4, 1, 8, 8),)\n")
+    out = tmp_path / "run"
+    assert main(["prune-iterative", str(mf), "--rounds", "2", "--ratio-per-round", "0.3", "--prune", "round_to=8",
+                 "--data", "digits", "--epochs-per-round", "1", "--progress", "none", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "warning: round 2 removed nothing" in captured.err and "round 1 removed" not in captured.err
+    assert "nothing" in captured.out   # the table's "pruned" column (may wrap)
+    rounds = json.loads((out / "prune.json").read_text())["rounds"]
+    assert rounds[1]["pruned"] and not rounds[2]["pruned"]
+    assert rounds[0]["macs"] > rounds[1]["macs"] == rounds[2]["macs"]
+    assert "nothing to remove after rounding" in rounds[2]["removed_nothing"]
+    assert "nothing removed" in (out / "prune.md").read_text()

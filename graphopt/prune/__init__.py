@@ -13,7 +13,7 @@ from graphopt.analysis.channels import (
     ChannelRule, Relation, channel_rule_for, register_channel_rule, unregister_channel_rule,
 )
 from graphopt.prune.importance import CRITERIA, channel_scores, default_loss, gradients
-from graphopt.prune.iterative import prune_iterative
+from graphopt.prune.iterative import prune_iterative, removed_nothing
 from graphopt.prune.sparsity import (
     SparsityResult, find_masked_weights, prune_sparse, sparsity_of, to_semi_structured,
 )
@@ -25,5 +25,5 @@ __all__ = [
     "CRITERIA", "channel_scores", "default_loss", "gradients", "prune_iterative", "SparsityResult",
     "find_masked_weights", "prune_sparse", "sparsity_of", "to_semi_structured", "PruningPlan",
     "StructuredResult", "apply_pruning", "masked_reference", "plan_pruning", "prune_structured",
-    "ChannelRule", "Relation", "register_channel_rule", "unregister_channel_rule", "channel_rule_for",
+    "removed_nothing", "ChannelRule", "Relation", "register_channel_rule", "unregister_channel_rule", "channel_rule_for",
 ]

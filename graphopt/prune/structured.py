@@ -70,9 +70,20 @@ class _GroupRule:
         self.step = step
         min_keep = max(1, min_channels, n - int(math.floor(n * max_ratio + 1e-9)))
         self.min_keep = min(n, math.ceil(min_keep / step) * step) if step <= n else n
+        self._smallest: int | None = None
 
-    def adjust(self, r: int) -> int:
-        """The nearest allowed removal not above ``r`` (kept channels rounded up)."""
+    def adjust(self, r: int, never_zero: bool = False) -> int:
+        """The nearest allowed removal not above ``r`` (kept channels rounded up). ``never_zero``:
+        when that rounds a wanted removal (``r > 0``) down to nothing, the smallest allowed
+        removal instead (e.g. one multiple of ``round_to``), if the group can lose any."""
+        got = self._adjust(r)
+        if got == 0 and r > 0 and never_zero:
+            if self._smallest is None:
+                self._smallest = next((a for a in (self._adjust(x) for x in range(r + 1, self.n + 1)) if a > 0), 0)
+            return self._smallest
+        return got
+
+    def _adjust(self, r: int) -> int:
         n, step = self.n, self.step
         k = n - max(0, min(r, n))
         k = max(k, self.min_keep)
@@ -118,12 +129,12 @@ def plan_pruning(cg: ChannelGraph, scores: dict[int, np.ndarray], groups: list[C
         m = float(s.mean()) if len(s) else 0.0
         norm[g.id] = s / m if m > 0 else s
 
-    def build_ratio(r: float) -> tuple[np.ndarray, dict[int, int]]:
+    def build_ratio(r: float, never_zero: bool = False) -> tuple[np.ndarray, dict[int, int]]:
         removed = np.zeros(n_atoms, dtype=bool)
         counts = {}
         for g in groups:
             rule = rules[g.id]
-            k = rule.adjust(int(math.floor(g.size * r + 1e-9)))
+            k = rule.adjust(int(math.floor(g.size * r + 1e-9)), never_zero)
             idx = rule.choose(scores[g.id], k)
             removed[g.classes[idx]] = True
             counts[g.id] = len(idx)
@@ -143,8 +154,8 @@ def plan_pruning(cg: ChannelGraph, scores: dict[int, np.ndarray], groups: list[C
     total = sum(g.size for g in groups)
     target: dict[str, Any] = {"scope": scope}
     if macs is None:
-        if scope == "per_layer":
-            removed, counts = build_ratio(ratio)
+        if scope == "per_layer":  # a ratio > 0 removes something from every group that can lose channels
+            removed, counts = build_ratio(ratio, never_zero=True)
         else:
             want = ratio * total
             hi = max((float(v.max()) for v in norm.values() if len(v)), default=0.0) + 1.0
