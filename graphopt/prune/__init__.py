@@ -25,5 +25,6 @@ __all__ = [
     "CRITERIA", "channel_scores", "default_loss", "gradients", "prune_iterative", "SparsityResult",
     "find_masked_weights", "prune_sparse", "sparsity_of", "to_semi_structured", "PruningPlan",
     "StructuredResult", "apply_pruning", "masked_reference", "plan_pruning", "prune_structured",
-    "removed_nothing", "ChannelRule", "Relation", "register_channel_rule", "unregister_channel_rule", "channel_rule_for",
+    "removed_nothing", "ChannelRule", "Relation", "register_channel_rule", "unregister_channel_rule",
+    "channel_rule_for",
 ]

@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from graphopt.analysis.channels import ChannelGraph, ChannelGroup, Member
+from graphopt.analysis.channels.rules import replace_tensor
 
 __all__ = ["PruningPlan", "plan_pruning", "apply_pruning", "masked_reference", "copy_graph_module"]
 
@@ -225,15 +226,6 @@ def _owner(gm: fx.GraphModule, path: str) -> tuple[nn.Module, str]:
     return (gm.get_submodule(parent) if parent else gm), leaf
 
 
-def _set_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(owner, name)
-    if isinstance(old, nn.Parameter):
-        setattr(owner, name, nn.Parameter(value.detach().clone().contiguous(), requires_grad=old.requires_grad))
-    else:
-        owner.register_buffer(name, value.detach().clone().contiguous(),
-                              persistent=name not in getattr(owner, "_non_persistent_buffers_set", set()))
-
-
 def _idx(keep: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(keep, dtype=torch.long)
 
@@ -247,13 +239,13 @@ def _cols(keep: np.ndarray, inner: int) -> np.ndarray:
 
 def _slice_param(gm: fx.GraphModule, nodes: dict[str, fx.Node], m: Member, keep: np.ndarray) -> None:
     owner, leaf = _owner(gm, m.target)
-    _set_tensor(owner, leaf, getattr(owner, leaf).detach().index_select(m.axis, _idx(keep)))
+    replace_tensor(owner, leaf, getattr(owner, leaf).detach().index_select(m.axis, _idx(keep)))
 
 
 def _slice_bn_f(gm: fx.GraphModule, nodes: dict[str, fx.Node], m: Member, keep: np.ndarray) -> None:
     for path in m.extra["targets"].values():
         owner, leaf = _owner(gm, path)
-        _set_tensor(owner, leaf, getattr(owner, leaf).detach()[_idx(keep)])
+        replace_tensor(owner, leaf, getattr(owner, leaf).detach()[_idx(keep)])
 
 
 def _rewrite_reshape(gm: fx.GraphModule, nodes: dict[str, fx.Node], m: Member, keep: np.ndarray) -> None:

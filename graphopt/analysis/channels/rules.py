@@ -40,9 +40,9 @@ from graphopt.errors import PassConfigError
 if TYPE_CHECKING:
     from graphopt.analysis.channels.graph import ChanInfo
 
-__all__ = ["Relation", "ChannelRule", "register_channel_rule", "unregister_channel_rule", "channel_rule_for",
-           "channel_rules", "ConvRule", "LinearRule", "BatchNormRule", "GroupNormRule", "LayerNormRule",
-           "PassThroughRule", "PReLURule", "PoolRule", "FlattenRule", "SoftmaxRule", "BlockedRule"]
+__all__ = ["Relation", "ChannelRule", "replace_tensor", "register_channel_rule", "unregister_channel_rule",
+           "channel_rule_for", "channel_rules", "ConvRule", "LinearRule", "BatchNormRule", "GroupNormRule",
+           "LayerNormRule", "PassThroughRule", "PReLURule", "PoolRule", "FlattenRule", "SoftmaxRule", "BlockedRule"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Relation:
         return cls("blocked", reason=reason)
 
 
-def _set_tensor(mod: nn.Module, name: str, value: torch.Tensor) -> None:
+def replace_tensor(mod: nn.Module, name: str, value: torch.Tensor) -> None:
     """Replace parameter or buffer ``name`` of ``mod`` by ``value`` (same kind, same flags)."""
     old = getattr(mod, name)
     if isinstance(old, nn.Parameter):
@@ -159,13 +159,13 @@ class ChannelRule:
     def prune_out_channels(self, module: nn.Module, keep: np.ndarray) -> None:
         """Keep only output channels ``keep`` (sorted positions)."""
         for name, axis in self._present(module, self.out_params(module)).items():
-            _set_tensor(module, name, getattr(module, name).detach().index_select(axis, _index(keep)))
+            replace_tensor(module, name, getattr(module, name).detach().index_select(axis, _index(keep)))
         self.set_out_channels(module, len(keep))
 
     def prune_in_channels(self, module: nn.Module, keep: np.ndarray) -> None:
         """Keep only input channels (features, for flattened inputs) ``keep``."""
         for name, axis in self._present(module, self.in_params(module)).items():
-            _set_tensor(module, name, getattr(module, name).detach().index_select(axis, _index(keep)))
+            replace_tensor(module, name, getattr(module, name).detach().index_select(axis, _index(keep)))
         self.set_in_channels(module, len(keep))
 
     def prune(self, module: nn.Module, out_keep: np.ndarray | None, in_keep: np.ndarray | None) -> None:
@@ -324,9 +324,9 @@ class ConvRule(ChannelRule):
             parts.append(w[_index(oq)][:, _index(iq)])
         if len(counts_o) != 1 or len(counts_i) != 1:
             raise RuntimeError(f"uneven pruning across the groups of a grouped conv: {counts_o}, {counts_i}")
-        _set_tensor(module, "weight", torch.cat(parts, 0))
+        replace_tensor(module, "weight", torch.cat(parts, 0))
         if module.bias is not None:
-            _set_tensor(module, "bias", module.bias.detach()[_index(out_keep)])
+            replace_tensor(module, "bias", module.bias.detach()[_index(out_keep)])
         module.out_channels, module.in_channels = len(out_keep), len(in_keep)
 
     def score(self, module: nn.Module, role: str, fn: ScoreFn, prefix: str, norms_only: bool = False
