@@ -93,7 +93,7 @@ class Prune(Pass):
                                 {"producers": g.producers, "before": before, "after": after})
                         for g, before, after in r.pruned]
             declined = [Decline(t, why) for t, why in r.declined]
-            return PassResult(gm, bool(r.pruned), rewrites, declined, notes={**r.notes, **renamed},
+            return PassResult(r.gm, bool(r.pruned), rewrites, declined, notes={**r.notes, **renamed},
                               reference=r.reference)
         s = prune_sparse(gm, mode=c["mode"], ratio=c["ratio"], criterion=c["criterion"],
                          scope="per_layer" if c["scope"] == "per_layer" else "global", exclude=c["exclude"],

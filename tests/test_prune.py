@@ -437,6 +437,29 @@ def test_custom_layer_with_registered_rule_is_pruned(affine_rule):
     assert rec.after["params"] < rec.before["params"]
 
 
+def test_a_rule_that_slices_wrongly_is_declined_not_an_invalid_graph():
+    """Defence in depth: a rule that forgets to update its layer (here: ChannelAffine.c stays 8, so its
+    forward refuses the 4-channel input) must not yield a broken graph: that group is declined with
+    the error, the others are still pruned, and the result verifies."""
+
+    class Forgetful(ChannelAffineRule):
+        def set_out_channels(self, module, n):
+            pass
+
+    register_channel_rule(ChannelAffine, Forgetful())
+    try:
+        model, x = AffineNet().eval(), _inputs()
+        gm, rec = run_pass("prune:ratio=0.5", model, x)
+    finally:
+        unregister_channel_rule(ChannelAffine)
+    gm.graph.lint()
+    assert rec.modified and rec.verification.status == "passed"
+    declined = {d["target"]: d["reason"] for d in rec.declined}
+    assert "does not run" in declined["conv1"] and "expected 8 channels" in declined["conv1"]
+    assert gm.conv1.out_channels == 8 and gm.affine.c == 8 and gm.conv2.out_channels == 4
+    assert gm(*x).shape == (2, 4)
+
+
 def test_rule_registry_api():
     from graphopt.analysis import channel_rule_for
     from graphopt.prune import register_channel_rule as via_prune

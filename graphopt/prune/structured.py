@@ -404,8 +404,67 @@ def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | No
             pruned.append((g, g.size, plan.kept[g.id]))
     if not pruned:
         return StructuredResult(gm, None, cg, plan, [], declined, notes)
-    reference = masked_reference(gm, cg, plan.removed)
-    notes.update(apply_pruning(gm, cg, plan.removed))
+    gm, reference, pruned = _apply_checked(gm, cg, plan, pruned, declined, notes)
+    if not pruned:
+        return StructuredResult(gm, None, cg, plan, [], declined, notes)
     notes["channels_before"] = int(sum(b for _, b, _ in pruned))
     notes["channels_after"] = int(sum(a for _, _, a in pruned))
     return StructuredResult(gm, reference, cg, plan, pruned, declined, notes)
+
+
+def _runs(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> str | None:
+    """None if ``gm`` runs on ``inputs`` (eval mode, no gradients), else the error in one line."""
+    was = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            gm(*inputs)
+    except Exception as exc:  # any failure means the slicing broke the graph
+        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+    finally:
+        gm.train(was)
+    return None
+
+
+def _apply_checked(gm: fx.GraphModule, cg: ChannelGraph, plan: PruningPlan,
+                   pruned: list[tuple[ChannelGroup, int, int]], declined: list[tuple[str, str]],
+                   notes: dict[str, Any]) -> tuple[fx.GraphModule, fx.GraphModule | None, list]:
+    """Slice ``gm``; with example inputs, check that it still runs. If it does not (a channel rule
+    that slices wrongly), find the groups whose slicing breaks it, decline them with the error and
+    prune the others: never an invalid graph. Returns the graph, the masked reference and the
+    groups really pruned."""
+    inputs = gm.meta.get("graphopt", {}).get("example_inputs")
+    backup = copy_graph_module(gm) if inputs is not None else None
+    reference = masked_reference(gm, cg, plan.removed)
+    notes.update(apply_pruning(gm, cg, plan.removed))
+    err = _runs(gm, tuple(inputs)) if inputs is not None else None
+    if err is None:
+        return gm, reference, pruned
+    log.warning("structured pruning gave a graph that does not run (%s); finding the groups responsible", err)
+    backup.meta["graphopt"] = gm.meta.get("graphopt", {})
+    good, removed = [], np.zeros_like(plan.removed)
+    for g, before, after in pruned:
+        only = np.zeros_like(plan.removed)
+        only[g.classes] = plan.removed[g.classes]
+        trial = copy_graph_module(backup)
+        apply_pruning(trial, cg, only)
+        why = _runs(trial, tuple(inputs))
+        if why is None:
+            good.append((g, before, after))
+            removed |= only
+        else:
+            declined.append((g.name, f"slicing it gives a graph that does not run ({why}); not pruned "
+                                     "(a channel rule slices this layer wrongly: please report it)"))
+    if not good:
+        return backup, None, []
+    result = copy_graph_module(backup)
+    result.meta["graphopt"] = backup.meta["graphopt"]
+    reference = masked_reference(backup, cg, removed)
+    notes.update(apply_pruning(result, cg, removed))
+    why = _runs(result, tuple(inputs))
+    if why is not None:  # groups that run alone but not together: keep the graph whole
+        declined.extend((g.name, f"pruned together with the other groups the graph does not run ({why})")
+                        for g, _, _ in good)
+        return backup, None, []
+    plan.removed = removed
+    return result, reference, good
