@@ -347,6 +347,39 @@ def test_real_models(zoo, tmp_path, name):
     _emit_load_train(gm, tmp_path, x, classes=1000)
 
 
+class ShuffleNet(nn.Module):
+    """A channel shuffle (view splitting the channel axis) feeding a depthwise conv: the depthwise
+    conv must stay whole (its input width is fixed), the convs after it are still pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.a(x)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)  # channel shuffle
+        y = self.c(F.relu(self.b(self.bn(self.dw(x)))))
+        z = y[:, :8] + y[:, :4].repeat(1, 2, 1, 1)   # a full slice is followed, a partial one is not
+        return self.fc(z.mean((2, 3)))
+
+
+def test_shuffle_then_depthwise_keeps_the_depthwise_conv_whole():
+    model, x = ShuffleNet().eval(), _inputs()
+    gm, rec = run_pass("prune:ratio=0.5", model, x)
+    gm.graph.lint()
+    assert rec.verification.status == "passed", rec.verification.message
+    assert gm.dw.in_channels == gm.dw.out_channels == 8 and gm.bn.num_features == 8
+    assert gm.b.in_channels == 8 and gm.b.out_channels == 4 and gm.c.in_channels == 4 and gm.c.out_channels == 8
+    reasons = " ".join(d["reason"] for d in rec.declined)
+    assert "splits the channel axis" in reasons and "indexes into the channel axis" in reasons
+
+
 # ----------------------------------------------------------------------------- channel rule registry
 
 
