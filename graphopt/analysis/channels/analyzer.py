@@ -152,7 +152,6 @@ class ChannelAnalysis:
             return self.visit_method(node, tracked)
         return self.unknown(node)
 
-
     # -- layers: through their channel rules
     def visit_module(self, node: fx.Node, tracked: list[ChanInfo]) -> Any:
         target = str(node.target)
@@ -623,7 +622,6 @@ class ChannelAnalysis:
         self.members.append(Member("bn_f", node.name, node.name, x.atoms,
                                    extra={"targets": roles, "weight": roles.get("weight")}))
         return x
-
 
 
 def analyze_channels(gm: fx.GraphModule) -> ChannelGraph:
