@@ -319,7 +319,10 @@ def masked_reference(gm: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray) 
     """A copy of the unpruned ``gm`` in which removed channels contribute nothing: every layer that
     reads them as input channels has them masked (its rule's ``mask_in_channels``: weight columns
     zero). The pruned model must equal it."""
-    ref = copy_graph_module(gm)
+    return _mask_inputs(copy_graph_module(gm), cg, removed)
+
+
+def _mask_inputs(ref: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray) -> fx.GraphModule:
     with torch.no_grad():
         for m in cg.members:
             if m.kind != "in" or m.rule is None:
@@ -434,12 +437,15 @@ def _apply_checked(gm: fx.GraphModule, cg: ChannelGraph, plan: PruningPlan,
     prune the others: never an invalid graph. Returns the graph, the masked reference and the
     groups really pruned."""
     inputs = gm.meta.get("graphopt", {}).get("example_inputs")
-    backup = copy_graph_module(gm) if inputs is not None else None
-    reference = masked_reference(gm, cg, plan.removed)
-    notes.update(apply_pruning(gm, cg, plan.removed))
-    err = _runs(gm, tuple(inputs)) if inputs is not None else None
-    if err is None:
+    if inputs is None:  # nothing to run it on: slice and trust the rules
+        reference = masked_reference(gm, cg, plan.removed)
+        notes.update(apply_pruning(gm, cg, plan.removed))
         return gm, reference, pruned
+    backup = copy_graph_module(gm)
+    notes.update(apply_pruning(gm, cg, plan.removed))
+    err = _runs(gm, tuple(inputs))
+    if err is None:  # the unpruned copy is no longer needed as a backup: it becomes the reference
+        return gm, _mask_inputs(backup, cg, plan.removed), pruned
     log.warning("structured pruning gave a graph that does not run (%s); finding the groups responsible", err)
     backup.meta["graphopt"] = gm.meta.get("graphopt", {})
     good, removed = [], np.zeros_like(plan.removed)
