@@ -1,5 +1,7 @@
 """Analyses over the IR: the cost model, graph views and the channel analysis (with its rule registry)."""
 
+from __future__ import annotations
+
 from graphopt.analysis.channels import (
     ChannelGraph, ChannelGroup, ChannelRule, Relation, analyze_channels, channel_rule_for, register_channel_rule,
     unregister_channel_rule,
