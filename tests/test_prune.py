@@ -470,16 +470,22 @@ def test_custom_layer_with_registered_rule_is_pruned(affine_rule):
     assert rec.after["params"] < rec.before["params"]
 
 
-def test_a_rule_that_slices_wrongly_is_declined_not_an_invalid_graph():
-    """Defence in depth: a rule that forgets to update its layer (here: ChannelAffine.c stays 8, so its
-    forward refuses the 4-channel input) must not yield a broken graph: that group is declined with
-    the error, the others are still pruned, and the result verifies."""
+class _Forgetful(ChannelAffineRule):
+    def set_out_channels(self, module, n):
+        pass  # ChannelAffine.c stays 8: its forward refuses the 4-channel input
 
-    class Forgetful(ChannelAffineRule):
-        def set_out_channels(self, module, n):
-            pass
 
-    register_channel_rule(ChannelAffine, Forgetful())
+class _Raising(ChannelAffineRule):
+    def prune_out_channels(self, module, keep):
+        raise RuntimeError("expected 8 channels: this rule cannot slice")
+
+
+@pytest.mark.parametrize("rule", [_Forgetful, _Raising])
+def test_a_rule_that_slices_wrongly_is_declined_not_an_invalid_graph(rule):
+    """Defence in depth: a rule that slices its layer wrongly (the graph no longer runs) or cannot
+    slice it (raises) must not yield a broken graph or an internal error: that group is declined
+    with the error, the others are still pruned, and the result verifies."""
+    register_channel_rule(ChannelAffine, rule())
     try:
         model, x = AffineNet().eval(), _inputs()
         gm, rec = run_pass("prune:ratio=0.5", model, x)
@@ -488,7 +494,7 @@ def test_a_rule_that_slices_wrongly_is_declined_not_an_invalid_graph():
     gm.graph.lint()
     assert rec.modified and rec.verification.status == "passed"
     declined = {d["target"]: d["reason"] for d in rec.declined}
-    assert "does not run" in declined["conv1"] and "expected 8 channels" in declined["conv1"]
+    assert "does not run" in declined["conv1"] and "expected 8 channels" in declined["conv1"], declined
     assert gm.conv1.out_channels == 8 and gm.affine.c == 8 and gm.conv2.out_channels == 4
     assert gm(*x).shape == (2, 4)
 

@@ -415,15 +415,27 @@ def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | No
     return StructuredResult(gm, reference, cg, plan, pruned, declined, notes)
 
 
-def _runs(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> str | None:
-    """None if ``gm`` runs on ``inputs`` (eval mode, no gradients), else the error in one line."""
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+
+
+def _sliced_and_runs(gm: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray,
+                     inputs: tuple[torch.Tensor, ...], notes: dict[str, Any] | None = None) -> str | None:
+    """Slice ``gm`` in place and run it on ``inputs`` (eval mode, no gradients): None if that
+    worked, else the error in one line (the graph is then unusable)."""
+    try:
+        counts = apply_pruning(gm, cg, removed)
+    except Exception as exc:  # a rule that cannot slice what the analysis asked for
+        return _error(exc)
+    if notes is not None:
+        notes.update(counts)
     was = gm.training
     gm.eval()
     try:
         with torch.no_grad():
             gm(*inputs)
     except Exception as exc:  # any failure means the slicing broke the graph
-        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+        return _error(exc)
     finally:
         gm.train(was)
     return None
@@ -441,9 +453,9 @@ def _apply_checked(gm: fx.GraphModule, cg: ChannelGraph, plan: PruningPlan,
         reference = masked_reference(gm, cg, plan.removed)
         notes.update(apply_pruning(gm, cg, plan.removed))
         return gm, reference, pruned
+    inputs = tuple(inputs)
     backup = copy_graph_module(gm)
-    notes.update(apply_pruning(gm, cg, plan.removed))
-    err = _runs(gm, tuple(inputs))
+    err = _sliced_and_runs(gm, cg, plan.removed, inputs, notes)
     if err is None:  # the unpruned copy is no longer needed as a backup: it becomes the reference
         return gm, _mask_inputs(backup, cg, plan.removed), pruned
     log.warning("structured pruning gave a graph that does not run (%s); finding the groups responsible", err)
@@ -452,9 +464,7 @@ def _apply_checked(gm: fx.GraphModule, cg: ChannelGraph, plan: PruningPlan,
     for g, before, after in pruned:
         only = np.zeros_like(plan.removed)
         only[g.classes] = plan.removed[g.classes]
-        trial = copy_graph_module(backup)
-        apply_pruning(trial, cg, only)
-        why = _runs(trial, tuple(inputs))
+        why = _sliced_and_runs(copy_graph_module(backup), cg, only, inputs)
         if why is None:
             good.append((g, before, after))
             removed |= only
@@ -466,8 +476,7 @@ def _apply_checked(gm: fx.GraphModule, cg: ChannelGraph, plan: PruningPlan,
     result = copy_graph_module(backup)
     result.meta["graphopt"] = backup.meta["graphopt"]
     reference = masked_reference(backup, cg, removed)
-    notes.update(apply_pruning(result, cg, removed))
-    why = _runs(result, tuple(inputs))
+    why = _sliced_and_runs(result, cg, removed, inputs, notes)
     if why is not None:  # groups that run alone but not together: keep the graph whole
         declined.extend((g.name, f"pruned together with the other groups the graph does not run ({why})")
                         for g, _, _ in good)
