@@ -380,6 +380,38 @@ def test_shuffle_then_depthwise_keeps_the_depthwise_conv_whole():
     assert "splits the channel axis" in reasons and "indexes into the channel axis" in reasons
 
 
+class MixedKernels(nn.Module):
+    """MixNet's mixed depthwise conv: split the channels, a depthwise conv per piece, cat."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 1)
+        self.dw3 = nn.Conv2d(2, 2, 3, padding=1, groups=2)
+        self.dw5 = nn.Conv2d(14, 14, 5, padding=2, groups=14)
+        self.b = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        p, q = torch.split(self.a(x), [2, 14], 1)
+        x = torch.cat([self.dw3(p), self.dw5(q)], 1)
+        return self.fc(self.b(x).mean((2, 3)))
+
+
+def test_no_split_piece_or_layer_is_emptied():
+    """The two channels of the small piece score lowest; removing both would leave dw3 with no
+    channels (an invalid graph, as on timm's MixNet): the piece keeps its best channel and the
+    next-lowest channel elsewhere goes instead, so 8 of 16 still go."""
+    model, x = MixedKernels().eval(), _inputs()
+    with torch.no_grad():
+        for t in (model.a.weight[:2], model.a.bias[:2], model.dw3.weight, model.dw3.bias, model.b.weight[:, :2]):
+            t.mul_(1e-3)
+    gm, rec = run_pass("prune:ratio=0.5", model, x)
+    assert rec.verification.status == "passed" and not any("does not run" in d["reason"] for d in rec.declined)
+    assert gm.a.out_channels == 8 and gm.dw3.out_channels == 1 and gm.dw5.out_channels == 7
+    split = next(n for n in gm.graph.nodes if n.target is torch.split)
+    assert list(split.args[1]) == [1, 7]
+
+
 # ----------------------------------------------------------------------------- channel rule registry
 
 

@@ -72,6 +72,7 @@ class _GroupRule:
         min_keep = max(1, min_channels, n - int(math.floor(n * max_ratio + 1e-9)))
         self.min_keep = min(n, math.ceil(min_keep / step) * step) if step <= n else n
         self._smallest: int | None = None
+        self.pieces: list[np.ndarray] = []
 
     def adjust(self, r: int, never_zero: bool = False) -> int:
         """The nearest allowed removal not above ``r`` (kept channels rounded up). ``never_zero``:
@@ -110,7 +111,51 @@ class _GroupRule:
             us = np.array([scores[x].sum() for x in self.units])
             order = np.argsort(us, kind="stable")[: r // u]
             return np.concatenate([self.units[i] for i in order]) if len(order) else np.zeros(0, dtype=np.int64)
-        return np.argsort(scores, kind="stable")[:r]
+        return self._keep_pieces(scores, np.argsort(scores, kind="stable")[:r])
+
+    def _keep_pieces(self, scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Every piece (a producer's channels, a split's piece) keeps a channel: a layer or a split
+        piece with none left is not a valid graph. An emptied piece keeps its best channel; the
+        lowest-scored channel whose piece can spare it goes instead (same count)."""
+        if not self.pieces or not len(idx):
+            return idx
+        gone = np.zeros(self.n, dtype=bool)
+        gone[idx] = True
+        for piece in self.pieces:
+            if not gone[piece].all():
+                continue
+            gone[piece[np.argmax(scores[piece])]] = False
+            for c in np.argsort(scores, kind="stable"):
+                if gone[c]:
+                    continue
+                gone[c] = True
+                if any(gone[p].all() for p in self.pieces if c in p):
+                    gone[c] = False
+                    continue
+                break
+        return np.nonzero(gone)[0]
+
+
+def _add_pieces(rules: dict[int, "_GroupRule"], cg: ChannelGraph, groups: list[ChannelGroup]) -> None:
+    """Tell each group's rule which channel sets must not be emptied (producers, split pieces)."""
+    group_of = {int(c): g.id for g in groups for c in g.classes}
+    for m in cg.members:
+        if m.kind == "out":
+            parts = [m.atoms]
+        elif m.kind == "split":
+            bounds = np.cumsum([0] + list(m.extra["sizes"]))
+            parts = [m.atoms[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        else:
+            continue
+        for atoms in parts:
+            roots = cg.root[atoms]
+            gid = group_of.get(int(roots[0])) if len(roots) else None
+            if gid is None or any(group_of.get(int(r)) != gid for r in roots):
+                continue
+            rule = rules[gid]
+            piece = np.unique([rule.pos[int(r)] for r in roots])
+            if len(piece) < rule.n:
+                rule.pieces.append(piece)
 
 
 def plan_pruning(cg: ChannelGraph, scores: dict[int, np.ndarray], groups: list[ChannelGroup], *,
@@ -124,6 +169,7 @@ def plan_pruning(cg: ChannelGraph, scores: dict[int, np.ndarray], groups: list[C
     """
     n_atoms = len(cg.root)
     rules = {g.id: _GroupRule(g, cg, round_to, min_channels, max_ratio) for g in groups}
+    _add_pieces(rules, cg, groups)
     norm = {}
     for g in groups:
         s = scores[g.id]
