@@ -3,13 +3,15 @@
 :func:`plan_pruning` turns group scores into a removal plan (per-layer ratio, global ranking,
 or a MACs target found by bisection on the analysis's MAC model) respecting ``round_to``,
 ``min_channels``, ``max_ratio`` and the groups' constraints (equal removal per conv group,
-whole GroupNorm groups). :func:`apply_pruning` physically slices weights, biases, norm
-statistics and sliced parameters, updates the modules' constructor attributes
-(``in_channels``, ``out_features``, ``num_features``, ``num_groups`` ...) and literal sizes in
-``view``/``reshape``/``split``, so the emitted module has smaller tensors.
-:func:`masked_reference` is the original with the same channels masked: the consumers'
-weight columns of removed channels set to zero (so removed channels contribute nothing
-wherever channels mix); the pruned graph must equal it exactly.
+whole GroupNorm groups; no producer or split piece emptied). :func:`apply_pruning` slices every
+layer through its channel rule (:class:`graphopt.analysis.ChannelRule`: weights, biases, norm
+statistics, constructor attributes such as ``in_channels`` or ``num_features``) and rewrites the
+graph's own members (broadcast parameters, literal sizes in ``view``/``reshape``/``split``), so
+the emitted module has smaller tensors. :func:`masked_reference` is the original with the same
+channels masked: the consumers' input channels of removed channels zeroed by their rules (so
+removed channels contribute nothing wherever channels mix); the pruned graph must equal it
+exactly. :func:`prune_structured` runs the sliced graph on the example inputs: groups whose
+slicing breaks it are declined with the error, never returned broken.
 """
 
 from __future__ import annotations
