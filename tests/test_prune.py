@@ -713,13 +713,8 @@ def test_cli_prune(tmp_path):
     assert main(["optimize", str(mf), "-p", "prune:mode=5:8", "-o", str(tmp_path / "o2")]) == 2
 
 
-def test_cli_prune_iterative_fine_tunes_between_rounds(tmp_path):
-    """Issue 4 item 5: k% per round over N rounds, fine-tuned with the training harness in between."""
-    import json
-
-    import graphopt
-    from graphopt.cli import main
-
+def _mnist_model_file(tmp_path):
+    """A model file: a 16-channel CNN for 1-channel 8x8 digits."""
     mf = tmp_path / "m.py"
     mf.write_text(
         "import torch\nfrom torch import nn\n\n"
@@ -728,6 +723,17 @@ def test_cli_prune_iterative_fine_tunes_between_rounds(tmp_path):
         "                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),\n"
         "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))\n\n"
         "def example_inputs():\n    return (torch.randn(4, 1, 8, 8),)\n")
+    return mf
+
+
+def test_cli_prune_iterative_fine_tunes_between_rounds(tmp_path):
+    """Issue 4 item 5: k% per round over N rounds, fine-tuned with the training harness in between."""
+    import json
+
+    import graphopt
+    from graphopt.cli import main
+
+    mf = _mnist_model_file(tmp_path)
     out = tmp_path / "run"
     assert main(["prune-iterative", str(mf), "--rounds", "2", "--ratio-per-round", "0.5", "--data", "digits",
                  "--epochs-per-round", "1", "--optimizer", "adam", "--lr", "0.01", "--progress", "none",
@@ -791,14 +797,7 @@ def test_cli_prune_iterative_warns_when_a_round_removes_nothing(tmp_path, capsys
 
     from graphopt.cli import main
 
-    mf = tmp_path / "m.py"
-    mf.write_text(
-        "import torch\nfrom torch import nn\n\n"
-        "def model():\n    torch.manual_seed(0)\n"
-        "    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),\n"
-        "                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),\n"
-        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))\n\n"
-        "def example_inputs():\n    return (torch.randn(4, 1, 8, 8),)\n")
+    mf = _mnist_model_file(tmp_path)
     out = tmp_path / "run"
     assert main(["prune-iterative", str(mf), "--rounds", "2", "--ratio-per-round", "0.3", "--prune", "round_to=8",
                  "--data", "digits", "--epochs-per-round", "1", "--progress", "none", "-o", str(out)]) == 0
