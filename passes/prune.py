@@ -1,24 +1,34 @@
 """prune: structured channel pruning that shrinks tensors, or unstructured / 2:4 sparsity (APPROXIMATE).
 
 - ``mode=structured``: channel groups from the dependency analysis
-  (:mod:`graphopt.analysis.channels`) are ranked (:mod:`graphopt.prune.importance`) and the
-  weights, biases and norm statistics are sliced (:mod:`graphopt.prune.structured`). The result
-  must equal, exactly, the original with the same channels masked (the pass's ``reference``);
-  the error against the unpruned model is checked against ``budget``.
-- ``mode=unstructured`` / ``mode=2:4``: weights zeroed in place (:mod:`graphopt.prune.sparsity`),
+  (:func:`graphopt.analysis.analyze_channels`, with its per-layer channel rules) are ranked and
+  the weights, biases and norm statistics are sliced by those rules
+  (:func:`graphopt.prune.prune_structured`). The result must equal, exactly, the original with
+  the same channels masked (the pass's ``reference``); the error against the unpruned model is
+  checked against ``budget``.
+- ``mode=unstructured`` / ``mode=2:4``: weights zeroed in place (:func:`graphopt.prune.prune_sparse`),
   with ``keep_zero`` keeping them zero during fine-tuning (``weight * mask`` in the graph).
 
-Every channel group is either pruned (a Rewrite) or declined with the reason (unknown op,
-LayerNorm over channels, model output, ignored, nothing left after rounding ...).
+Every channel group is either pruned (a Rewrite) or declined with the reason (an op or layer the
+rules cannot follow, LayerNorm over channels, model output, excluded, nothing left after rounding ...).
+The option ``ignore`` is the old name of ``exclude``: still accepted, reported as renamed.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from torch import fx
 
+from graphopt import Decline, Option, Pass, PassResult, Rewrite, Semantics
 from graphopt.errors import PassConfigError
 from graphopt.ir import calibration_batches
-from graphopt.pass_infra import Decline, Option, Pass, PassResult, Rewrite, Semantics
+from graphopt.prune import prune_sparse, prune_structured
+
+log = logging.getLogger(__name__)
+
+RENAMED = {"ignore": "exclude"}  # old option name -> new
 
 
 class Prune(Pass):
@@ -39,13 +49,27 @@ class Prune(Pass):
         "min_channels": Option(int, 1, "structured: never keep fewer channels in a group", min=1),
         "max_ratio": Option(float, 0.9, "structured: never remove more than this share of one group",
                             min=0.0, max=0.99),
-        "ignore": Option(list, [], "module globs never pruned (layers producing model outputs never are)"),
+        "exclude": Option(list, [], "module globs never pruned (layers producing model outputs never are); "
+                                    "old name: ignore"),
         "keep_zero": Option(bool, True, "sparsity modes: keep pruned weights at zero during fine-tuning"),
         "batches": Option(int, 4, "taylor: batches of calibration data for the gradients", min=1),
         "budget": Option(float, float("inf"), "max relative L2 output error vs the unpruned model "
                                               "(default: no limit; pruning before fine-tuning changes outputs)",
                          min=0.0),
     }
+
+    def __init__(self, **options: Any) -> None:
+        self.renamed: dict[str, str] = {}
+        for old, new in RENAMED.items():
+            if old not in options:
+                continue
+            if new in options:
+                raise PassConfigError(f"option '{old}' was renamed to '{new}' and both are given",
+                                      where=f"pass '{self.name}'", fix=f"give only '{new}'")
+            options = {(new if k == old else k): v for k, v in options.items()}
+            self.renamed[old] = new
+            log.warning("pass 'prune': option '%s' was renamed to '%s' (the old name still works)", old, new)
+        super().__init__(**options)
 
     def requires(self, gm: fx.GraphModule) -> None:
         c = self.config
@@ -59,22 +83,21 @@ class Prune(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         c = self.config
         batches = list(calibration_batches(gm, c["batches"])) if c["criterion"] == "taylor" else None
+        renamed = {"renamed_options": [f"'{o}' is now '{n}'" for o, n in self.renamed.items()]} if self.renamed else {}
         if c["mode"] == "structured":
-            from graphopt.prune.structured import prune_structured
-
             r = prune_structured(gm, ratio=c["ratio"], macs=c["macs"], criterion=c["criterion"], scope=c["scope"],
                                  round_to=c["round_to"], min_channels=c["min_channels"], max_ratio=c["max_ratio"],
-                                 ignore=c["ignore"], batches=batches)
+                                 exclude=c["exclude"], batches=batches)
             rewrites = [Rewrite(g.producers[0], f"kept {after}/{before} channels of "
                                 + ", ".join(g.producers[:4]) + (" ..." if len(g.producers) > 4 else ""),
                                 {"producers": g.producers, "before": before, "after": after})
                         for g, before, after in r.pruned]
             declined = [Decline(t, why) for t, why in r.declined]
-            return PassResult(gm, bool(r.pruned), rewrites, declined, notes=r.notes, reference=r.reference)
-        from graphopt.prune.sparsity import prune_sparse
-
+            return PassResult(r.gm, bool(r.pruned), rewrites, declined, notes={**r.notes, **renamed},
+                              reference=r.reference)
         s = prune_sparse(gm, mode=c["mode"], ratio=c["ratio"], criterion=c["criterion"],
-                         scope="per_layer" if c["scope"] == "per_layer" else "global", ignore=c["ignore"],
+                         scope="per_layer" if c["scope"] == "per_layer" else "global", exclude=c["exclude"],
                          keep_zero=c["keep_zero"], batches=batches)
         return PassResult(gm, s.modified, [Rewrite(t, d, data) for t, d, data in s.rewrites],
-                          [Decline(t, why) for t, why in s.declined], notes=s.notes, reference=s.reference)
+                          [Decline(t, why) for t, why in s.declined], notes={**s.notes, **renamed},
+                          reference=s.reference)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphopt
-from graphopt.analysis.channels import analyze_channels
+from graphopt.analysis import ChannelRule, analyze_channels, register_channel_rule, unregister_channel_rule
 from graphopt.errors import PassConfigError
 from graphopt.prune import prune_iterative, sparsity_of, to_semi_structured
 from tests.helpers import count_calls, count_modules, outputs, run_pass, train_steps
@@ -347,6 +347,223 @@ def test_real_models(zoo, tmp_path, name):
     _emit_load_train(gm, tmp_path, x, classes=1000)
 
 
+class ShuffleNet(nn.Module):
+    """A channel shuffle (view splitting the channel axis) feeding a depthwise conv: the depthwise
+    conv must stay whole (its input width is fixed), the convs after it are still pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.a(x)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)  # channel shuffle
+        y = self.c(F.relu(self.b(self.bn(self.dw(x)))))
+        z = y[:, :8] + y[:, :4].repeat(1, 2, 1, 1)   # a full slice is followed, a partial one is not
+        return self.fc(z.mean((2, 3)))
+
+
+def test_shuffle_then_depthwise_keeps_the_depthwise_conv_whole():
+    model, x = ShuffleNet().eval(), _inputs()
+    gm, rec = run_pass("prune:ratio=0.5", model, x)
+    gm.graph.lint()
+    assert rec.verification.status == "passed", rec.verification.message
+    assert gm.dw.in_channels == gm.dw.out_channels == 8 and gm.bn.num_features == 8
+    assert gm.b.in_channels == 8 and gm.b.out_channels == 4 and gm.c.in_channels == 4 and gm.c.out_channels == 8
+    reasons = " ".join(d["reason"] for d in rec.declined)
+    assert "splits the channel axis" in reasons and "indexes into the channel axis" in reasons
+
+
+class MixedKernels(nn.Module):
+    """MixNet's mixed depthwise conv: split the channels, a depthwise conv per piece, cat."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 1)
+        self.dw3 = nn.Conv2d(2, 2, 3, padding=1, groups=2)
+        self.dw5 = nn.Conv2d(14, 14, 5, padding=2, groups=14)
+        self.b = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        p, q = torch.split(self.a(x), [2, 14], 1)
+        x = torch.cat([self.dw3(p), self.dw5(q)], 1)
+        return self.fc(self.b(x).mean((2, 3)))
+
+
+def test_no_split_piece_or_layer_is_emptied():
+    """The two channels of the small piece score lowest; removing both would leave dw3 with no
+    channels (an invalid graph, as on timm's MixNet): the piece keeps its best channel and the
+    next-lowest channel elsewhere goes instead, so 8 of 16 still go."""
+    model, x = MixedKernels().eval(), _inputs()
+    with torch.no_grad():
+        for t in (model.a.weight[:2], model.a.bias[:2], model.dw3.weight, model.dw3.bias, model.b.weight[:, :2]):
+            t.mul_(1e-3)
+    gm, rec = run_pass("prune:ratio=0.5", model, x)
+    assert rec.verification.status == "passed" and not any("does not run" in d["reason"] for d in rec.declined)
+    assert gm.a.out_channels == 8 and gm.dw3.out_channels == 1 and gm.dw5.out_channels == 7
+    split = next(n for n in gm.graph.nodes if n.target is torch.split)
+    assert list(split.args[1]) == [1, 7]
+
+
+# ----------------------------------------------------------------------------- channel rule registry
+
+
+class ChannelAffine(nn.Module):
+    """A layer of the user's own: a per-channel affine map. Its shape check is control flow on a
+    traced value, so capture keeps it whole (an opaque leaf): the analysis sees a module call."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.c = c
+        self.scale = nn.Parameter(torch.rand(c) + 0.5)
+        self.shift = nn.Parameter(torch.randn(c))
+        self.register_buffer("calls", torch.zeros(()))  # an unsliced buffer rides along
+
+    def forward(self, x):
+        if x.shape[1] != self.c:
+            raise ValueError(f"expected {self.c} channels, got {x.shape[1]}")
+        return x * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
+
+
+class ChannelAffineRule(ChannelRule):
+    """Coupled (channel i in is channel i out) on axis 1; scale and shift are sliced."""
+
+    in_axis = 1
+
+    def get_in_channels(self, module):
+        return module.c
+
+    def out_params(self, module):
+        return {"scale": 0, "shift": 0}
+
+    def set_out_channels(self, module, n):
+        module.c = n
+
+
+class AffineNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.affine = ChannelAffine(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.relu(self.affine(self.conv1(x)))
+        return self.fc(F.relu(self.conv2(y)).mean((2, 3)))
+
+
+@pytest.fixture
+def affine_rule():
+    register_channel_rule(ChannelAffine, ChannelAffineRule())
+    yield
+    unregister_channel_rule(ChannelAffine)
+
+
+def test_custom_layer_without_rule_is_declined_with_reason():
+    model, x = AffineNet().eval(), _inputs()
+    gm, rec = run_pass("prune:ratio=0.5", model, x)
+    assert isinstance(gm.get_submodule("affine"), ChannelAffine)      # kept whole by capture
+    declined = {d["target"]: d["reason"] for d in rec.declined}
+    assert "no channel rule for ChannelAffine" in declined["conv1"]
+    assert "register_channel_rule" in declined["conv1"]
+    assert gm.conv1.out_channels == 8 and gm.affine.c == 8 and gm.conv2.out_channels == 4  # the rest is pruned
+
+
+def test_custom_layer_with_registered_rule_is_pruned(affine_rule):
+    model, x = AffineNet().eval(), _inputs()
+    gm, rec = run_pass("prune:ratio=0.5", model, x)
+    gm.graph.lint()
+    assert rec.modified and rec.verification.status == "passed", rec.verification.message
+    assert gm.conv1.out_channels == 4 and gm.conv2.in_channels == 4
+    assert gm.affine.c == 4 and gm.affine.scale.shape == (4,) and gm.affine.shift.shape == (4,)
+    assert isinstance(gm.affine.scale, nn.Parameter) and gm.affine.calls.shape == ()
+    # independently of the verifier: the pruned model equals the original with the removed channels'
+    # columns of conv2 zeroed, and the kept channels keep their own scale/shift
+    kept = [i for i in range(8) if any(torch.equal(model.conv1.weight[i], w) for w in gm.conv1.weight)]
+    assert len(kept) == 4
+    torch.testing.assert_close(gm.affine.scale, model.affine.scale[kept])
+    ref = graphopt.capture(model, x)
+    with torch.no_grad():
+        for i in set(range(8)) - set(kept):
+            ref.conv2.weight[:, i] = 0
+        gone2 = [i for i in range(8) if not any(torch.equal(ref.conv2.weight[i, kept], w) for w in gm.conv2.weight)]
+        for i in gone2:
+            ref.fc.weight[:, i] = 0
+    torch.testing.assert_close(outputs(gm, x), outputs(ref, x), rtol=1e-5, atol=1e-6)
+    # the rule scores too: its parameters join the group importance
+    assert rec.after["params"] < rec.before["params"]
+
+
+class _Forgetful(ChannelAffineRule):
+    def set_out_channels(self, module, n):
+        pass  # ChannelAffine.c stays 8: its forward refuses the 4-channel input
+
+
+class _Raising(ChannelAffineRule):
+    def prune_out_channels(self, module, keep):
+        raise RuntimeError("expected 8 channels: this rule cannot slice")
+
+
+@pytest.mark.parametrize("rule", [_Forgetful, _Raising])
+def test_a_rule_that_slices_wrongly_is_declined_not_an_invalid_graph(rule):
+    """Defence in depth: a rule that slices its layer wrongly (the graph no longer runs) or cannot
+    slice it (raises) must not yield a broken graph or an internal error: that group is declined
+    with the error, the others are still pruned, and the result verifies."""
+    register_channel_rule(ChannelAffine, rule())
+    try:
+        model, x = AffineNet().eval(), _inputs()
+        gm, rec = run_pass("prune:ratio=0.5", model, x)
+    finally:
+        unregister_channel_rule(ChannelAffine)
+    gm.graph.lint()
+    assert rec.modified and rec.verification.status == "passed"
+    declined = {d["target"]: d["reason"] for d in rec.declined}
+    assert "does not run" in declined["conv1"] and "expected 8 channels" in declined["conv1"], declined
+    assert gm.conv1.out_channels == 8 and gm.affine.c == 8 and gm.conv2.out_channels == 4
+    assert gm(*x).shape == (2, 4)
+
+
+def test_rule_registry_api():
+    from graphopt.analysis import channel_rule_for
+    from graphopt.prune import register_channel_rule as via_prune
+
+    assert via_prune is register_channel_rule
+    assert channel_rule_for(ChannelAffine(2)) is None
+    assert type(channel_rule_for(nn.Conv2d(2, 2, 1))).__name__ == "ConvRule"
+
+    class MyConv(nn.Conv2d):
+        pass
+
+    assert channel_rule_for(MyConv) is channel_rule_for(nn.Conv2d)     # by MRO
+    with pytest.raises(PassConfigError, match="ChannelRule"):
+        register_channel_rule(ChannelAffine, object())
+    with pytest.raises(PassConfigError, match="nn.Module"):
+        register_channel_rule(int, ChannelAffineRule())
+
+
+def test_exclude_option_and_old_name_ignore(small_cnn, caplog):
+    model, x = small_cnn
+    gm, rec = run_pass("prune:ratio=0.9,exclude=conv1,min_channels=3", model, x)
+    assert gm.conv1.out_channels == 8 and gm.conv2.out_channels == 3
+    assert "renamed_options" not in rec.notes
+    with caplog.at_level("WARNING"):
+        gm2, rec2 = run_pass("prune:ratio=0.9,ignore=conv1,min_channels=3", model, x)
+    assert gm2.conv1.out_channels == 8 and gm2.conv2.out_channels == 3
+    assert rec2.notes["renamed_options"] == ["'ignore' is now 'exclude'"]
+    assert any("'ignore' was renamed to 'exclude'" in r.getMessage() for r in caplog.records)
+    assert graphopt.create_pass("prune", {"ignore": ["a*"]}).spec() == "prune:exclude=a*"
+    with pytest.raises(PassConfigError, match="renamed"):
+        graphopt.create_pass("prune", {"ignore": ["a"], "exclude": ["b"]})
+
+
 # ----------------------------------------------------------------------------- sparsity
 
 
@@ -449,6 +666,36 @@ def test_prune_iterative_with_finetuning(small_cnn):
         prune_iterative(model, x, rounds=2, ratio_per_round=0.5, ratio=0.3)
 
 
+def _mnist_cnn(width: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)).eval()
+
+
+def test_prune_iterative_round_to_removes_every_round():
+    """Issue 16 item 7: with round_to=8 every round removes its share of the current widths; rounding
+    never turns a wanted removal into nothing while a multiple of 8 can still go."""
+    model, x = _mnist_cnn(32), (torch.randn(4, 1, 8, 8),)
+    widths = []
+    gm, reports = prune_iterative(model, x, rounds=3, ratio_per_round=0.3, round_to=8,
+                                  finetune=lambda m: widths.append(m.get_submodule("0").out_channels))
+    macs = [reports[0].records[0].before["macs"]] + [r.records[0].after["macs"] for r in reports]
+    assert all(a > b for a, b in zip(macs, macs[1:])), macs
+    assert widths == [24, 16, 8]                      # 30% of 32, 24, 16 rounded to one multiple of 8
+    assert all(r.records[0].modified and not r.records[0].notes["round"]["removed_nothing"] for r in reports)
+
+
+def test_prune_iterative_says_when_a_round_removes_nothing(caplog):
+    model, x = _mnist_cnn(16), (torch.randn(4, 1, 8, 8),)
+    with caplog.at_level("WARNING"):
+        gm, reports = prune_iterative(model, x, rounds=2, ratio_per_round=0.3, round_to=8)
+    assert gm.get_submodule("0").out_channels == 8
+    note = reports[1].records[0].notes["round"]
+    assert note["removed_nothing"] and "nothing to remove after rounding" in note["why"]
+    assert any("round 2/2 removed nothing" in r.getMessage() for r in caplog.records)
+
+
 def test_cli_prune(tmp_path):
     from graphopt.cli import main
 
@@ -466,13 +713,8 @@ def test_cli_prune(tmp_path):
     assert main(["optimize", str(mf), "-p", "prune:mode=5:8", "-o", str(tmp_path / "o2")]) == 2
 
 
-def test_cli_prune_iterative_fine_tunes_between_rounds(tmp_path):
-    """Issue 4 item 5: k% per round over N rounds, fine-tuned with the training harness in between."""
-    import json
-
-    import graphopt
-    from graphopt.cli import main
-
+def _mnist_model_file(tmp_path):
+    """A model file: a 16-channel CNN for 1-channel 8x8 digits."""
     mf = tmp_path / "m.py"
     mf.write_text(
         "import torch\nfrom torch import nn\n\n"
@@ -481,6 +723,17 @@ def test_cli_prune_iterative_fine_tunes_between_rounds(tmp_path):
         "                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),\n"
         "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))\n\n"
         "def example_inputs():\n    return (torch.randn(4, 1, 8, 8),)\n")
+    return mf
+
+
+def test_cli_prune_iterative_fine_tunes_between_rounds(tmp_path):
+    """Issue 4 item 5: k% per round over N rounds, fine-tuned with the training harness in between."""
+    import json
+
+    import graphopt
+    from graphopt.cli import main
+
+    mf = _mnist_model_file(tmp_path)
     out = tmp_path / "run"
     assert main(["prune-iterative", str(mf), "--rounds", "2", "--ratio-per-round", "0.5", "--data", "digits",
                  "--epochs-per-round", "1", "--optimizer", "adam", "--lr", "0.01", "--progress", "none",
@@ -492,3 +745,67 @@ def test_cli_prune_iterative_fine_tunes_between_rounds(tmp_path):
     assert all(r["test_accuracy"] is not None for r in rounds)
     model = graphopt.load(out / "model")
     assert model.get_submodule("0").out_channels == 4  # 16 -> 8 -> 4 channels
+
+
+# ----------------------------------------------------------------------------- models the rules cannot fully follow
+
+
+HARD_MODELS = {  # model -> the construct its declines must name
+    "shufflenet_v2_x0_5": "splits the channel axis",       # channel shuffle: view(N, g, C/g, H, W)
+    "shufflenet_v2_x1_0": "splits the channel axis",
+    "shufflenet_v2_x1_5": "splits the channel axis",
+    "shufflenet_v2_x2_0": "splits the channel axis",
+    "timm:ghostnet_100": "linear() (node linear)",          # cat + channel slice followed; F.linear head is not
+    "timm:cs3darknet_focus_s": "model output",              # focus stem on the input; split(k) pieces shrink
+}
+
+
+_FAST_HARD = ("shufflenet_v2_x0_5", "timm:cs3darknet_focus_s")  # the others take 5-15 s here: slow
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", [n if n in _FAST_HARD else pytest.param(n, marks=pytest.mark.slow) for n in HARD_MODELS])
+def test_prune_never_breaks_models_it_cannot_fully_follow(zoo, name):
+    """Issue 16 item 9: groups the rules cannot follow are declined with the reason; the graph stays
+    valid, verifies against the masked original, and whatever can be pruned still is."""
+    model, x = zoo(name), (torch.randn(2, 3, 64, 64),)
+    gm, rec = run_pass("prune:ratio=0.5", model, x)
+    gm.graph.lint()
+    assert rec.modified and rec.verification.status == "passed", rec.verification.message
+    assert rec.verification.details["reference_max_rel_error"] < 1e-4
+    assert rec.after["macs"] < 0.9 * rec.before["macs"]
+    assert gm(*x).shape == (2, 1000)
+    assert any(HARD_MODELS[name] in d["reason"] for d in rec.declined), [d["reason"] for d in rec.declined]
+    if name.startswith("shufflenet"):      # the branch convs between shuffles are pruned, the stream is not
+        assert gm.get_submodule("stage2.1.branch2.0").out_channels < model.get_submodule("stage2.1.branch2.0").out_channels
+        assert gm.get_submodule("stage2.1.branch2.3").out_channels == gm.get_submodule("stage2.1.branch2.0").out_channels
+        assert gm.get_submodule("stage2.1.branch2.5").out_channels == model.get_submodule("stage2.1.branch2.5").out_channels
+    if name == "timm:ghostnet_100":        # the ghost module's slice out[:, :out_chs] keeps every channel: followed
+        ghost = "blocks.1.0.ghost1"
+        assert gm.get_submodule(f"{ghost}.primary_conv.0").out_channels < model.get_submodule(
+            f"{ghost}.primary_conv.0").out_channels
+        assert gm.get_submodule(f"{ghost}.cheap_operation.0").out_channels == gm.get_submodule(
+            f"{ghost}.primary_conv.0").out_channels
+    if name == "timm:cs3darknet_focus_s":  # x.split(k, dim=1): the literal piece size follows the pruning
+        split = next(n for n in gm.graph.nodes if n.target == "split")
+        assert split.args[1] == 16 and gm.get_submodule("stages.0.conv_exp.conv").out_channels == 32  # was 32, 64
+
+
+def test_cli_prune_iterative_warns_when_a_round_removes_nothing(tmp_path, capsys):
+    """Issue 16 item 7: the table, prune.json/prune.md and a warning say when a round removed nothing."""
+    import json
+
+    from graphopt.cli import main
+
+    mf = _mnist_model_file(tmp_path)
+    out = tmp_path / "run"
+    assert main(["prune-iterative", str(mf), "--rounds", "2", "--ratio-per-round", "0.3", "--prune", "round_to=8",
+                 "--data", "digits", "--epochs-per-round", "1", "--progress", "none", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "warning: round 2 removed nothing" in captured.err and "round 1 removed" not in captured.err
+    assert "nothing" in captured.out   # the table's "pruned" column (may wrap)
+    rounds = json.loads((out / "prune.json").read_text())["rounds"]
+    assert rounds[1]["pruned"] and not rounds[2]["pruned"]
+    assert rounds[0]["macs"] > rounds[1]["macs"] == rounds[2]["macs"]
+    assert "nothing to remove after rounding" in rounds[2]["removed_nothing"]
+    assert "nothing removed" in (out / "prune.md").read_text()

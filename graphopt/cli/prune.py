@@ -47,7 +47,7 @@ def prune_iterative_cmd(model_file: str, rounds: int, ratio_per_round: float, pr
     from graphopt.emit.torch_folder import emit_torch_folder
     from graphopt.modelfile import load_model_file
     from graphopt.pass_infra import parse_pass_spec
-    from graphopt.prune.iterative import prune_iterative
+    from graphopt.prune import prune_iterative, removed_nothing
 
     _, opts = parse_pass_spec(f"prune:{prune_opts}" if prune_opts else "prune")
     out_path = _out_folder(out, "", force) if out else None
@@ -71,20 +71,32 @@ def prune_iterative_cmd(model_file: str, rounds: int, ratio_per_round: float, pr
 
     gm, reports = prune_iterative(spec.module, spec.example_inputs, rounds=rounds, ratio_per_round=ratio_per_round,
                                   finetune=finetune, verify=not no_verify, **opts)
+    for row, report in zip(rows[1:], reports):  # a round that removed nothing says so
+        why = removed_nothing(report.records[0])
+        row["pruned"] = why is None
+        if why:
+            row["removed_nothing"] = why
     t = Table(header_style="bold", title="iterative pruning with fine-tuning", title_justify="left")
-    for col in ("round", "MACs", "params", "test accuracy", "train time s"):
+    for col in ("round", "MACs", "params", "test accuracy", "train time s", "pruned"):
         t.add_column(col, justify="right")
     for r in rows:
         acc = r.get("test_accuracy")
+        pruned = "-" if "pruned" not in r else "yes" if r["pruned"] else "nothing removed"
         t.add_row(str(r["round"]), f"{r['macs'] / 1e6:.2f} M", f"{r['params'] / 1e3:.1f} k",
-                  f"{acc:.4f}" if acc is not None else "-", f"{r.get('train_time_s', 0):.1f}")
+                  f"{acc:.4f}" if acc is not None else "-", f"{r.get('train_time_s', 0):.1f}", pruned)
     console.print(t)
+    for r in rows:
+        if r.get("removed_nothing"):
+            click.echo(f"warning: round {r['round']} removed nothing: {r['removed_nothing']} "
+                       "(use a larger --ratio-per-round or a smaller round_to)", err=True)
     if out_path is not None:
         doc = {"kind": "prune_iterative", "model_file": str(spec.path), "data": desc, "rounds": rows,
                "ratio_per_round": ratio_per_round, "prune_options": opts, "config": cfg.__dict__,
                "passes": [r.as_dict() for r in reports]}
-        md = "| round | MACs | params | test accuracy |\n|---:|---:|---:|---:|\n" + "".join(
-            f"| {r['round']} | {r['macs']} | {r['params']} | {r.get('test_accuracy')} |\n" for r in rows)
+        md = "| round | MACs | params | test accuracy | pruned |\n|---:|---:|---:|---:|---|\n" + "".join(
+            f"| {r['round']} | {r['macs']} | {r['params']} | {r.get('test_accuracy')} | "
+            f"{'-' if 'pruned' not in r else 'yes' if r['pruned'] else 'nothing removed: ' + r['removed_nothing']} |\n"
+            for r in rows)
         rep.write_outputs(out_path, {"prune.json": dumps(doc), "prune.md": md,
                                      "model": lambda p: emit_torch_folder(gm, p, report=reports[-1])}, force=force)
         console.print(f"[bold green]wrote[/] {out_path}/ (prune.json, prune.md, model/)")

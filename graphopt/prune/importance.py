@@ -86,50 +86,26 @@ def _param(gm: fx.GraphModule, path: str) -> torch.Tensor | None:
 
 def _member_scores(gm: fx.GraphModule, m: Member, score: Callable[[str, torch.Tensor], torch.Tensor],
                    norms_only: bool) -> np.ndarray | None:
-    """Score per position of the member's sliced axis, or None if it carries no weights."""
-    k = m.kind
-    if norms_only and k not in ("bn", "gn", "bn_f"):
-        return None
+    """Score per position of the member's sliced axis, or None if it carries no weights.
+
+    Layers score through their channel rule (:meth:`graphopt.analysis.ChannelRule.score`)."""
     n = len(m.atoms)
-    out = torch.zeros(n)
-    if k in ("conv_out", "linear_out", "dw"):
-        mod = gm.get_submodule(m.target)
-        w = score(f"{m.target}.weight", mod.weight)
-        out += w.reshape(w.shape[0], -1).sum(1)
-        if mod.bias is not None:
-            out += score(f"{m.target}.bias", mod.bias)
-    elif k == "conv_in":
-        mod = gm.get_submodule(m.target)
-        g = mod.groups
-        w = score(f"{m.target}.weight", mod.weight)
-        cout, in_g = w.shape[0], w.shape[1]
-        out += w.reshape(g, cout // g, in_g, -1).sum((1, 3)).reshape(-1)
-    elif k == "linear_in":
-        mod = gm.get_submodule(m.target)
-        w = score(f"{m.target}.weight", mod.weight)
-        out += w.sum(0).reshape(n, m.inner).sum(1)
-    elif k in ("bn", "gn"):
-        mod = gm.get_submodule(m.target)
-        if getattr(mod, "weight", None) is None:
+    if m.rule is not None:
+        s = m.rule.score(gm.get_submodule(m.target), m.kind, score, f"{m.target}.", norms_only)
+        if s is None:
             return None
-        out += score(f"{m.target}.weight", mod.weight)
-        if not norms_only and mod.bias is not None:
-            out += score(f"{m.target}.bias", mod.bias)
-    elif k == "bn_f":
+        return s.detach().reshape(n, -1).sum(1).numpy().astype(np.float64)  # features -> channels
+    if m.kind == "bn_f":
         w_target = m.extra.get("weight")
         t = _param(gm, w_target) if w_target else None
-        if t is None:
-            return None
-        out += score(w_target, t)
-    elif k == "param":
+        return None if t is None else score(w_target, t).numpy().astype(np.float64)
+    if m.kind == "param" and not norms_only:
         t = _param(gm, m.target)
         if t is None or not t.is_floating_point():
             return None
         s = score(m.target, t).movedim(m.axis, 0)
-        out += s.reshape(s.shape[0], -1).sum(1)
-    else:
-        return None
-    return out.numpy().astype(np.float64)
+        return s.reshape(s.shape[0], -1).sum(1).numpy().astype(np.float64)
+    return None
 
 
 def channel_scores(gm: fx.GraphModule, cg: ChannelGraph, criterion: str,

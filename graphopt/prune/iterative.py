@@ -10,9 +10,19 @@ from torch import fx, nn
 
 from graphopt.errors import PassConfigError
 
-__all__ = ["prune_iterative"]
+__all__ = ["prune_iterative", "removed_nothing"]
 
 log = logging.getLogger(__name__)
+
+
+def removed_nothing(record: Any) -> str | None:
+    """Why a prune round (its PassRecord) removed nothing, or None if it removed something."""
+    if record.modified:
+        return None
+    reasons = list(dict.fromkeys(d["reason"] for d in record.declined))
+    if not reasons:
+        return "no channel group or weight to prune"
+    return "; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else "")
 
 
 def prune_iterative(module: nn.Module, inputs: Iterable[torch.Tensor] | torch.Tensor, *, rounds: int,
@@ -27,6 +37,8 @@ def prune_iterative(module: nn.Module, inputs: Iterable[torch.Tensor] | torch.Te
     one pattern, so more rounds only fine-tune more). ``finetune`` trains the GraphModule in
     place (e.g. a few epochs with the training harness); masks from ``keep_zero`` stay applied.
     ``prune_opts``: the pass's other options (mode, criterion, scope, round_to, ...).
+    A round whose ratio cannot remove anything (every group at its minimum after rounding to
+    ``round_to``) says so: a logged warning and ``notes["round"]["removed_nothing"]`` on its record.
     Returns the final GraphModule and one PipelineReport per round.
     """
     from graphopt.manager import optimize
@@ -50,7 +62,13 @@ def prune_iterative(module: nn.Module, inputs: Iterable[torch.Tensor] | torch.Te
         ratio = ratio_per_round if mode == "structured" else 1.0 - (1.0 - ratio_per_round) ** r
         p = create_pass("prune", {**prune_opts, "ratio": ratio})
         gm, report = optimize(current, inputs, [p], verify=verify, calibration_data=calibration_data)
-        log.info("prune round %d/%d: %s", r, rounds, report.records[0].after)
+        rec = report.records[0]
+        log.info("prune round %d/%d: %s", r, rounds, rec.after)
+        why = removed_nothing(rec)
+        rec.notes["round"] = {"round": r, "of": rounds, "ratio": ratio, "removed_nothing": why is not None,
+                              **({"why": why} if why else {})}
+        if why:
+            log.warning("prune round %d/%d removed nothing: %s", r, rounds, why)
         reports.append(report)
         if finetune is not None:
             finetune(gm)

@@ -123,18 +123,21 @@ def _keep_lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def prune_sparse(gm: fx.GraphModule, *, mode: str = "unstructured", ratio: float = 0.5, criterion: str = "l1",
-                 scope: str = "global", ignore: list[str] | None = None, keep_zero: bool = True,
+                 scope: str = "global", exclude: list[str] | None = None, keep_zero: bool = True,
                  batches: list[tuple[torch.Tensor, ...]] | None = None, loss_fn: Any = None,
-                 ignore_output_layer: bool = True) -> SparsityResult:
+                 ignore_output_layer: bool = True, ignore: list[str] | None = None) -> SparsityResult:
     """Zero weights of ``gm`` in place (unstructured ``ratio`` of all target weights, or 2:4).
 
     Existing zeros stay zero (a second run with the same ratio changes nothing).
+    ``exclude``: module globs left dense (``ignore`` is its old name, still accepted).
     ``ignore_output_layer``: leave layers whose result is a model output (the classifier) dense.
     """
+    from graphopt.prune.structured import renamed_exclude
     from graphopt.prune.importance import element_scores, gradients
 
     if criterion == "bn_scale":
         raise ValueError("bn_scale ranks channels, not weights")
+    exclude = renamed_exclude(exclude, ignore, "prune_sparse")
     res = SparsityResult(gm, None, False)
     outputs = set()
     for n in gm.graph.nodes:
@@ -142,8 +145,8 @@ def prune_sparse(gm: fx.GraphModule, *, mode: str = "unstructured", ratio: float
             outputs = {a for a in n.all_input_nodes}
     targets: list[MaskedWeight] = []
     for mw in find_masked_weights(gm):
-        if name_matches(mw.module, ignore):
-            res.declined.append((mw.module, "ignored by the 'ignore' option"))
+        if name_matches(mw.module, exclude):
+            res.declined.append((mw.module, "excluded by the 'exclude' option (formerly 'ignore')"))
         elif ignore_output_layer and mw.node in outputs:
             res.declined.append((mw.module, "produces the model output (the classifier is kept dense; "
                                             "list it in no option to change this)"))

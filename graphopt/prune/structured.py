@@ -3,13 +3,15 @@
 :func:`plan_pruning` turns group scores into a removal plan (per-layer ratio, global ranking,
 or a MACs target found by bisection on the analysis's MAC model) respecting ``round_to``,
 ``min_channels``, ``max_ratio`` and the groups' constraints (equal removal per conv group,
-whole GroupNorm groups). :func:`apply_pruning` physically slices weights, biases, norm
-statistics and sliced parameters, updates the modules' constructor attributes
-(``in_channels``, ``out_features``, ``num_features``, ``num_groups`` ...) and literal sizes in
-``view``/``reshape``/``split``, so the emitted module has smaller tensors.
-:func:`masked_reference` is the original with the same channels masked: the consumers'
-weight columns of removed channels set to zero (so removed channels contribute nothing
-wherever channels mix); the pruned graph must equal it exactly.
+whole GroupNorm groups; no producer or split piece emptied). :func:`apply_pruning` slices every
+layer through its channel rule (:class:`graphopt.analysis.ChannelRule`: weights, biases, norm
+statistics, constructor attributes such as ``in_channels`` or ``num_features``) and rewrites the
+graph's own members (broadcast parameters, literal sizes in ``view``/``reshape``/``split``), so
+the emitted module has smaller tensors. :func:`masked_reference` is the original with the same
+channels masked: the consumers' input channels of removed channels zeroed by their rules (so
+removed channels contribute nothing wherever channels mix); the pruned graph must equal it
+exactly. :func:`prune_structured` runs the sliced graph on the example inputs: groups whose
+slicing breaks it are declined with the error, never returned broken.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import fx, nn
 
 from graphopt.analysis.channels import ChannelGraph, ChannelGroup, Member
+from graphopt.analysis.channels.rules import replace_tensor
 
 __all__ = ["PruningPlan", "plan_pruning", "apply_pruning", "masked_reference", "copy_graph_module"]
 
@@ -70,9 +73,21 @@ class _GroupRule:
         self.step = step
         min_keep = max(1, min_channels, n - int(math.floor(n * max_ratio + 1e-9)))
         self.min_keep = min(n, math.ceil(min_keep / step) * step) if step <= n else n
+        self._smallest: int | None = None
+        self.pieces: list[np.ndarray] = []
 
-    def adjust(self, r: int) -> int:
-        """The nearest allowed removal not above ``r`` (kept channels rounded up)."""
+    def adjust(self, r: int, never_zero: bool = False) -> int:
+        """The nearest allowed removal not above ``r`` (kept channels rounded up). ``never_zero``:
+        when that rounds a wanted removal (``r > 0``) down to nothing, the smallest allowed
+        removal instead (e.g. one multiple of ``round_to``), if the group can lose any."""
+        got = self._adjust(r)
+        if got == 0 and r > 0 and never_zero:
+            if self._smallest is None:
+                self._smallest = next((a for a in (self._adjust(x) for x in range(r + 1, self.n + 1)) if a > 0), 0)
+            return self._smallest
+        return got
+
+    def _adjust(self, r: int) -> int:
         n, step = self.n, self.step
         k = n - max(0, min(r, n))
         k = max(k, self.min_keep)
@@ -98,7 +113,51 @@ class _GroupRule:
             us = np.array([scores[x].sum() for x in self.units])
             order = np.argsort(us, kind="stable")[: r // u]
             return np.concatenate([self.units[i] for i in order]) if len(order) else np.zeros(0, dtype=np.int64)
-        return np.argsort(scores, kind="stable")[:r]
+        return self._keep_pieces(scores, np.argsort(scores, kind="stable")[:r])
+
+    def _keep_pieces(self, scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Every piece (a producer's channels, a split's piece) keeps a channel: a layer or a split
+        piece with none left is not a valid graph. An emptied piece keeps its best channel; the
+        lowest-scored channel whose piece can spare it goes instead (same count)."""
+        if not self.pieces or not len(idx):
+            return idx
+        gone = np.zeros(self.n, dtype=bool)
+        gone[idx] = True
+        for piece in self.pieces:
+            if not gone[piece].all():
+                continue
+            gone[piece[np.argmax(scores[piece])]] = False
+            for c in np.argsort(scores, kind="stable"):
+                if gone[c]:
+                    continue
+                gone[c] = True
+                if any(gone[p].all() for p in self.pieces if c in p):
+                    gone[c] = False
+                    continue
+                break
+        return np.nonzero(gone)[0]
+
+
+def _add_pieces(rules: dict[int, "_GroupRule"], cg: ChannelGraph, groups: list[ChannelGroup]) -> None:
+    """Tell each group's rule which channel sets must not be emptied (producers, split pieces)."""
+    group_of = {int(c): g.id for g in groups for c in g.classes}
+    for m in cg.members:
+        if m.kind == "out":
+            parts = [m.atoms]
+        elif m.kind == "split":
+            bounds = np.cumsum([0] + list(m.extra["sizes"]))
+            parts = [m.atoms[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        else:
+            continue
+        for atoms in parts:
+            roots = cg.root[atoms]
+            gid = group_of.get(int(roots[0])) if len(roots) else None
+            if gid is None or any(group_of.get(int(r)) != gid for r in roots):
+                continue
+            rule = rules[gid]
+            piece = np.unique([rule.pos[int(r)] for r in roots])
+            if len(piece) < rule.n:
+                rule.pieces.append(piece)
 
 
 def plan_pruning(cg: ChannelGraph, scores: dict[int, np.ndarray], groups: list[ChannelGroup], *,
@@ -112,18 +171,19 @@ def plan_pruning(cg: ChannelGraph, scores: dict[int, np.ndarray], groups: list[C
     """
     n_atoms = len(cg.root)
     rules = {g.id: _GroupRule(g, cg, round_to, min_channels, max_ratio) for g in groups}
+    _add_pieces(rules, cg, groups)
     norm = {}
     for g in groups:
         s = scores[g.id]
         m = float(s.mean()) if len(s) else 0.0
         norm[g.id] = s / m if m > 0 else s
 
-    def build_ratio(r: float) -> tuple[np.ndarray, dict[int, int]]:
+    def build_ratio(r: float, never_zero: bool = False) -> tuple[np.ndarray, dict[int, int]]:
         removed = np.zeros(n_atoms, dtype=bool)
         counts = {}
         for g in groups:
             rule = rules[g.id]
-            k = rule.adjust(int(math.floor(g.size * r + 1e-9)))
+            k = rule.adjust(int(math.floor(g.size * r + 1e-9)), never_zero)
             idx = rule.choose(scores[g.id], k)
             removed[g.classes[idx]] = True
             counts[g.id] = len(idx)
@@ -143,8 +203,8 @@ def plan_pruning(cg: ChannelGraph, scores: dict[int, np.ndarray], groups: list[C
     total = sum(g.size for g in groups)
     target: dict[str, Any] = {"scope": scope}
     if macs is None:
-        if scope == "per_layer":
-            removed, counts = build_ratio(ratio)
+        if scope == "per_layer":  # a ratio > 0 removes something from every group that can lose channels
+            removed, counts = build_ratio(ratio, never_zero=True)
         else:
             want = ratio * total
             hi = max((float(v.max()) for v in norm.values() if len(v)), default=0.0) + 1.0
@@ -209,15 +269,6 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def _set_param(mod: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(mod, name)
-    if isinstance(old, nn.Parameter):
-        setattr(mod, name, nn.Parameter(value.detach().clone().contiguous(), requires_grad=old.requires_grad))
-    else:
-        mod.register_buffer(name, value.detach().clone().contiguous(),
-                            persistent=name not in getattr(mod, "_non_persistent_buffers_set", set()))
-
-
 def _owner(gm: fx.GraphModule, path: str) -> tuple[nn.Module, str]:
     parent, _, leaf = path.rpartition(".")
     return (gm.get_submodule(parent) if parent else gm), leaf
@@ -227,172 +278,118 @@ def _idx(keep: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(keep, dtype=torch.long)
 
 
-def _slice_conv(mod: nn.Module, out_keep: np.ndarray | None, in_keep: np.ndarray | None) -> None:
-    g = mod.groups
-    w = mod.weight.detach()
-    cout, in_g = w.shape[0], w.shape[1]
-    cin = in_g * g
-    out_keep = np.arange(cout) if out_keep is None else out_keep
-    in_keep = np.arange(cin) if in_keep is None else in_keep
-    if g == 1:
-        nw = w[_idx(out_keep)][:, _idx(in_keep)]
-        new_groups = 1
-    else:
-        out_g = cout // g
-        parts = []
-        counts_o, counts_i = set(), set()
-        for q in range(g):
-            oq = out_keep[(out_keep >= q * out_g) & (out_keep < (q + 1) * out_g)]
-            iq = in_keep[(in_keep >= q * in_g) & (in_keep < (q + 1) * in_g)] - q * in_g
-            counts_o.add(len(oq))
-            counts_i.add(len(iq))
-            parts.append(w[_idx(oq)][:, _idx(iq)])
-        if len(counts_o) != 1 or len(counts_i) != 1:
-            raise RuntimeError(f"uneven pruning across the groups of a grouped conv: {counts_o}, {counts_i}")
-        nw = torch.cat(parts, 0)
-        new_groups = g
-    _set_param(mod, "weight", nw)
-    if mod.bias is not None:
-        _set_param(mod, "bias", mod.bias.detach()[_idx(out_keep)])
-    mod.out_channels = len(out_keep)
-    mod.in_channels = len(in_keep)
-    mod.groups = new_groups
-
-
-def _slice_depthwise(mod: nn.Module, keep: np.ndarray) -> None:
-    _set_param(mod, "weight", mod.weight.detach()[_idx(keep)])
-    if mod.bias is not None:
-        _set_param(mod, "bias", mod.bias.detach()[_idx(keep)])
-    mod.in_channels = mod.out_channels = mod.groups = len(keep)
-
-
-def _slice_linear(mod: nn.Linear, out_keep: np.ndarray | None, in_cols: np.ndarray | None) -> None:
-    w = mod.weight.detach()
-    if out_keep is not None:
-        w = w[_idx(out_keep)]
-        if mod.bias is not None:
-            _set_param(mod, "bias", mod.bias.detach()[_idx(out_keep)])
-        mod.out_features = len(out_keep)
-    if in_cols is not None:
-        w = w[:, _idx(in_cols)]
-        mod.in_features = len(in_cols)
-    _set_param(mod, "weight", w)
-
-
 def _cols(keep: np.ndarray, inner: int) -> np.ndarray:
-    return (keep[:, None] * inner + np.arange(inner)[None, :]).reshape(-1)
+    """Channel positions -> feature positions when each channel is ``inner`` consecutive features."""
+    return keep if inner == 1 else (keep[:, None] * inner + np.arange(inner)[None, :]).reshape(-1)
+
+
+# graph members (no layer rule): what a removal rewrites in the graph itself
+
+def _slice_param(gm: fx.GraphModule, nodes: dict[str, fx.Node], m: Member, keep: np.ndarray) -> None:
+    owner, leaf = _owner(gm, m.target)
+    replace_tensor(owner, leaf, getattr(owner, leaf).detach().index_select(m.axis, _idx(keep)))
+
+
+def _slice_bn_f(gm: fx.GraphModule, nodes: dict[str, fx.Node], m: Member, keep: np.ndarray) -> None:
+    for path in m.extra["targets"].values():
+        owner, leaf = _owner(gm, path)
+        replace_tensor(owner, leaf, getattr(owner, leaf).detach()[_idx(keep)])
+
+
+def _rewrite_reshape(gm: fx.GraphModule, nodes: dict[str, fx.Node], m: Member, keep: np.ndarray) -> None:
+    node = nodes[m.node]
+    new_size = len(keep) * m.inner
+    args = list(node.args)
+    if m.extra["kind"] == "method" and not (len(args) == 2 and isinstance(args[1], (list, tuple))):
+        args[1 + m.axis] = new_size
+    else:
+        sizes = list(args[1])
+        sizes[m.axis] = new_size
+        args[1] = type(args[1])(sizes)
+    node.args = tuple(args)
+
+
+def _rewrite_split(gm: fx.GraphModule, nodes: dict[str, fx.Node], m: Member, keep: np.ndarray) -> None:
+    node = nodes[m.node]
+    sizes, start, new = m.extra["sizes"], 0, []
+    for s in sizes:
+        new.append(int(((keep >= start) & (keep < start + s)).sum()))
+        start += s
+    if m.extra.get("equal"):  # split(size): one piece size, equal removal per piece (a group constraint)
+        if len(set(new)) != 1:
+            raise RuntimeError(f"uneven removal across the pieces of split node {m.node}: {new}")
+        new = new[0]
+    if len(node.args) > 1:
+        args = list(node.args)
+        args[1] = new
+        node.args = tuple(args)
+    else:
+        kwargs = dict(node.kwargs)
+        kwargs["split_size_or_sections" if node.op == "call_function" else "split_size"] = new
+        node.kwargs = kwargs
+
+
+_GRAPH_MEMBERS = {"param": _slice_param, "bn_f": _slice_bn_f, "reshape": _rewrite_reshape, "split": _rewrite_split}
 
 
 def apply_pruning(gm: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray) -> dict[str, Any]:
-    """Slice ``gm`` in place to drop the removed classes; returns counts of what changed."""
+    """Slice ``gm`` in place to drop the removed classes; returns counts of what changed.
+
+    Layers are sliced by their channel rules (:class:`graphopt.analysis.ChannelRule`), given the
+    kept output/input positions; graph members (sliced parameters, literal sizes) are rewritten here.
+    """
     keep_of = {id(m): cg.keep_positions(m.atoms, removed) for m in cg.members}
-    family = {"conv_out": "mod", "conv_in": "mod", "dw": "mod", "linear_out": "mod", "linear_in": "mod",
-              "bn": "mod", "gn": "mod"}
-    by_target: dict[tuple[str, str], dict[str, Member]] = {}
-    for m in cg.members:
-        by_target.setdefault((family.get(m.kind, m.kind), m.target), {})[m.kind] = m
+    layers: dict[str, dict[str, Member]] = {}
     nodes = {n.name: n for n in gm.graph.nodes}
     sliced = 0
-    for (_, target), kinds in by_target.items():
-        if not any(len(keep_of[id(m)]) != len(m.atoms) for m in kinds.values()):
+    for m in cg.members:
+        if m.rule is not None:
+            layers.setdefault(m.target, {})[m.kind] = m
+        elif len(keep_of[id(m)]) != len(m.atoms):
+            _GRAPH_MEMBERS[m.kind](gm, nodes, m, keep_of[id(m)])
+            sliced += 1
+    for target, roles in layers.items():
+        if not any(len(keep_of[id(m)]) != len(m.atoms) for m in roles.values()):
             continue
         sliced += 1
-        if "conv_out" in kinds or "conv_in" in kinds:
-            mod = gm.get_submodule(target)
-            o, i = kinds.get("conv_out"), kinds.get("conv_in")
-            _slice_conv(mod, keep_of[id(o)] if o else None, keep_of[id(i)] if i else None)
-        elif "dw" in kinds:
-            _slice_depthwise(gm.get_submodule(target), keep_of[id(kinds["dw"])])
-        elif "linear_out" in kinds or "linear_in" in kinds:
-            o, i = kinds.get("linear_out"), kinds.get("linear_in")
-            _slice_linear(gm.get_submodule(target), keep_of[id(o)] if o else None,
-                          _cols(keep_of[id(i)], i.inner) if i else None)
-        elif "bn" in kinds:
-            mod = gm.get_submodule(target)
-            keep = _idx(keep_of[id(kinds["bn"])])
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                t = getattr(mod, name, None)
-                if isinstance(t, torch.Tensor):
-                    _set_param(mod, name, t.detach()[keep])
-            mod.num_features = len(keep)
-        elif "gn" in kinds:
-            mod = gm.get_submodule(target)
-            m = kinds["gn"]
-            keep = keep_of[id(m)]
-            unit = len(m.atoms) // mod.num_groups
-            for name in ("weight", "bias"):
-                t = getattr(mod, name, None)
-                if isinstance(t, torch.Tensor):
-                    _set_param(mod, name, t.detach()[_idx(keep)])
-            mod.num_channels = len(keep)
-            mod.num_groups = len(keep) // unit
-        elif "bn_f" in kinds:
-            keep = _idx(keep_of[id(kinds["bn_f"])])
-            for path in kinds["bn_f"].extra["targets"].values():
-                owner, leaf = _owner(gm, path)
-                _set_param(owner, leaf, getattr(owner, leaf).detach()[keep])
-        elif "param" in kinds:
-            m = kinds["param"]
-            owner, leaf = _owner(gm, target)
-            t = getattr(owner, leaf).detach()
-            _set_param(owner, leaf, t.index_select(m.axis, _idx(keep_of[id(m)])))
-        elif "reshape" in kinds:
-            m = kinds["reshape"]
-            node = nodes[m.node]
-            new_size = len(keep_of[id(m)]) * m.inner
-            args = list(node.args)
-            if m.extra["kind"] == "method":
-                if len(args) == 2 and isinstance(args[1], (list, tuple)):
-                    sizes = list(args[1])
-                    sizes[m.axis] = new_size
-                    args[1] = type(args[1])(sizes)
-                else:
-                    args[1 + m.axis] = new_size
-            else:
-                sizes = list(args[1])
-                sizes[m.axis] = new_size
-                args[1] = type(node.args[1])(sizes)
-            node.args = tuple(args)
-        elif "split" in kinds:
-            m = kinds["split"]
-            node = nodes[m.node]
-            keep = keep_of[id(m)]
-            sizes, start, new = m.extra["sizes"], 0, []
-            for s in sizes:
-                new.append(int(((keep >= start) & (keep < start + s)).sum()))
-                start += s
-            args = list(node.args)
-            args[1] = new
-            node.args = tuple(args)
+        mod = gm.get_submodule(target)
+        rule = next(iter(roles.values())).rule
+        keep = {k: _cols(keep_of[id(m)], m.inner) for k, m in roles.items()}
+        if "coupled" in keep:
+            rule.prune(mod, keep["coupled"], keep["coupled"])
+        else:
+            rule.prune(mod, keep.get("out"), keep.get("in"))
     gm.recompile()
     return {"tensors_sliced": sliced}
 
 
 def masked_reference(gm: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray) -> fx.GraphModule:
-    """A copy of the unpruned ``gm`` in which removed channels contribute nothing: the weight
-    columns of every consumer that reads them are zero. The pruned model must equal it."""
-    ref = copy_graph_module(gm)
+    """A copy of the unpruned ``gm`` in which removed channels contribute nothing: every layer that
+    reads them as input channels has them masked (its rule's ``mask_in_channels``: weight columns
+    zero). The pruned model must equal it."""
+    return _mask_inputs(copy_graph_module(gm), cg, removed)
+
+
+def _mask_inputs(ref: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray) -> fx.GraphModule:
     with torch.no_grad():
         for m in cg.members:
-            gone = np.nonzero(removed[cg.root[m.atoms]])[0]
-            if not len(gone):
+            if m.kind != "in" or m.rule is None:
                 continue
-            if m.kind == "conv_in":
-                mod = ref.get_submodule(m.target)
-                g = mod.groups
-                w = mod.weight
-                cout, in_g = w.shape[0], w.shape[1]
-                out_g = cout // g
-                for p in gone:
-                    q, j = divmod(int(p), in_g)
-                    w[q * out_g:(q + 1) * out_g, j] = 0
-            elif m.kind == "linear_in":
-                mod = ref.get_submodule(m.target)
-                mod.weight[:, _idx(_cols(gone, m.inner))] = 0
+            gone = np.nonzero(removed[cg.root[m.atoms]])[0]
+            if len(gone):
+                m.rule.mask_in_channels(ref.get_submodule(m.target), _cols(gone, m.inner))
     return ref
 
 
 # ----------------------------------------------------------------------------- driver
+
+
+def renamed_exclude(exclude: list[str] | None, ignore: list[str] | None, where: str) -> list[str] | None:
+    """``ignore`` is the old name of ``exclude``: accepted, merged, and logged as renamed."""
+    if ignore is None:
+        return exclude
+    log.warning("%s: option 'ignore' was renamed to 'exclude'; 'ignore' still works but will go", where)
+    return list(exclude or []) + list(ignore)
 
 
 @dataclass
@@ -410,18 +407,20 @@ class StructuredResult:
 
 def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | None = None,
                      criterion: str = "l1", scope: str = "per_layer", round_to: int = 1,
-                     min_channels: int = 1, max_ratio: float = 0.9, ignore: list[str] | None = None,
+                     min_channels: int = 1, max_ratio: float = 0.9, exclude: list[str] | None = None,
                      batches: list[tuple[torch.Tensor, ...]] | None = None,
-                     loss_fn: Any = None) -> StructuredResult:
+                     loss_fn: Any = None, ignore: list[str] | None = None) -> StructuredResult:
     """Prune channel groups of ``gm`` in place (see the module docstring).
 
-    ``ignore``: globs of module paths whose *output* channels are kept (groups with an ignored
-    producer are not pruned). ``batches``: input batches for ``taylor``.
+    ``exclude``: globs of module paths whose *output* channels are kept (groups with an excluded
+    producer or coupled layer are not pruned; ``ignore`` is its old name, still accepted).
+    ``batches``: input batches for ``taylor``.
     """
     from graphopt.analysis.channels import analyze_channels
     from graphopt.ir import name_matches
     from graphopt.prune.importance import channel_scores, gradients
 
+    exclude = renamed_exclude(exclude, ignore, "prune_structured")
     cg = analyze_channels(gm)
     declined: list[tuple[str, str]] = []
     candidates: list[ChannelGroup] = []
@@ -429,8 +428,8 @@ def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | No
         if not g.prunable:
             declined.append((g.name, "not prunable: " + "; ".join(g.blocked[:3])
                              + (f" (+{len(g.blocked) - 3} more reasons)" if len(g.blocked) > 3 else "")))
-        elif any(name_matches(p, ignore) for p in g.producers):
-            declined.append((g.name, "ignored by the 'ignore' option"))
+        elif any(name_matches(p, exclude) for p in g.producers + g.modules):
+            declined.append((g.name, "excluded by the 'exclude' option (formerly 'ignore')"))
         elif g.size <= 1:
             declined.append((g.name, "a single channel"))
         else:
@@ -456,8 +455,79 @@ def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | No
             pruned.append((g, g.size, plan.kept[g.id]))
     if not pruned:
         return StructuredResult(gm, None, cg, plan, [], declined, notes)
-    reference = masked_reference(gm, cg, plan.removed)
-    notes.update(apply_pruning(gm, cg, plan.removed))
+    gm, reference, pruned = _apply_checked(gm, cg, plan, pruned, declined, notes)
+    if not pruned:
+        return StructuredResult(gm, None, cg, plan, [], declined, notes)
     notes["channels_before"] = int(sum(b for _, b, _ in pruned))
     notes["channels_after"] = int(sum(a for _, _, a in pruned))
     return StructuredResult(gm, reference, cg, plan, pruned, declined, notes)
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+
+
+def _sliced_and_runs(gm: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray,
+                     inputs: tuple[torch.Tensor, ...], notes: dict[str, Any] | None = None) -> str | None:
+    """Slice ``gm`` in place and run it on ``inputs`` (eval mode, no gradients): None if that
+    worked, else the error in one line (the graph is then unusable)."""
+    try:
+        counts = apply_pruning(gm, cg, removed)
+    except Exception as exc:  # a rule that cannot slice what the analysis asked for
+        return _error(exc)
+    if notes is not None:
+        notes.update(counts)
+    was = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            gm(*inputs)
+    except Exception as exc:  # any failure means the slicing broke the graph
+        return _error(exc)
+    finally:
+        gm.train(was)
+    return None
+
+
+def _apply_checked(gm: fx.GraphModule, cg: ChannelGraph, plan: PruningPlan,
+                   pruned: list[tuple[ChannelGroup, int, int]], declined: list[tuple[str, str]],
+                   notes: dict[str, Any]) -> tuple[fx.GraphModule, fx.GraphModule | None, list]:
+    """Slice ``gm``; with example inputs, check that it still runs. If it does not (a channel rule
+    that slices wrongly), find the groups whose slicing breaks it, decline them with the error and
+    prune the others: never an invalid graph. Returns the graph, the masked reference and the
+    groups really pruned."""
+    inputs = gm.meta.get("graphopt", {}).get("example_inputs")
+    if inputs is None:  # nothing to run it on: slice and trust the rules
+        reference = masked_reference(gm, cg, plan.removed)
+        notes.update(apply_pruning(gm, cg, plan.removed))
+        return gm, reference, pruned
+    inputs = tuple(inputs)
+    backup = copy_graph_module(gm)
+    err = _sliced_and_runs(gm, cg, plan.removed, inputs, notes)
+    if err is None:  # the unpruned copy is no longer needed as a backup: it becomes the reference
+        return gm, _mask_inputs(backup, cg, plan.removed), pruned
+    log.warning("structured pruning gave a graph that does not run (%s); finding the groups responsible", err)
+    backup.meta["graphopt"] = gm.meta.get("graphopt", {})
+    good, removed = [], np.zeros_like(plan.removed)
+    for g, before, after in pruned:
+        only = np.zeros_like(plan.removed)
+        only[g.classes] = plan.removed[g.classes]
+        why = _sliced_and_runs(copy_graph_module(backup), cg, only, inputs)
+        if why is None:
+            good.append((g, before, after))
+            removed |= only
+        else:
+            declined.append((g.name, f"slicing it gives a graph that does not run ({why}); not pruned "
+                                     "(a channel rule slices this layer wrongly: please report it)"))
+    if not good:
+        return backup, None, []
+    result = copy_graph_module(backup)
+    result.meta["graphopt"] = backup.meta["graphopt"]
+    reference = masked_reference(backup, cg, removed)
+    why = _sliced_and_runs(result, cg, removed, inputs, notes)
+    if why is not None:  # groups that run alone but not together: keep the graph whole
+        declined.extend((g.name, f"pruned together with the other groups the graph does not run ({why})")
+                        for g, _, _ in good)
+        return backup, None, []
+    plan.removed = removed
+    return result, reference, good
