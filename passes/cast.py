@@ -32,6 +32,7 @@ from passes._precision import (PrecisionSweep, check_existing_policy, cleanup_ca
 class Cast(Pass):
     name = "cast"
     semantics = Semantics.APPROXIMATE
+    training = "same"
     summary = "pure float16/bfloat16: parameters and activations in half (norms float32 by default)"
     options = {
         "dtype": Option(str, "float16", "the half dtype", choices=("float16", "bfloat16")),

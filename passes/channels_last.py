@@ -28,6 +28,7 @@ def _is_marker(node: fx.Node) -> bool:
 class ChannelsLast(Pass):
     name = "channels_last"
     semantics = Semantics.EXACT
+    training = "same"
     summary = "NHWC memory format for 4-D activations and conv weights (faster conv kernels)"
     options = {}
 

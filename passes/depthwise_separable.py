@@ -73,6 +73,7 @@ def factorize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 class DepthwiseSeparable(Pass):
     name = "depthwise_separable"
     semantics = Semantics.APPROXIMATE
+    training = "same"
     summary = "k x k convs -> depthwise k x k + pointwise 1x1 (SVD-factorised init), ~k*k fewer MACs"
     options = {
         "budget": Option(float, 1.0, "relative L2 error of the outputs allowed (see the docs for the default)",

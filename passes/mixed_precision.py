@@ -41,6 +41,7 @@ DEFAULT_BUDGET = 0.05
 class MixedPrecision(Pass):
     name = "mixed_precision"
     semantics = Semantics.APPROXIMATE
+    training = "same"
     summary = "conv/linear/matmul/attention in float16 or bfloat16 with float32 master weights, casts in the graph"
     options = {
         "dtype": Option(str, "float16", "the low-precision dtype", choices=("float16", "bfloat16")),

@@ -24,6 +24,7 @@ from graphopt.pass_infra import Decline, Option, Pass, PassResult, Rewrite, Sema
 class Prune(Pass):
     name = "prune"
     semantics = Semantics.APPROXIMATE
+    training = "same"
     summary = "structured channel pruning (smaller tensors) or unstructured / 2:4 sparsity"
     options = {
         "mode": Option(str, "structured", "structured (remove channels) | unstructured | 2:4 (zero weights)",
