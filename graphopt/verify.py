@@ -834,6 +834,33 @@ class _randomized_pair:
         _swap_state(self.after, self.old_a)
 
 
+MIN_BATCH_VALUES = 16  # an approximate pass's train-mode check needs BatchNorm statistics over more
+
+
+def _fewest_batch_values(module: nn.Module) -> tuple[str, int] | None:
+    """The BatchNorm (module or ``F.batch_norm`` in train mode) that normalises over the fewest values
+    per channel on the captured example batch, and that count (from the graph's shape metadata)."""
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return None
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    worst: tuple[str, int] | None = None
+    for n in graph.nodes:
+        is_bn = (n.op == "call_module" and isinstance(module.get_submodule(str(n.target)), _BatchNorm)) or (
+            n.op == "call_function" and getattr(n.target, "__name__", "") == "batch_norm")
+        if not is_bn or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        tm = n.args[0].meta.get("tensor_meta")
+        shape = getattr(tm, "shape", None)
+        if shape is None or len(shape) < 2 or shape[1] == 0:
+            continue
+        count = int(torch.Size(shape).numel() // shape[1])
+        if worst is None or count < worst[1]:
+            worst = (str(n.target) if n.op == "call_module" else n.name, count)
+    return worst
+
+
 def _train_check(checker: _Checker, before: nn.Module, after: nn.Module, inputs: Sequence[Any], exact: bool,
                  floating_in: bool, metric: str, limit: float, mapping: dict[str, str | None],
                  rerun: Callable[[nn.Module], nn.Module] | None, pass_: "Pass") -> None:
@@ -845,6 +872,14 @@ def _train_check(checker: _Checker, before: nn.Module, after: nn.Module, inputs:
             f"compared with random regularisers disabled in both graphs ({max(nb, na) + mods} sites): a "
             "channels_last tensor draws a different dropout mask (equal in distribution, not element-wise)")
     if not exact:
+        few = _fewest_batch_values(before)
+        if metric != "max_rel_error" and few is not None and few[1] < MIN_BATCH_VALUES:
+            checker.ver.checks.append({
+                "check": "train, own weights, example batch", "status": "skipped",
+                "note": (f"BatchNorm '{few[0]}' normalises over {few[1]} values per channel on this batch: "
+                         "batch statistics that ill-conditioned turn any approximation into a different "
+                         "output; give a larger example batch to check train mode")})
+            return
         # at_init: outputs and running statistics at the given weights; approximate: outputs
         checker.compare("train, own weights, example batch", b, a, inputs, train=True, grads=False, params=False,
                         out_metric=metric, out_limit=limit, stats=metric == "max_rel_error")

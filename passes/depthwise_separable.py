@@ -117,6 +117,11 @@ class DepthwiseSeparable(Pass):
             return f"the pair would not be smaller ({ci * kh * kw + co * ci} >= {co * ci * kh * kw} weights)"
         return None
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.config["between"] != "none":  # the second semantic axis depends on this option
+            self.training, self.training_reason = "changes", "between=bn*: the inserted BatchNorms use batch statistics"
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         rewrites: list[Rewrite] = []
         declined: list[Decline] = []
