@@ -7,3 +7,6 @@ from graphopt.testing import (  # noqa: F401
     assert_exact, assert_graph_equal, assert_idempotent, count_calls, count_modules, graph_structure, outputs,
     randomize_state, run_pass, train_steps, write_model_file,
 )
+
+__all__ = ["assert_exact", "assert_graph_equal", "assert_idempotent", "count_calls", "count_modules",
+           "graph_structure", "outputs", "randomize_state", "run_pass", "train_steps", "write_model_file"]
