@@ -18,9 +18,9 @@ BENCH_ARGS ?=
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+$(VENV)/.installed: pyproject.toml examples/fold_bn/pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[ort,zoo,bench,dev]" $(PIPQUIET)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[ort,zoo,bench,dev]" -e examples/fold_bn $(PIPQUIET)
 	@touch $@
 
 demo: setup

@@ -85,10 +85,12 @@ class PassManager:
     """Runs passes in order with verification (``verify=False`` skips the numeric checks;
     lint and shape propagation always run)."""
 
-    def __init__(self, passes: Sequence[Pass | str], verify: bool = True,
+    def __init__(self, passes: Sequence[Pass | str], verify: bool | str = True,
                  on_pass: Callable[[PassRecord], None] | None = None):
         self.passes = as_passes(passes)
-        self.verify = verify
+        # verify="train-step": also one optimizer step on original and rewrite, parameters compared
+        self.train_step = verify == "train-step"
+        self.verify = bool(verify)
         self.on_pass = on_pass
 
     def run(self, gm: fx.GraphModule, example_inputs: Iterable[torch.Tensor]) -> tuple[fx.GraphModule, PipelineReport]:
@@ -134,7 +136,9 @@ class PassManager:
             elif not self.verify:
                 ver = Verification("skipped", p.semantics.value, message="--no-verify")
             else:
-                ver = verify_rewrite(p, gm, new, inputs, result)
+                ver = verify_rewrite(p, gm, new, inputs, result, train_step=self.train_step,
+                                     rerun=lambda g, p=p: _rerun(p, g))
+            ver.training = p.training
             rec = PassRecord(
                 name=p.name, spec=p.spec(), options=dict(p.config), semantics=p.semantics.value,
                 modified=result.modified, time_s=elapsed, before=_snapshot(cost), after=_snapshot(new_cost),
@@ -148,7 +152,9 @@ class PassManager:
                 err = VerificationError(
                     f"pass '{p.name}' failed verification ({p.semantics.value}): "
                     + (ver.message or ver.summary()),
-                    fix="loosen its budget, exclude the offending layers, or use --no-verify to inspect",
+                    fix=("loosen its budget, exclude the offending layers, or use --no-verify to inspect"
+                         if "budget" in p.options else "this is a bug in the pass (it does not keep its declared "
+                         "semantics); exclude the offending layers or use --no-verify to inspect"),
                 )
                 err.report = PipelineReport(records, start_cost, new_cost, False)  # type: ignore[attr-defined]
                 raise err
@@ -158,8 +164,15 @@ class PassManager:
         return gm, PipelineReport(records, start_cost, graph_cost(gm), verified)
 
 
+def _rerun(p: Pass, gm: nn.Module) -> nn.Module:
+    """The pass applied again to ``gm`` (the verifier's randomized original)."""
+    result = p.call(copy_graph(gm))  # type: ignore[arg-type]
+    result.gm.recompile()
+    return result.gm
+
+
 def optimize(module: nn.Module, example_inputs: Iterable[torch.Tensor] | torch.Tensor,
-             passes: Sequence[Pass | str] | Pass | str, *, verify: bool = True,
+             passes: Sequence[Pass | str] | Pass | str, *, verify: bool | str = True,
              calibration_data: Iterable[Any] | None = None,
              on_pass: Callable[[PassRecord], None] | None = None) -> tuple[fx.GraphModule, PipelineReport]:
     """Capture ``module`` (unless it already is a captured GraphModule) and run ``passes``.
@@ -167,6 +180,8 @@ def optimize(module: nn.Module, example_inputs: Iterable[torch.Tensor] | torch.T
     ``passes``: Pass instances, ``"name:key=value"`` strings, or a mix. Returns the rewritten
     GraphModule (an ``nn.Module``; the caller's model is not modified) and the report.
     ``calibration_data``: input batches for data-dependent passes (calibration, importance).
+    ``verify``: True (the checks the passes' semantics promise), False, or ``"train-step"`` (also
+    one optimizer step on original and rewrite, parameters compared).
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)

@@ -5,7 +5,8 @@ configuration comes through ``__init__`` and it keeps no state across calls::
 
     class MyPass(Pass):
         name = "my_pass"
-        semantics = Semantics.EXACT
+        semantics = Semantics.EXACT          # what the eval function does
+        training = "same"                    # or "changes", with training_reason = "one line why"
         summary = "what it does, one line"
         options = {"min_channels": Option(int, 16, "skip convs with fewer channels", min=1)}
 
@@ -41,7 +42,7 @@ else:  # pragma: no cover
 __all__ = [
     "Semantics", "Option", "Pass", "PassResult", "Rewrite", "Decline", "register_pass",
     "available_passes", "get_pass", "create_pass", "parse_pass_spec", "load_pipeline_file",
-    "build_pipeline", "ENTRY_POINT_GROUP",
+    "build_pipeline", "ENTRY_POINT_GROUP", "TRAINING",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,17 @@ class Semantics(str, enum.Enum):
     EXACT = "exact"  # same function: outputs and input gradients equal (float32 tolerance)
     PRESERVING_AT_INIT = "at_init"  # same outputs right after the rewrite; trains differently
     APPROXIMATE = "approximate"  # changes outputs within the pass's stated error budget
+
+
+TRAINING = ("same", "changes")
+"""The second axis of a pass's semantics: what training does.
+
+``"same"`` (default): in train mode (dropout, BatchNorm batch statistics and running-statistic
+updates, parameter gradients) the rewrite keeps the same promise as in eval mode, and the
+verifier checks it there too. ``"changes"``: training behaves differently by design (frozen
+parameters, dropout removed, BatchNorm folded away); the pass says why in ``training_reason``
+and only the eval function is held to ``semantics``.
+"""
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -177,6 +189,10 @@ class PassResult:
     # True when the original graph is not a deterministic function in eval mode (e.g. dropout
     # traced with training=True baked in): the semantic check then uses ``reference`` as baseline.
     reference_is_baseline: bool = False
+    # rewritten parameter/buffer name -> the original's name it corresponds to (None: a new tensor
+    # with no counterpart). Names not listed are matched by name. Used to compare parameter
+    # gradients and BatchNorm running statistics.
+    param_map: dict[str, str | None] = field(default_factory=dict)
 
 
 class Pass(abc.ABC):
@@ -184,6 +200,8 @@ class Pass(abc.ABC):
 
     name: ClassVar[str]
     semantics: ClassVar[Semantics]
+    training: ClassVar[str] = "same"  # "same" | "changes" (see TRAINING)
+    training_reason: ClassVar[str] = ""  # one line, required when training = "changes"
     summary: ClassVar[str] = ""
     options: ClassVar[dict[str, Option]] = {}
 
@@ -197,6 +215,15 @@ class Pass(abc.ABC):
             raise TypeError(f"{cls.__qualname__} must set 'semantics' to a Semantics member")
         if cls.semantics is Semantics.APPROXIMATE and "budget" not in cls.options:
             raise TypeError(f"{cls.__qualname__} is APPROXIMATE and must declare a 'budget' option")
+        if cls.training not in TRAINING:
+            raise TypeError(f"{cls.__qualname__}.training must be one of {', '.join(map(repr, TRAINING))}, "
+                            f"not {cls.training!r}")
+        reason = cls.training_reason
+        if not isinstance(reason, str) or "\n" in reason.strip():
+            raise TypeError(f"{cls.__qualname__}.training_reason must be one line of text")
+        if cls.training == "changes" and not reason.strip():
+            raise TypeError(f"{cls.__qualname__} declares training = 'changes' and must say why in "
+                            "training_reason (one line)")
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.options))

@@ -29,6 +29,7 @@ class Cast(PrecisionPass, Pass):
     name = "cast"
     mode = "half"
     semantics = Semantics.APPROXIMATE
+    training = "same"
     summary = "pure float16/bfloat16: parameters and activations in half (norms float32 by default)"
     options = {
         "dtype": Option(str, "float16", "the half dtype", choices=("float16", "bfloat16")),

@@ -58,6 +58,7 @@ def _convertible(gm: fx.GraphModule, opaque: set[str]) -> Iterator[tuple[str, nn
 class ChannelsLast(Pass):
     name = "channels_last"
     semantics = Semantics.EXACT
+    training = "same"
     summary = "NHWC memory format for 4-D activations and conv weights (faster conv kernels)"
     options = {}
 

@@ -91,6 +91,7 @@ def _identity_input(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node | None, 
 class Cleanup(Pass):
     name = "cleanup"
     semantics = Semantics.EXACT
+    training = "same"
     summary = "remove dead code, identity ops (Identity, p=0 dropout, no-op casts/reshapes) and unused modules"
     options = {}
 

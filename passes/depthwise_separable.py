@@ -75,6 +75,7 @@ def factorize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 class DepthwiseSeparable(Pass):
     name = "depthwise_separable"
     semantics = Semantics.APPROXIMATE
+    training = "same"
     summary = "k x k convs -> depthwise k x k + pointwise 1x1 (SVD-factorised init), ~k*k fewer MACs"
     options = {
         "budget": Option(float, float("inf"), "relative L2 error of the outputs allowed (default: measured and "
@@ -113,6 +114,11 @@ class DepthwiseSeparable(Pass):
         if ci * kh * kw + co * ci >= co * ci * kh * kw:
             return f"the pair would not be smaller ({ci * kh * kw + co * ci} >= {co * ci * kh * kw} weights)"
         return None
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.config["between"] != "none":  # the second semantic axis depends on this option
+            self.training, self.training_reason = "changes", "between=bn*: the inserted BatchNorms use batch statistics"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         rewrites: list[Rewrite] = []

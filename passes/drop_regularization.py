@@ -189,6 +189,8 @@ def _eval_reference(gm: fx.GraphModule) -> fx.GraphModule | None:
 class DropRegularization(Pass):
     name = "drop_regularization"
     semantics = Semantics.EXACT
+    training = "changes"
+    training_reason = "dropout, stochastic depth and drop-block no longer act in training"
     summary = "remove dropout, stochastic depth / drop-path and drop-block (identity in eval mode)"
     options = {}
 

@@ -145,6 +145,8 @@ def head_modules(gm: fx.GraphModule) -> list[str]:
 class Freeze(Pass):
     name = "freeze"
     semantics = Semantics.EXACT
+    training = "changes"
+    training_reason = "frozen parameters get no gradients; frozen BatchNorms normalise with running statistics"
     summary = "freeze parameters (all but the head, first K stages, or globs); frozen BN -> fixed affine"
     options = {
         "mode": Option(str, "head", "what to freeze: everything but the head, the first K stages, or globs",

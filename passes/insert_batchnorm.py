@@ -97,6 +97,8 @@ def _try_train_mode_output(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...])
 class InsertBatchNorm(Pass):
     name = "insert_batchnorm"
     semantics = Semantics.PRESERVING_AT_INIT
+    training = "changes"
+    training_reason = "the inserted BatchNorms normalise with batch statistics in training (identity only in eval)"
     summary = "BatchNorm after convs (and linears) without one; identity in eval mode, conv bias folded in"
     options = {
         "linear": Option(bool, False, "also after nn.Linear layers with 2-D outputs (BatchNorm1d)"),

@@ -125,6 +125,7 @@ def _stride_for(hin: int, win: int, hout: int, wout: int) -> int | None:
 
 class InsertResidual(Pass):
     name = "insert_residual"
+    training = "same"
     semantics = Semantics.PRESERVING_AT_INIT  # gate=preserve; rezero/none are APPROXIMATE (see __init__)
     summary = "add skip connections around shape-preserving blocks without one (zero-init gate: same function)"
     options = {

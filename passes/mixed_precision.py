@@ -38,6 +38,7 @@ class MixedPrecision(PrecisionPass, Pass):
     name = "mixed_precision"
     mode = "mixed"
     semantics = Semantics.APPROXIMATE
+    training = "same"
     summary = "conv/linear/matmul/attention in float16 or bfloat16 with float32 master weights, casts in the graph"
     options = {
         "dtype": Option(str, "float16", "the low-precision dtype", choices=("float16", "bfloat16")),

@@ -61,6 +61,7 @@ def _shape(node: fx.Node) -> dict[str, Any]:
 class Partition(Pass):
     name = "partition"
     semantics = Semantics.EXACT
+    training = "same"
     summary = ("split into N cost-balanced sequential pipeline stages (annotates the graph; "
                "emit with --emit pipeline, train with `graphopt launch`)")
     options = {

@@ -34,6 +34,7 @@ RENAMED = {"ignore": "exclude"}  # old option name -> new
 class Prune(Pass):
     name = "prune"
     semantics = Semantics.APPROXIMATE
+    training = "same"
     summary = "structured channel pruning (smaller tensors) or unstructured / 2:4 sparsity"
     options = {
         "mode": Option(str, "structured", "structured (remove channels) | unstructured | 2:4 (zero weights)",

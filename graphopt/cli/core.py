@@ -28,10 +28,13 @@ console = Console(highlight=False)
               help="An option of the emitter, repeatable (--emit ort: loss=, optimizer=adamw|sgd, lr=, "
                    "weight_decay=, eps=, betas='b1|b2'; --emit onnx: opset=, dynamic_batch=).")
 @click.option("--no-verify", is_flag=True, help="Skip the numeric checks (lint and shape propagation still run).")
+@click.option("--verify", "verify_extra", type=click.Choice(["train-step"]), default=None,
+              help="Also run one optimizer step on original and rewrite and compare the parameters.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the pipeline report as JSON here.")
 def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, out: str | None, emit_format: str,
-             emit_options: tuple[str, ...], no_verify: bool, force: bool, report_path: str | None) -> None:
+             emit_options: tuple[str, ...], no_verify: bool, force: bool, report_path: str | None,
+             verify_extra: str | None = None) -> None:
     """Capture MODEL.py, run the passes with verification, and emit the optimised model.
 
     \b
@@ -75,7 +78,8 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
         print_coverage(console, cost)
     if spec.data is not None:
         graph_meta(gm)["calibration_data"] = spec.calibration_batches()
-    manager = PassManager(passes, verify=not no_verify, on_pass=lambda rec: console.print(pass_table(rec)))
+    verify: bool | str = False if no_verify else (verify_extra or True)
+    manager = PassManager(passes, verify=verify, on_pass=lambda rec: console.print(pass_table(rec)))
     gm, report = manager.run(gm, spec.example_inputs)
     console.print(summary_table(report))
     with console.status(f"emitting {emit_format}"):
@@ -138,7 +142,8 @@ def list_passes(fmt: str) -> None:
 
     passes = available_passes()
     if fmt == "json":
-        doc = {name: {"semantics": cls.semantics.value, "summary": cls.summary,
+        doc = {name: {"semantics": cls.semantics.value, "training": cls.training,
+                      "training_reason": cls.training_reason, "summary": cls.summary,
                       "options": {k: {"type": o.describe(), "default": o.default, "help": o.help}
                                   for k, o in cls.options.items()}} for name, cls in passes.items()}
         click.echo(dumps(doc))
@@ -146,8 +151,10 @@ def list_passes(fmt: str) -> None:
     t = Table(header_style="bold", show_lines=True)
     t.add_column("pass")
     t.add_column("semantics")
+    t.add_column("training")
     t.add_column("what it does / options (default)", overflow="fold")
     for name, cls in passes.items():
         opts = "\n".join(f"  [cyan]{k}[/]={o.default!r} ({o.describe()}): {o.help}" for k, o in cls.options.items())
-        t.add_row(name, cls.semantics.value, cls.summary + (("\n" + opts) if opts else ""))
+        training = cls.training + (f": {cls.training_reason}" if cls.training_reason else "")
+        t.add_row(name, cls.semantics.value, training, cls.summary + (("\n" + opts) if opts else ""))
     console.print(t)
