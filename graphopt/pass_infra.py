@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import enum
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -118,11 +119,19 @@ class Option:
                 items = [raw]
             val: Any = [self._convert(i, self.item, where) for i in items]
             for v in val:
+                self._check_finite(v, where)
                 self._check_range(v, where)
             return val
         val = self._convert(raw, self.type, where)
+        self._check_finite(val, where)
         self._check_range(val, where)
         return val
+
+    def _check_finite(self, val: Any, where: str) -> None:
+        """nan never; +-inf only where the default itself is infinite (e.g. an unlimited budget)."""
+        if isinstance(val, float) and not math.isfinite(val) and not (
+                math.isinf(val) and isinstance(self.default, float) and math.isinf(self.default)):
+            raise PassConfigError(f"'{val}' is not a finite number", where=where, fix="give a finite value")
 
     def _check_range(self, val: Any, where: str) -> None:
         if self.choices is not None and val not in self.choices:
@@ -345,6 +354,10 @@ def load_pipeline_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         doc = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PassConfigError(f"invalid TOML: {exc}", where=str(p)) from exc
+    unknown = sorted(set(doc) - {"pass", "passes"})
+    if unknown:
+        raise PassConfigError(f"unknown top-level key(s) {', '.join(repr(k) for k in unknown)}", where=str(p),
+                              fix='a pipeline file holds only [[pass]] tables; put options inside them')
     entries = doc.get("pass", doc.get("passes"))
     if not isinstance(entries, list) or not entries:
         raise PassConfigError("no [[pass]] tables", where=str(p),

@@ -6,13 +6,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-from rich.console import Console
-
 from graphopt.cli import cli
+from graphopt.cli._console import make_console
 from graphopt.bench.backend import BACKENDS
 from graphopt.errors import GraphoptError, PassConfigError
 
-console = Console(highlight=False)
+console = make_console()
 
 DATA_CHOICES = ["auto", "model", "mnist", "digits"]
 
@@ -56,8 +55,9 @@ def _train_options(fn: Callable) -> Callable:
         click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model(s)."),
         click.option("--threads", type=click.IntRange(0), default=1, show_default=True,
                      help="CPU intra-op threads (1 gives stable numbers on shared machines; 0: leave as is)."),
-        click.option("--progress", type=click.Choice(["auto", "rich", "tqdm", "none"]), default="auto",
-                     show_default=True),
+        click.option("--progress", type=click.Choice(["auto", "rich", "tqdm", "lines", "none"]), default="auto",
+                     show_default=True, help="auto: rich bars on a terminal, else plain lines (a line every "
+                                             "fifth of an epoch or 10 s, and per epoch) for logs."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -77,9 +77,10 @@ def _config(kw: dict[str, Any], batch_size: int, **over: Any):
 
 
 def _out_folder(out: str | None, default: str, force: bool) -> Path:
-    from graphopt.emit._fs import check_output_folder
+    """Checked before any work; missing parent folders are created when the results are written."""
+    from graphopt.cli._paths import check_out_folder
 
-    return check_output_folder(Path(out) if out else Path(default), force)
+    return check_out_folder(Path(out) if out else Path(default), force, create_parents=True)
 
 
 def _model_path(model_file: str) -> Path:
@@ -229,8 +230,9 @@ def bench(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
     if pipeline_doc:
         notes += " Pipeline: " + " + ".join(p["spec"] for p in pipeline_doc["passes"]) + "."
     title = f"Training-step benchmark: {stem}"
+    passes = " + ".join(p["spec"] for p in pipeline_doc["passes"]) if pipeline_doc else None
     rep.write_outputs(out_path, {"bench.json": res.to_json(), "bench.md": rep.bench_markdown(res, title, notes),
-                                 "bench.png": lambda p: rep.plot_bench(res, p, title=f"{stem}: " + notes)},
+                                 "bench.png": lambda p: rep.plot_bench(res, p, model=stem, passes=passes)},
                       force=force)
     if fmt == "json":
         click.echo(res.to_json())
@@ -259,10 +261,14 @@ def _bench_train(spec: Any, variants: dict[str, Any], kw: dict[str, Any], batch_
         results = fit_many(variants, data, cfg, loss=spec.loss, example_inputs=spec.example_inputs)
     doc = {"kind": "time_to_accuracy", "model_file": str(spec.path), "data": desc, "env": env,
            "config": cfg.as_dict(), "pipeline": pipeline_doc, "runs": {k: r.as_dict() for k, r in results.items()}}
-    title = f"Time to accuracy: {_model_path(str(spec.path)).stem}"
+    stem = _model_path(str(spec.path)).stem
+    title = f"Time to accuracy: {stem}"
+    passes = " + ".join(p["spec"] for p in pipeline_doc["passes"]) if pipeline_doc else None
+    plot_title = rep.training_plot_title(stem, passes, results, env)
     rep.write_outputs(out_path, {"train.json": rep.dump_json(doc),
                                  "train.md": rep.training_markdown(results, env, title, desc),
-                                 "train.png": lambda p: rep.plot_training(results, p, cfg.target_accuracy, title)},
+                                 "train.png": lambda p: rep.plot_training(results, p, cfg.target_accuracy,
+                                                                          plot_title)},
                       force=force)
     if fmt == "json":
         click.echo(rep.dump_json(doc))
@@ -306,6 +312,11 @@ def train(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
 
     if backend not in BACKENDS:
         raise PassConfigError(f"unknown backend '{backend}'", fix="choose one of " + ", ".join(BACKENDS))
+    if backend == "ort" and kw["optimizer"] == "sgd" and (kw["momentum"] or kw["weight_decay"]):
+        what = "--momentum" if kw["momentum"] else "--weight-decay"
+        raise PassConfigError(f"--backend ort has plain SGD only (ONNX Runtime's SGD has no momentum or weight "
+                              f"decay) but {what} is {kw['momentum'] or kw['weight_decay']:g}",
+                              fix="add --momentum 0 --weight-decay 0, or use --optimizer adamw")
     out_path = _out_folder(out, "", force) if out else None
     spec = load_model_file(model_file)
     module = spec.module
@@ -328,7 +339,10 @@ def train(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
         files = {
             "train.json": rep.dump_json(doc),
             "train.md": rep.training_markdown({res.name: res}, env, f"Training: {res.name}", desc),
-            "train.png": lambda p: rep.plot_training({res.name: res}, p, cfg.target_accuracy, res.name),
+            "train.png": lambda p: rep.plot_training(
+                {res.name: res}, p, cfg.target_accuracy,
+                rep.training_plot_title(res.name, " + ".join(x["spec"] for x in pipeline_doc["passes"])
+                                        if pipeline_doc else None, {res.name: res}, env)),
             # the trained model, reloadable with graphopt.load(OUT/model) whichever runtime trained it
             "model": lambda p: res.backend.write_torch_folder(p),
         }
@@ -361,7 +375,10 @@ def _sweep_out(res: Any, out_path: Path, force: bool, desc: str, model: str) -> 
     rep.write_outputs(out_path, {"sweep.json": rep.dump_json(doc), "sweep.md": rep.sweep_markdown(res, title, desc),
                                  "sweep.png": lambda p: rep.plot_sweep(res, p)}, force=force)
     console.print(rep.sweep_table(res))
-    console.print(f"best variant: [bold]{res.best}[/] ({res.criterion})")
+    if res.best:
+        console.print(f"best variant: [bold]{res.best}[/] ({res.criterion})")
+    else:
+        console.print(res.criterion)
     console.print(f"[bold green]wrote[/] {out_path}/ (sweep.json, sweep.md, sweep.png)")
 
 

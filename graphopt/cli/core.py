@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import click
-from rich.console import Console
+from graphopt.cli._console import make_console
 from rich.table import Table
 
 from graphopt.cli import cli
 from graphopt.errors import EmitError, PassConfigError
 
-console = Console(highlight=False)
+console = make_console()
 
 
 def _emitters() -> list[str]:
@@ -44,8 +44,8 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
       graphopt optimize model.py -p channels_last -p cleanup -o out/
       graphopt optimize model.py -p prune:ratio=0.5,mode=structured --emit onnx -o out/
     """
+    from graphopt.cli._paths import check_out_file, check_out_folder
     from graphopt.emit import EMITTERS
-    from graphopt.emit._fs import check_output_folder
     from graphopt.manager import PassManager
     from graphopt.modelfile import load_model_file
     from graphopt.pass_infra import build_pipeline
@@ -75,7 +75,9 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
         emit_module.preflight(options)
     model_path = model_file.rsplit(":", 1)[0] if not Path(model_file).exists() else model_file
     out_path = Path(out) if out else Path(f"{Path(model_path).stem}_optimized")
-    check_output_folder(out_path, force)
+    check_out_folder(out_path, force)
+    if report_path:
+        check_out_file(report_path, "--report")
     if report_path and Path(report_path).exists() and not force:
         raise EmitError("report file exists", where=report_path, fix="choose another --report path or pass --force")
     spec = load_model_file(model_file)
@@ -132,6 +134,10 @@ def inspect(model_file: str, fmt: str, all_nodes: bool, draw: str | None) -> Non
 
     if draw and Path(draw).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise PassConfigError(f"cannot draw to '{Path(draw).suffix}'", where=draw, fix="use .png, .svg or .pdf")
+    if draw:
+        from graphopt.cli._paths import check_out_file
+
+        check_out_file(draw, "--draw")
     spec = load_model_file(model_file)
     gm = capture(spec.module, spec.example_inputs)
     cost = gm.meta["graphopt"]["cost"]

@@ -6,13 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from rich.console import Console
+from graphopt.cli._console import make_console
 from rich.table import Table
 
 from graphopt.cli import cli
 from graphopt.cli.bench import _config, _out_folder, _train_options, load_data
 
-console = Console(highlight=False)
+console = make_console()
 
 
 @cli.command(name="prune-iterative")
