@@ -32,7 +32,7 @@ from graphopt.errors import ModelFileError
 
 __all__ = ["ModelSpec", "load_model_file", "user_frame", "model_file_context"]
 
-_IMPORTS_TORCHVISION = re.compile(r"^\s*(import|from)\s+(torchvision|timm)\b", re.MULTILINE)
+_IMPORTS_TORCHVISION = re.compile(r"^[ \t]*(?:import|from)[ \t]+[^\n#]*\b(?:torchvision|timm)\b", re.MULTILINE)
 
 
 @contextlib.contextmanager

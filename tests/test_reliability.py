@@ -109,7 +109,7 @@ def test_readme_model_file_with_import_torchvision_loads_in_a_fresh_process(tmp_
                        timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["model"] == "ResNet" and doc["params"] == 11_181_642
+    assert doc["model"].endswith("ResNet") and doc["params"] == 11_181_642
 
 
 def test_model_file_imports_a_sibling_module(tmp_path):
@@ -181,7 +181,7 @@ def test_disk_full_is_one_line(model_file, tmp_path, capsys):
         pytest.skip("no /dev/full")
     code = main(["optimize", str(model_file), "-p", "cleanup", "-o", str(tmp_path / "o"), "--report", "/dev/full",
                  "--force"])
-    _one_line_exit_2(code, capsys.readouterr().err, "/dev/full: no space left on the device")
+    _one_line_exit_2(code, capsys.readouterr().err, "/dev/full: could not write --report: No space left on device")
 
 
 def test_oserror_mapping_names_the_path(monkeypatch, model_file, capsys):

@@ -44,7 +44,7 @@ from graphopt.cli import prune  # noqa: E402,F401
 def _os_error(exc: OSError) -> str | None:
     """One line for an OSError a user can act on (disk full, no permission, read-only or virtual
     file system, missing folder); None for anything else."""
-    where = exc.filename or "?"
+    where = exc.filename
     fixes = {
         errno.ENOSPC: ("no space left on the device", "free some space or write elsewhere (-o / --report)"),
         errno.EDQUOT: ("disk quota exceeded", "free some space or write elsewhere"),
@@ -58,7 +58,7 @@ def _os_error(exc: OSError) -> str | None:
     if exc.errno not in fixes:
         return None
     what, fix = fixes[exc.errno]
-    return f"{where}: {what} ({fix})"
+    return f"{where}: {what} ({fix})" if exc.filename else f"writing failed: {what} ({fix})"
 
 
 def main(argv: list[str] | None = None) -> int:

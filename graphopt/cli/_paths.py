@@ -7,7 +7,7 @@ from pathlib import Path
 
 from graphopt.errors import EmitError
 
-__all__ = ["check_out_folder", "check_out_file"]
+__all__ = ["check_out_folder", "check_out_file", "write_text"]
 
 _VIRTUAL = ("/proc", "/sys")  # kernel file systems: nothing graphopt writes can live there
 
@@ -62,3 +62,13 @@ def check_out_file(path: str | Path, option: str) -> Path:
         raise EmitError(f"folder of {option} is not writable", where=str(parent),
                         fix=f"choose another {option} path")
     return p
+
+
+def write_text(path: str | Path, text: str, option: str) -> None:
+    """Write a file the user asked for; an OSError (disk full, ...) is one line naming the file."""
+    p = Path(path)
+    try:
+        p.write_text(text)
+    except OSError as exc:
+        raise EmitError(f"could not write {option}: {exc.strerror or exc}", where=str(p),
+                        fix="free some space or choose another path") from None

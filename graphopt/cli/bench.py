@@ -112,6 +112,27 @@ def load_data(spec: Any, name: str, example_inputs: tuple) -> tuple[Any, str]:
     return (train, test), f"{name} ({BUILTIN[name]}), as {shape}: train {len(train)}, test {len(test)}"
 
 
+def _check_float_outputs(spec: Any) -> None:
+    """Training differentiates a loss of the output: an integer output (argmax, indices) is a
+    one-line user error before any work, not a failure deep inside the step."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    was_training = spec.module.training
+    spec.module.eval()
+    try:
+        with torch.no_grad():
+            out = spec.module(*spec.example_inputs)
+    finally:
+        spec.module.train(was_training)
+    leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if leaves and not any(t.is_floating_point() for t in leaves):
+        dtypes = ", ".join(sorted({str(t.dtype).replace("torch.", "") for t in leaves}))
+        raise GraphoptError(f"the model's output is {dtypes}, not floating-point: training differentiates a loss "
+                            "of the output", where=f"{spec.path.name}:{spec.factory}()",
+                            fix="return the scores/logits from forward() (e.g. without argmax)")
+
+
 def _pipeline(spec: Any, pass_specs: tuple[str, ...], config: str | None, verify: bool):
     from graphopt.manager import PassManager
     from graphopt.pass_infra import build_pipeline
@@ -208,6 +229,7 @@ def bench(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
     stem = _model_path(model_file).stem
     out_path = _out_folder(out, f"{stem}_bench", force)
     spec = load_model_file(model_file)
+    _check_float_outputs(spec)
     variants: dict[str, Any] = {"original": spec.module}
     pipeline_doc = None
     if pass_specs or pipeline_config:
@@ -319,6 +341,7 @@ def train(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
                               fix="add --momentum 0 --weight-decay 0, or use --optimizer adamw")
     out_path = _out_folder(out, "", force) if out else None
     spec = load_model_file(model_file)
+    _check_float_outputs(spec)
     module = spec.module
     pipeline_doc = None
     if pass_specs or pipeline_config:
@@ -402,6 +425,7 @@ def sweep_depth_cmd(model_file: str, deltas: str, blocks: tuple[str, ...], init:
     out_path = _out_folder(out, f"{_model_path(model_file).stem}_sweep_depth", force)
     values = _int_list(deltas, "deltas")
     spec = load_model_file(model_file)
+    _check_float_outputs(spec)
     data, desc = load_data(spec, kw["data_name"], spec.example_inputs)
     console.print(f"data: {desc}")
     res = sweep_depth(spec.module, spec.example_inputs, data, _config(kw, batch_size), deltas=values,
@@ -428,6 +452,7 @@ def sweep_batch_cmd(model_file: str, sizes: str, lr_scaling: str, batch_size: in
     out_path = _out_folder(out, f"{_model_path(model_file).stem}_sweep_batch", force)
     values = _int_list(sizes, "sizes")
     spec = load_model_file(model_file)
+    _check_float_outputs(spec)
     data, desc = load_data(spec, kw["data_name"], spec.example_inputs)
     console.print(f"data: {desc}")
     res = sweep_batch_size(spec.module, data, _config(kw, batch_size), values, lr_scaling=lr_scaling,

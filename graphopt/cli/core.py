@@ -44,7 +44,7 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
       graphopt optimize model.py -p channels_last -p cleanup -o out/
       graphopt optimize model.py -p prune:ratio=0.5,mode=structured --emit onnx -o out/
     """
-    from graphopt.cli._paths import check_out_file, check_out_folder
+    from graphopt.cli._paths import check_out_file, check_out_folder, write_text
     from graphopt.emit import EMITTERS
     from graphopt.manager import PassManager
     from graphopt.modelfile import load_model_file
@@ -116,7 +116,7 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
             doc["emit"] = {"format": emit_format, "check": emit_check}
         from graphopt.manager import _json_default
 
-        Path(report_path).write_text(json.dumps(doc, indent=2, default=_json_default))
+        write_text(report_path, json.dumps(doc, indent=2, default=_json_default), "--report")
     verdict = "verified" if report.verified else "NOT verified (--no-verify)"
     console.print(f"[bold green]wrote[/] {path}/ ({emit_format}, {verdict})")
 
