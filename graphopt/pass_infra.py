@@ -128,10 +128,10 @@ class Option:
         return val
 
     def _check_finite(self, val: Any, where: str) -> None:
-        """nan never; +-inf only where the default itself is infinite (e.g. an unlimited budget)."""
-        if isinstance(val, float) and not math.isfinite(val) and not (
-                math.isinf(val) and isinstance(self.default, float) and math.isinf(self.default)):
-            raise PassConfigError(f"'{val}' is not a finite number", where=where, fix="give a finite value")
+        """nan is never a value (it passes every range check); inf means "no limit" (a budget) and
+        meets the option's min/max like any number."""
+        if isinstance(val, float) and math.isnan(val):
+            raise PassConfigError(f"'{val}' is not a number", where=where, fix="give a finite value")
 
     def _check_range(self, val: Any, where: str) -> None:
         if self.choices is not None and val not in self.choices:
@@ -354,14 +354,14 @@ def load_pipeline_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         doc = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PassConfigError(f"invalid TOML: {exc}", where=str(p)) from exc
-    unknown = sorted(set(doc) - {"pass", "passes"})
-    if unknown:
-        raise PassConfigError(f"unknown top-level key(s) {', '.join(repr(k) for k in unknown)}", where=str(p),
-                              fix='a pipeline file holds only [[pass]] tables; put options inside them')
     entries = doc.get("pass", doc.get("passes"))
     if not isinstance(entries, list) or not entries:
         raise PassConfigError("no [[pass]] tables", where=str(p),
                               fix='write [[pass]] tables each with name = "PASS" and its options')
+    unknown = sorted(set(doc) - {"pass", "passes"})
+    if unknown:
+        raise PassConfigError(f"unknown top-level key(s) {', '.join(repr(k) for k in unknown)}", where=str(p),
+                              fix='a pipeline file holds only [[pass]] tables; put options inside them')
     out = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):

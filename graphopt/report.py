@@ -124,11 +124,13 @@ def draw_graph(gm: fx.GraphModule, path: str | Path) -> Path:
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise GraphoptError(f"cannot draw to '{path.suffix}'", where=str(path), fix="use a .png, .svg or .pdf file")
     g = to_networkx(gm)
+    pos: dict[str, tuple[float, float]] = {}
+    width = 1
     for layer, nodes in enumerate(nx.topological_generations(g)):
-        for n in nodes:
+        width = max(width, len(nodes))
+        for i, n in enumerate(sorted(nodes)):
             g.nodes[n]["layer"] = layer
-    pos = nx.multipartite_layout(g, subset_key="layer", align="horizontal", scale=1.0)
-    pos = {k: (x, -y) for k, (x, y) in pos.items()}
+            pos[n] = (i - (len(nodes) - 1) / 2, -float(layer))  # one row per topological layer, centred
     depth = max(nx.get_node_attributes(g, "layer").values(), default=0) + 1
     colors = {"placeholder": "#4caf50", "output": "#f44336", "call_module": "#2196f3",
               "call_function": "#ff9800", "call_method": "#9c27b0", "get_attr": "#9e9e9e"}
@@ -153,9 +155,11 @@ def draw_graph(gm: fx.GraphModule, path: str | Path) -> Path:
         for op, c in colors.items():
             ax.scatter([], [], c=c, label=op)
         ax.plot([], [], color="#e65100", label="skip connection")
-        ax.legend(loc="upper right", fontsize=7)
-        title = (f"{gm.meta.get('graphopt', {}).get('source_class', 'graph')}: {g.number_of_nodes()} nodes, "
-                 f"{len(skips)} skip connection(s) (node size ~ MACs)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+        half = max(1.5, width / 2 + 0.5)
+        ax.set_xlim(-half, half)
+        model = str(gm.meta.get("graphopt", {}).get("source_class", "graph")).rsplit(".", 1)[-1]
+        title = f"{model}: {g.number_of_nodes()} nodes, {len(skips)} skip connection(s) (node size ~ MACs)"
         ax.set_title(title)
         ax.axis("off")
         fig.tight_layout()

@@ -138,19 +138,23 @@ def test_sys_exit_in_model_file_is_one_line_exit_2(tmp_path, capsys, where):
 
 
 # -- user errors: one line, exit 2, nothing written ------------------------------------------------------
-@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
-def test_non_finite_option_values_are_refused(model_file, tmp_path, capsys, value):
+@pytest.mark.parametrize("value, fragment", [("nan", "'nan' is not a number"), ("NaN", "'nan' is not a number"),
+                                             ("inf", "inf is above the maximum 0.99"),
+                                             ("-inf", "-inf is below the minimum 0.0")])
+def test_non_finite_option_values_are_refused(model_file, tmp_path, capsys, value, fragment):
     code = main(["optimize", str(model_file), "-p", f"prune:ratio={value}", "-o", str(tmp_path / "o")])
-    _one_line_exit_2(code, capsys.readouterr().err, "not a finite number", "ratio")
+    _one_line_exit_2(code, capsys.readouterr().err, fragment, "ratio")
     assert not (tmp_path / "o").exists()
 
 
-def test_infinite_budget_stays_allowed():
+def test_nan_is_refused_everywhere_and_an_infinite_budget_stays_allowed():
+    from graphopt.errors import PassConfigError
     from graphopt.pass_infra import Option
 
-    assert Option(float, float("inf"), "budget").parse("inf", "prune.budget") == math.inf
-    with pytest.raises(Exception, match="not a finite number"):
-        Option(float, float("inf"), "budget").parse("nan", "prune.budget")
+    assert Option(float, 0.1, "budget", min=0.0).parse("inf", "cast.budget") == math.inf  # no limit
+    for opt in (Option(float, 0.1, "budget", min=0.0), Option(float, 1.0, "factor"), Option(list, [], "x", item=float)):
+        with pytest.raises(PassConfigError, match="is not a number"):
+            opt.parse("nan" if opt.type is float else "1.0|nan", "p.x")
 
 
 @pytest.mark.parametrize("root", ["/proc", "/sys"])

@@ -343,7 +343,7 @@ def _sweep_rows(res: SweepResult) -> list[list[str]]:
 
 def sweep_verdict(res: SweepResult) -> str:
     """``best = NAME (criterion)`` or the reason there is none."""
-    return f"best = {res.best} ({res.criterion})" if res.best else res.criterion
+    return f"best = {res.best or 'none'} ({res.criterion})"
 
 
 def sweep_table(res: SweepResult) -> Table:
@@ -367,7 +367,7 @@ def sweep_markdown(res: SweepResult, title: str | None = None, data: str = "") -
              f"Data: {data or '-'}. {what}. {c['optimizer']}, {c['schedule']} schedule, up to {c['epochs']} epochs"
              + (f", target test accuracy {res.target_accuracy}" if res.target_accuracy else "") + ". "
              "Variants trained interleaved epoch by epoch; times are training time only.", "",
-             (f"**Best: {res.best}** ({res.criterion})." if res.best else f"**{res.criterion}.**"), "",
+             f"**Best: {res.best or 'none'}** ({res.criterion}).", "",
              _md_table(_sweep_cols(res), _sweep_rows(res))]
     return "\n".join(parts) + "\n"
 

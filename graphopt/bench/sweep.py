@@ -87,7 +87,7 @@ def pick_best(results: dict[str, TrainResult], target: float | None,
         return None, "no variants"
     accs = [r.final.get("test_accuracy") for r in results.values()]
     if chance is not None and accs and all(a is not None and at_chance(a, *chance) for a in accs):
-        return None, (f"no best variant: every variant is at chance accuracy ({min(accs):.3f}-{max(accs):.3f} vs "
+        return None, (f"every variant is at chance accuracy ({min(accs):.3f}-{max(accs):.3f} vs "
                       f"{chance[0]:.3f} for always predicting the most frequent class, {chance[1]} test samples); "
                       "train longer, raise the learning rate or check the data")
     if target is not None:

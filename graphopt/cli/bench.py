@@ -401,7 +401,7 @@ def _sweep_out(res: Any, out_path: Path, force: bool, desc: str, model: str) -> 
     if res.best:
         console.print(f"best variant: [bold]{res.best}[/] ({res.criterion})")
     else:
-        console.print(res.criterion)
+        console.print(f"no best variant: {res.criterion}")
     console.print(f"[bold green]wrote[/] {out_path}/ (sweep.json, sweep.md, sweep.png)")
 
 
