@@ -423,9 +423,10 @@ def write_outputs(out: str | Path, files: Mapping[str, str | bytes | Callable[[P
     atomically: nothing appears unless everything was written."""
     from graphopt.emit._fs import atomic_folder
 
+    from graphopt._fsutil import made_parents
+
     out = Path(out)
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)  # `-o runs/bn` without runs/: create it
-    with atomic_folder(out, force=force) as tmp:
+    with made_parents(out), atomic_folder(out, force=force) as tmp:  # `-o runs/bn` without runs/: made
         for name, content in files.items():
             p = tmp / name
             if callable(content):

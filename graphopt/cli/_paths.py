@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from graphopt._fsutil import made_parents
 from graphopt.errors import EmitError
 
-__all__ = ["check_out_folder", "check_out_file", "write_text"]
+__all__ = ["check_out_folder", "check_out_file", "write_text", "made_parents"]
 
 _VIRTUAL = ("/proc", "/sys")  # kernel file systems: nothing graphopt writes can live there
 
@@ -72,3 +73,4 @@ def write_text(path: str | Path, text: str, option: str) -> None:
     except OSError as exc:
         raise EmitError(f"could not write {option}: {exc.strerror or exc}", where=str(p),
                         fix="free some space or choose another path") from None
+

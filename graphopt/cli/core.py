@@ -44,7 +44,7 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
       graphopt optimize model.py -p channels_last -p cleanup -o out/
       graphopt optimize model.py -p prune:ratio=0.5,mode=structured --emit onnx -o out/
     """
-    from graphopt.cli._paths import check_out_file, check_out_folder, write_text
+    from graphopt.cli._paths import check_out_file, check_out_folder, made_parents, write_text
     from graphopt.emit import EMITTERS
     from graphopt.manager import PassManager
     from graphopt.modelfile import load_model_file
@@ -75,7 +75,7 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
         emit_module.preflight(options)
     model_path = model_file.rsplit(":", 1)[0] if not Path(model_file).exists() else model_file
     out_path = Path(out) if out else Path(f"{Path(model_path).stem}_optimized")
-    check_out_folder(out_path, force)
+    check_out_folder(out_path, force, create_parents=True)
     if report_path:
         check_out_file(report_path, "--report")
     if report_path and Path(report_path).exists() and not force:
@@ -101,7 +101,7 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
         extra_kw["options"] = options
     if "spec" in emit_params:
         extra_kw["spec"] = spec
-    with console.status(f"emitting {emit_format}"):
+    with console.status(f"emitting {emit_format}"), made_parents(out_path):
         path = emit_fn(gm, out_path, report=report, force=force,
                        source={"file": str(spec.path), "sha256": spec.sha256, "factory": spec.factory}, **extra_kw)
     emit_check = None
