@@ -18,16 +18,18 @@ How the README is covered (the extraction is generic: a block added to the READM
     own recipe).
   * reduced settings (only these arguments are rewritten): ``--epochs``/``--epochs-per-round`` 1
     (added when a training command has none), ``--steps`` at most 2, ``--warmup`` at most 1.
-  * ``graphopt launch`` starts torchrun: in the default suite it runs with ``--print-command``
-    appended (the folder, stages x replicas, microbatches and batch are all checked, no process is
-    started); the ``slow`` test runs it for real. ``--device cuda`` lines need a GPU (skipped).
+  * slow lines (:func:`is_slow`: ORT training artifacts, ``--data mnist``, ``prune-iterative``,
+    torchrun) run in the ``slow`` test of their block only (the whole block, in order). In the
+    default suite ``graphopt launch`` runs with ``--print-command`` appended (the folder, stages x
+    replicas, microbatches and batch are all checked, no process is started). ``--device cuda``
+    lines need a GPU (skipped without one).
   A command that exits non-zero fails the test with the README line, the command and its output.
 - ```python blocks run with ``exec`` in a fresh temporary folder, in a namespace with what the
   README's prose assumes (:func:`_namespace`: ``model``, ``x``, ``y``, ``gm``, ``batches``,
   ``train_set``/``test_set`` = ``train_ds``/``test_ds``, ``m1``, ``m2``, ``loss_fn``, ``device_type``,
   ``make_optimizer``) on the same small CNN. Per-snippet context (:data:`SNIPPET_CONTEXT`): ORT
   training first emits ``out/ort`` with the README's command and uses ``(inputs, target)`` batches;
-  ``cuda:`` snippets need two GPUs. The model-file snippet (first line ``# model.py``) is written as
+  ``cuda:`` snippets need two GPUs; ORT snippets are ``slow``. The model-file snippet (first line ``# model.py``) is written as
   ``model.py`` and must pass ``graphopt inspect``.
 - ```toml blocks must load as pipeline files.
 - inline commands in the prose (```graphopt SUBCOMMAND ...``` in backticks): the subcommand must
@@ -264,8 +266,18 @@ def session(tmp_path, monkeypatch):
     return tmp_path
 
 
+def is_slow(cmd: list[str]) -> bool:
+    """Lines that take tens of seconds even reduced: ONNX Runtime training artifacts (a parity probe
+    in a child process), real MNIST training, iterative pruning, torchrun."""
+    text = " ".join(cmd)
+    return ("--emit ort" in text or "--backend ort" in text or "--data mnist" in text or "prune-iterative" in text
+            or (cmd[1:2] == ["launch"] and "--print-command" not in cmd))
+
+
 def _run_block(cmds, session, capfd, slow: bool) -> int:
-    launched = 0
+    """Run a block's commands in order; without ``slow`` the slow lines are left out (launches
+    become --print-command). Returns the number of slow lines run."""
+    ran_slow = 0
     for line, tokens in cmds:
         for cmd in expand(tokens):
             if cmd[0] == "make":
@@ -274,14 +286,11 @@ def _run_block(cmds, session, capfd, slow: bool) -> int:
                 continue
             assert cmd[0] == "graphopt", f"README line {line}: unknown command `{shlex.join(cmd)}` (teach " \
                                          "tests/test_readme.py how to run it)"
-            is_launch = cmd[1] == "launch" and "--print-command" not in cmd
-            if slow and not is_launch:
-                # the slow run only needs the lines that create what a launch reads
-                if _out_arg(cmd) is None or not any(c[1][:2] == ["graphopt", "launch"] for c in cmds):
-                    continue
-            launched += is_launch
+            if is_slow(cmd) and not slow and cmd[1] != "launch":
+                continue
+            ran_slow += is_slow(cmd)
             run_graphopt(cmd[1:], session, line, capfd, slow=slow)
-    return launched
+    return ran_slow
 
 
 @pytest.mark.parametrize("cmds", _bash_cases())
@@ -291,11 +300,11 @@ def test_readme_bash_block(cmds, session, capfd):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize("cmds", [c for c in _bash_cases()
-                                  if any(t[:2] == ["graphopt", "launch"] and "--print-command" not in t
-                                         for _, t in c.values[0])])
-def test_readme_launch_lines_train_for_real(cmds, session, capfd):
+                                  if any(is_slow(x) for _, t in c.values[0] for x in expand(t) if x[0] == "graphopt")])
+def test_readme_bash_block_with_its_slow_lines(cmds, session, capfd):
+    """The whole block, ORT, MNIST, iterative pruning and torchrun launches included."""
     assert _run_block(cmds, session, capfd, slow=True) > 0
 
 
@@ -353,7 +362,8 @@ def _namespace(folder: Path) -> dict:
 
 
 def _python_cases() -> list:
-    return [pytest.param(text, id=f"L{line}") for line, text in blocks("python")]
+    return [pytest.param(text, id=f"L{line}", marks=[pytest.mark.slow] if "graphopt.ort" in text else [])
+            for line, text in blocks("python")]
 
 
 @pytest.mark.parametrize("snippet", _python_cases())
