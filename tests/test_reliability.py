@@ -253,6 +253,45 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, model_file, capsys):
     assert err == "interrupted (Ctrl-C)\n"
 
 
+def test_ctrl_c_during_training_exits_130_with_one_line_and_writes_nothing(data_model, tmp_path):
+    """A real SIGINT once training has started (the first progress line is the signal to send it)."""
+    import signal
+
+    out = tmp_path / "runs" / "x"
+    proc = subprocess.Popen([GRAPHOPT, "train", str(data_model), "--epochs", "500", "--batch-size", "8", "-o",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if line.startswith("dmodel epoch 1/500: step"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err == "interrupted (Ctrl-C)\n"
+    assert not (tmp_path / "runs").exists()  # nothing written (its parent is made only when writing)
+
+
+def test_optimize_makes_missing_parents_of_its_output_and_removes_them_on_failure(model_file, tmp_path, capsys,
+                                                                                 monkeypatch):
+    out = tmp_path / "a" / "b" / "out"
+    assert main(["optimize", str(model_file), "-p", "cleanup", "-o", str(out)]) == 0
+    assert (out / "module.py").is_file()
+    import graphopt.emit.torch_folder as tf
+
+    def broken(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tf, "emit_torch_folder", broken)
+    capsys.readouterr()
+    code = main(["optimize", str(model_file), "-p", "cleanup", "-o", str(tmp_path / "c" / "d" / "out")])
+    _one_line_exit_2(code, capsys.readouterr().err, "no space left on the device")
+    assert not (tmp_path / "c").exists()
+
+
 # -- launch -------------------------------------------------------------------------------------------------
 def test_launch_with_a_moved_model_file_is_one_line_naming_the_path(tmp_path, capsys):
     from tests.test_pipeline_emit import MODEL_FILE
