@@ -388,8 +388,7 @@ def plot_sweep(res: SweepResult, path: str | Path, title: str | None = None) -> 
         accs += acc
         axes[0].plot(t, acc, marker=markers[i % len(markers)], ms=3, color=colors[i % len(colors)],
                      label=name + (" (best)" if name == res.best else ""))
-    for ax in axes:
-        _reference_lines(ax, res.target_accuracy, chance)
+    _reference_lines(axes[0], res.target_accuracy, chance)
     axes[0].set_xlabel("training time (s)")
     axes[0].set_ylabel("test accuracy")
     axes[0].legend(fontsize=7)
@@ -401,9 +400,15 @@ def plot_sweep(res: SweepResult, path: str | Path, title: str | None = None) -> 
         axes[1].scatter([r["train_time_s"]], [y if y is not None else float("nan")], s=60 if best else 30,
                         marker=markers[i % len(markers)], color=colors[i % len(colors)],
                         edgecolors="k" if best else "none", label=r["variant"] + (" (best)" if best else ""))
-    lims = accuracy_limits(accs + finals, res.target_accuracy, chance)
-    axes[0].set_ylim(*lims)
-    axes[1].set_ylim(*lims)
+    axes[0].set_ylim(*accuracy_limits(accs + finals, res.target_accuracy, chance))
+    # the final accuracies side by side: the chance line only where it is within their span
+    lo, hi = accuracy_limits(finals, res.target_accuracy)
+    near = chance is not None and lo <= chance <= hi
+    if near or (chance is not None and all(f is None or f <= chance + 0.05 for f in finals)):
+        lo, hi = accuracy_limits(finals, res.target_accuracy, chance)
+        near = True
+    _reference_lines(axes[1], res.target_accuracy, chance if near else None)
+    axes[1].set_ylim(lo, hi)
     axes[1].set_xlabel("total training time (s)")
     axes[1].set_ylabel("final test accuracy")
     axes[1].legend(fontsize=7)
