@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh CPU machine (Python 3.11, pip configured offline):
 #   make demo   set up .venv, then optimise and benchmark the example model
-#   make bench  the benchmark suite (BENCH_ARGS=--quick for a short run) -> benchmarks/results/cpu/
+#   make bench  the benchmark suite (BENCH_ARGS=--quick for a short run) -> out/bench/cpu/ (uncommitted);
+#               BENCH_ARGS=--update-results replaces the committed benchmarks/results/cpu/ the README cites
 #   make test   set up .venv, then run the default (fast) test suite
 PYTHON ?= python3
 VENV ?= .venv

@@ -2,10 +2,11 @@
 
     python benchmarks/run_suite.py            # full (about 10-15 min on a quiet 2-core CPU)
     python benchmarks/run_suite.py --quick    # a few minutes: fewer steps/epochs, two step models
-    python benchmarks/run_suite.py --device cuda --out benchmarks/results/gpu
+    python benchmarks/run_suite.py --device cuda --update-results   # -> benchmarks/results/cuda/
 
-Writes into --out (default benchmarks/results/<device>/): per section a JSON, a Markdown and a
-PNG, plus suite.json / suite.md summarising them. Sections:
+Writes into --out (default out/bench/<device>/, not committed): per section a JSON, a Markdown
+and a PNG, plus suite.json / suite.md summarising them. The committed results the README cites
+(benchmarks/results/<device>/) are replaced only with --update-results. Sections:
 
 - steps_<model>: training-step time, samples/s, peak memory, MACs, achieved FLOP/s of the
   original and every registered pipeline, alternating in one process (plain CNN, resnet18,
@@ -316,17 +317,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps/epochs and models (a few minutes)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device>/")
+    ap.add_argument("--out", type=Path, default=None, help="default: out/bench/<device>/ (uncommitted)")
+    ap.add_argument("--update-results", action="store_true",
+                    help="write into benchmarks/results/<device>/, replacing the committed results the README cites")
     ap.add_argument("--only", default="", help="comma-separated section names (steps,tta,early_stopping,"
                                                "sweep_batch,sweep_depth,prune)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     args = ap.parse_args(argv)
+    results = (HERE / "results").resolve()
+    out = args.out or (results / args.device if args.update_results else HERE.parent / "out" / "bench" / args.device)
+    inside = out.resolve() == results or results in out.resolve().parents
+    if inside and not args.update_results:
+        print(f"error: {out} holds the committed results the README cites (add --update-results to replace "
+              "them, or choose another --out)", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    out = args.out or HERE / "results" / args.device
     suite = Suite(out, args.device, args.quick)
     suite.env["torch_threads"] = torch.get_num_threads()
     only = {s for s in args.only.split(",") if s}

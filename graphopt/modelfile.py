@@ -14,9 +14,11 @@ it does not collide with the public function ``graphopt.load``.)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import linecache
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -29,7 +31,47 @@ from torch import nn
 from graphopt.errors import ModelFileError
 from graphopt.ir import eval_mode
 
-__all__ = ["ModelSpec", "load_model_file", "user_frame"]
+__all__ = ["ModelSpec", "load_model_file", "user_frame", "model_file_context"]
+
+_IMPORTS_TORCHVISION = re.compile(r"^[ \t]*(?:import|from)[ \t]+[^\n#]*\b(?:torchvision|timm)\b", re.MULTILINE)
+
+
+@contextlib.contextmanager
+def model_file_context(path: Path, source: str | None = None) -> Any:
+    """What importing (and calling) a model file needs, as ``python model.py`` would give it.
+
+    - The file's folder is first on ``sys.path`` while the file is imported and its factories
+      run, so ``from helpers import make`` finds ``helpers.py`` next to the model file
+      (removed again afterwards; the imported modules stay loaded).
+    - A file importing ``torchvision`` (or timm, which imports it) gets
+      :func:`graphopt.zoo.import_torchvision` first: the PyPI torchvision wheel is a CUDA build
+      whose compiled ops (``torchvision::nms``) do not exist on a CPU-only torch; the zoo import
+      then replaces the two op-registration modules by empty ones, which classification models
+      never use. A working torchvision is imported unchanged.
+    """
+    folder = str(path.resolve().parent)
+    if source is not None and _IMPORTS_TORCHVISION.search(source) and "torchvision" not in sys.modules:
+        try:
+            from graphopt.zoo import import_torchvision
+
+            import_torchvision()
+        except Exception:  # not installed or still broken: the file's own import reports it
+            pass
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(folder)
+
+
+def _exit_error(exc: SystemExit, path: Path, what: str) -> ModelFileError:
+    loc = user_frame(exc, path) or path.name
+    return ModelFileError(f"{what} called sys.exit({exc.code!r})", where=loc,
+                          fix="a model file must define functions, not end the program: remove the exit")
 
 
 @dataclass
@@ -115,7 +157,10 @@ def _as_inputs(value: Any, where: str) -> tuple[torch.Tensor, ...]:
 
 def _call(fn: Callable, path: Path, what: str) -> Any:
     try:
-        return fn()
+        with model_file_context(path):
+            return fn()
+    except SystemExit as exc:
+        raise _exit_error(exc, path, what) from None
     except Exception as exc:  # the user's code failed: show their line
         loc = user_frame(exc, path) or path.name
         raise ModelFileError(f"{what} raised {_describe(exc)}", where=loc,
@@ -146,7 +191,11 @@ def load_model_file(spec: str | Path, *, check_forward: bool = True) -> ModelSpe
     module = importlib.util.module_from_spec(ispec)
     sys.modules[mod_name] = module  # dataclasses and pickling-free helpers need it
     try:
-        ispec.loader.exec_module(module)
+        with model_file_context(path, data.decode("utf-8", "replace")):
+            ispec.loader.exec_module(module)
+    except SystemExit as exc:
+        sys.modules.pop(mod_name, None)
+        raise _exit_error(exc, path, "the model file") from None
     except Exception as exc:
         sys.modules.pop(mod_name, None)
         loc = user_frame(exc, path) or path.name
@@ -189,6 +238,8 @@ def check_runs(net: nn.Module, inputs: tuple[torch.Tensor, ...], where: str) -> 
     try:
         with eval_mode(net), torch.no_grad():
             net(*inputs)
+    except SystemExit as exc:
+        raise _exit_error(exc, Path(where.split(":")[0]), "the model's forward()") from None
     except Exception as exc:
         shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs)
         loc = user_frame(exc) or where

@@ -23,6 +23,7 @@ from __future__ import annotations
 import abc
 import enum
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -130,11 +131,19 @@ class Option:
                 items = [raw]
             val: Any = [self._convert(i, self.item, where) for i in items]
             for v in val:
+                self._check_finite(v, where)
                 self._check_range(v, where)
             return val
         val = self._convert(raw, self.type, where)
+        self._check_finite(val, where)
         self._check_range(val, where)
         return val
+
+    def _check_finite(self, val: Any, where: str) -> None:
+        """nan is never a value (it passes every range check); inf means "no limit" (a budget) and
+        meets the option's min/max like any number."""
+        if isinstance(val, float) and math.isnan(val):
+            raise PassConfigError(f"'{val}' is not a number", where=where, fix="give a finite value")
 
     def _check_range(self, val: Any, where: str) -> None:
         if self.choices is not None and val not in self.choices:
@@ -376,6 +385,10 @@ def load_pipeline_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     if not isinstance(entries, list) or not entries:
         raise PassConfigError("no [[pass]] tables", where=str(p),
                               fix='write [[pass]] tables each with name = "PASS" and its options')
+    unknown = sorted(set(doc) - {"pass", "passes"})
+    if unknown:
+        raise PassConfigError(f"unknown top-level key(s) {', '.join(repr(k) for k in unknown)}", where=str(p),
+                              fix='a pipeline file holds only [[pass]] tables; put options inside them')
     out = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):

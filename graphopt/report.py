@@ -109,7 +109,9 @@ def print_coverage(console: Console, cost: GraphCost) -> None:
 
 
 def draw_graph(gm: fx.GraphModule, path: str | Path) -> Path:
-    """Draw the IR as a layered DAG (nodes coloured by op, sized by MACs) to PNG/SVG/PDF."""
+    """Draw the IR as a layered DAG to PNG/SVG/PDF: nodes coloured by op, sized by MACs, labelled
+    with their layer (module path) or operation; skip connections (edges that jump over layers,
+    e.g. residual adds) drawn as orange arcs so that they do not hide behind the main path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,29 +124,45 @@ def draw_graph(gm: fx.GraphModule, path: str | Path) -> Path:
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise GraphoptError(f"cannot draw to '{path.suffix}'", where=str(path), fix="use a .png, .svg or .pdf file")
     g = to_networkx(gm)
+    pos: dict[str, tuple[float, float]] = {}
+    width = 1
     for layer, nodes in enumerate(nx.topological_generations(g)):
-        for n in nodes:
+        width = max(width, len(nodes))
+        for i, n in enumerate(sorted(nodes)):
             g.nodes[n]["layer"] = layer
-    pos = nx.multipartite_layout(g, subset_key="layer", align="horizontal", scale=1.0)
-    pos = {k: (x, -y) for k, (x, y) in pos.items()}
+            pos[n] = (i - (len(nodes) - 1) / 2, -float(layer))  # one row per topological layer, centred
     depth = max(nx.get_node_attributes(g, "layer").values(), default=0) + 1
-    fig, ax = plt.subplots(figsize=(10, max(6, depth * 0.28)))
     colors = {"placeholder": "#4caf50", "output": "#f44336", "call_module": "#2196f3",
               "call_function": "#ff9800", "call_method": "#9c27b0", "get_attr": "#9e9e9e"}
     max_macs = max((d["macs"] for _, d in g.nodes(data=True)), default=1) or 1
     sizes = [40 + 400 * (d["macs"] / max_macs) for _, d in g.nodes(data=True)]
-    nx.draw_networkx_edges(g, pos, ax=ax, arrows=False, width=0.5, alpha=0.5)
-    nx.draw_networkx_nodes(g, pos, ax=ax, node_size=sizes,
-                           node_color=[colors.get(d["op"], "#607d8b") for _, d in g.nodes(data=True)])
-    if g.number_of_nodes() <= 80:
-        nx.draw_networkx_labels(g, pos, ax=ax, labels={n: d["kind"] for n, d in g.nodes(data=True)}, font_size=6)
-    for op, c in colors.items():
-        ax.scatter([], [], c=c, label=op)
-    ax.legend(loc="upper right", fontsize=7)
-    ax.set_title(f"{gm.meta.get('graphopt', {}).get('source_class', 'graph')}: {g.number_of_nodes()} nodes "
-                 "(size ~ MACs)")
-    ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    skips = [(u, v) for u, v in g.edges if g.nodes[v]["layer"] - g.nodes[u]["layer"] > 1]
+    direct = [e for e in g.edges if e not in set(skips)]
+    with plt.rc_context({"svg.fonttype": "none"}):  # labels stay searchable text in SVG
+        fig, ax = plt.subplots(figsize=(10, max(6, depth * 0.32)))
+        nx.draw_networkx_edges(g, pos, edgelist=direct, ax=ax, arrows=False, width=0.5, alpha=0.5)
+        arcs = nx.draw_networkx_edges(g, pos, edgelist=skips, ax=ax, arrows=True, arrowstyle="-",
+                                      connectionstyle="arc3,rad=0.35", edge_color="#e65100", width=1.0,
+                                      nodelist=list(g.nodes), node_size=sizes)
+        for i, arc in enumerate(arcs or []):
+            arc.set_gid(f"skip-connection-{i}")
+        nx.draw_networkx_nodes(g, pos, ax=ax, node_size=sizes,
+                               node_color=[colors.get(d["op"], "#607d8b") for _, d in g.nodes(data=True)])
+        if g.number_of_nodes() <= 150:
+            labels = {n: (f"{d['target']} ({d['kind']})" if d["op"] == "call_module" else
+                          n if d["op"] in ("placeholder", "output") else d["kind"]) for n, d in g.nodes(data=True)}
+            nx.draw_networkx_labels(g, pos, ax=ax, labels=labels, font_size=5)
+        for op, c in colors.items():
+            ax.scatter([], [], c=c, label=op)
+        ax.plot([], [], color="#e65100", label="skip connection")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+        half = max(1.5, width / 2 + 0.5)
+        ax.set_xlim(-half, half)
+        model = str(gm.meta.get("graphopt", {}).get("source_class", "graph")).rsplit(".", 1)[-1]
+        title = f"{model}: {g.number_of_nodes()} nodes, {len(skips)} skip connection(s) (node size ~ MACs)"
+        ax.set_title(title)
+        ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120, metadata={"Title": title})
+        plt.close(fig)
     return path

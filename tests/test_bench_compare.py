@@ -226,7 +226,10 @@ def test_sweep_depth_trains_every_variant():
     assert [r["blocks"] for r in res.rows] == [2, 4, 6]
     macs = [r["macs"] for r in res.rows]
     assert macs[0] < macs[1] < macs[2]
-    assert res.best in res.results and all(len(r.history) == 2 for r in res.results.values())
+    # every variant ends at chance here (0.22-0.31 vs 0.28 for the majority class, 32 test samples):
+    # no variant is crowned (issue 16); test_reliability covers a sweep with a clear winner
+    assert res.best is None and "at chance accuracy" in res.criterion
+    assert all(len(r.history) == 2 for r in res.results.values())
     assert json.loads(res.to_json())["kind"] == "sweep_depth"
 
 
@@ -380,7 +383,8 @@ def test_cli_sweeps(model_file, tmp_path):
     assert main(["sweep", "depth", str(model_file), "--deltas=-1,0,1", "--data", "digits", "--epochs", "1",
                  "--progress", "none", "-o", str(tmp_path / "d")]) == 0
     doc = json.loads((tmp_path / "d" / "sweep.json").read_text())
-    assert [r["blocks"] for r in doc["rows"]] == [1, 2, 3] and doc["best"]
+    assert [r["blocks"] for r in doc["rows"]] == [1, 2, 3]
+    assert doc["best"] is None and "at chance accuracy" in doc["criterion"]  # 0.095-0.100 vs 0.103: no best
     assert main(["sweep", "batch-size", str(model_file), "--sizes", "32,64", "--data", "digits", "--epochs", "1",
                  "--progress", "none", "-o", str(tmp_path / "s")]) == 0
     assert "Best:" in (tmp_path / "s" / "sweep.md").read_text()

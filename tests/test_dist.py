@@ -120,6 +120,36 @@ def test_pipeline_times_data_parallel(tmp_path):
     _check(save, folder, 2)
 
 
+@pytest.mark.timeout(TEST_TIMEOUT)
+def test_pipeline_times_data_parallel_trains_several_steps_with_microbatches(tmp_path):
+    """2 stages x 2 replicas with 2 microbatches for 3 steps (DDP's reducer used to assert at step 2,
+    "rebuilt parameter indices"): every step's loss and the final weights equal 3 single-process
+    SGD steps of the chained stages on the whole batch."""
+    folder = _emit(tmp_path, 2)
+    save = tmp_path / "trained"
+    plan = build_command(folder, replicas=2, schedule="gpipe", microbatches=2, steps=3, lr=LR, save=str(save))
+    result = run_command(plan, timeout=RUN_TIMEOUT, capture=True)
+    assert result.returncode == 0, result.stdout
+    data = make_data(read_pipeline_manifest(folder), 8, seed=0)
+    net = load_pipeline(folder)
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    ref = []
+    for step in range(3):
+        xs, y = data.batch(step)
+        opt.zero_grad()
+        loss = data.loss_fn(net(*xs), y)
+        loss.backward()
+        opt.step()
+        ref.append(loss.item())
+    metrics = json.loads((save / "metrics.json").read_text())
+    assert metrics["losses"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    assert ref[2] < ref[0]
+    for i in range(2):
+        got = load_file(str(save / f"stage{i}.safetensors"))
+        for k, v in net.stages[i].state_dict().items():
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(TEST_TIMEOUT)
 def test_corrupt_stage_stops_every_rank(tmp_path):

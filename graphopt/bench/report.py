@@ -16,7 +16,8 @@ from graphopt.bench.compare import BenchResult
 from graphopt.bench.sweep import SweepResult
 from graphopt.bench.train import TrainResult
 
-__all__ = ["fmt_bytes", "fmt_time", "env_markdown", "bench_table", "bench_markdown", "plot_bench",
+__all__ = ["fmt_bytes", "fmt_time", "env_markdown", "bench_table", "bench_markdown", "plot_bench", "bench_plot_title",
+           "training_plot_title", "accuracy_limits", "sweep_verdict",
            "training_table", "history_table", "history_markdown", "training_markdown", "plot_training", "sweep_table", "sweep_markdown", "plot_sweep",
            "write_outputs"]
 
@@ -130,8 +131,31 @@ def _plt():
     return plt
 
 
-def plot_bench(res: BenchResult, path: str | Path, title: str | None = None) -> Path:
+def bench_plot_title(res: BenchResult, model: str | None = None, passes: str | None = None) -> str:
+    """What a reader of bench.png needs without the command line: model, passes, device, batch,
+    threads (plain text: no Markdown)."""
+    env, c = res.env, res.config
+    dev = c.get("device", env.get("device"))
+    hw = env.get("gpu") or env.get("cpu")
+    head = f"{model or 'model'}: original vs {passes}" if passes else f"{model or 'model'}: original only"
+    return (f"{head} - training step on {dev}{f' ({hw})' if hw else ''}, batch {c.get('batch_size')}, "
+            f"{env.get('torch_threads', '?')} thread(s), torch {env.get('torch')}, "
+            f"load {(env.get('loadavg') or [0])[0]:.2f}")
+
+
+def _save(fig: Any, path: str | Path, title: str) -> Path:
+    """Save with the title also in the file's metadata (PNG text chunk, SVG/PDF title)."""
+    path = Path(path)
+    fig.savefig(path, dpi=110, metadata={"Title": title})
+    return path
+
+
+def plot_bench(res: BenchResult, path: str | Path, title: str | None = None, *, model: str | None = None,
+               passes: str | None = None) -> Path:
+    """bench.png: step time, samples/s and peak memory per variant; titled by :func:`bench_plot_title`
+    (or ``title``)."""
     plt = _plt()
+    title = (title or bench_plot_title(res, model, passes)).replace("`", "")
     names = list(res.variants)
     vs = [res.variants[n] for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -153,12 +177,9 @@ def plot_bench(res: BenchResult, path: str | Path, title: str | None = None) -> 
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     import textwrap
 
-    fig.suptitle(textwrap.fill(title or f"{res.config['device']}, batch {res.config['batch_size']}, "
-                               f"torch {res.env.get('torch')}, load {res.env.get('loadavg', [0])[0]:.2f}", 140),
-                 fontsize=9)
+    fig.suptitle(textwrap.fill(title, 140), fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    path = _save(fig, path, title)
     plt.close(fig)
     return path
 
@@ -233,8 +254,18 @@ def training_markdown(results: Mapping[str, TrainResult], env: Mapping[str, Any]
     return "\n".join(parts) + "\n"
 
 
+def training_plot_title(model: str, passes: str | None, results: Mapping[str, TrainResult],
+                        env: Mapping[str, Any] | None = None) -> str:
+    """Model, passes, device, batch size (and optimizer) for train.png."""
+    c = next(iter(results.values())).config
+    hw = (env or {}).get("gpu") or (env or {}).get("cpu")
+    what = f"{model} + {passes}" if passes else model
+    return (f"{what}: test accuracy vs training time - {c.device}{f' ({hw})' if hw else ''}, batch {c.batch_size}, "
+            f"{c.optimizer} lr {c.lr:g}, {c.schedule} schedule")
+
+
 def plot_training(results: Mapping[str, TrainResult], path: str | Path, target: float | None = None,
-                  title: str = "") -> Path:
+                  title: str = "", chance: float | None = None) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in results.items():
@@ -243,8 +274,8 @@ def plot_training(results: Mapping[str, TrainResult], path: str | Path, target: 
         if any(a is not None for a in acc):
             axes[0].plot(t, acc, marker="o", ms=3, label=name)
         axes[1].plot(t, [h.test_loss for h in r.history], marker="o", ms=3, label=name)
-    if target is not None:
-        axes[0].axhline(target, color="k", ls="--", lw=0.8, label=f"target {target}")
+    _reference_lines(axes[0], target, chance)
+    axes[0].set_ylim(*accuracy_limits([h.test_accuracy for r in results.values() for h in r.history], target, chance))
     axes[0].set_xlabel("training time (s)")
     axes[0].set_ylabel("test accuracy")
     axes[1].set_xlabel("training time (s)")
@@ -253,12 +284,43 @@ def plot_training(results: Mapping[str, TrainResult], path: str | Path, target: 
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=9)
+        import textwrap
+
+        fig.suptitle(textwrap.fill(title, 140), fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    path = _save(fig, path, title)
     plt.close(fig)
     return path
+
+
+MIN_ACCURACY_SPAN = 0.1
+
+
+def accuracy_limits(values: Any, target: float | None = None, chance: float | None = None,
+                    min_span: float = MIN_ACCURACY_SPAN) -> tuple[float, float]:
+    """y-limits for an accuracy axis: the data, the target and chance lines, and at least
+    ``min_span`` wide (within [0, 1]), so that noise of a few 0.001 does not fill the plot."""
+    vals = [float(v) for v in values if v is not None]
+    vals += [v for v in (target, chance) if v is not None]
+    if not vals:
+        return 0.0, 1.0
+    lo, hi = min(vals), max(vals)
+    if hi - lo < min_span:
+        mid = (lo + hi) / 2
+        lo, hi = mid - min_span / 2, mid + min_span / 2
+        if lo < 0:
+            lo, hi = 0.0, min_span
+        if hi > 1:
+            lo, hi = 1.0 - min_span, 1.0
+    pad = (hi - lo) * 0.05
+    return max(lo - pad, 0.0 - pad), min(hi + pad, 1.0 + pad)
+
+
+def _reference_lines(ax: Any, target: float | None, chance: float | None) -> None:
+    if target is not None:
+        ax.axhline(target, color="k", ls="--", lw=0.8, label=f"target accuracy {target:g}")
+    if chance is not None:
+        ax.axhline(chance, color="#9e9e9e", ls=":", lw=1.0, label=f"chance (most frequent class) {chance:.3f}")
 
 
 # -- sweeps ---------------------------------------------------------------------------------------
@@ -279,8 +341,13 @@ def _sweep_rows(res: SweepResult) -> list[list[str]]:
     return rows
 
 
+def sweep_verdict(res: SweepResult) -> str:
+    """``best = NAME (criterion)`` or the reason there is none."""
+    return f"best = {res.best or 'none'} ({res.criterion})"
+
+
 def sweep_table(res: SweepResult) -> Table:
-    t = Table(title=f"{res.kind} sweep: best = {res.best} ({res.criterion})", title_justify="left",
+    t = Table(title=f"{res.kind} sweep: {sweep_verdict(res)}", title_justify="left",
               header_style="bold")
     cols = _sweep_cols(res)
     for i, c in enumerate(cols):
@@ -300,33 +367,57 @@ def sweep_markdown(res: SweepResult, title: str | None = None, data: str = "") -
              f"Data: {data or '-'}. {what}. {c['optimizer']}, {c['schedule']} schedule, up to {c['epochs']} epochs"
              + (f", target test accuracy {res.target_accuracy}" if res.target_accuracy else "") + ". "
              "Variants trained interleaved epoch by epoch; times are training time only.", "",
-             f"**Best: {res.best}** ({res.criterion}).", "", _md_table(_sweep_cols(res), _sweep_rows(res))]
+             f"**Best: {res.best or 'none'}** ({res.criterion}).", "",
+             _md_table(_sweep_cols(res), _sweep_rows(res))]
     return "\n".join(parts) + "\n"
 
 
-def plot_sweep(res: SweepResult, path: str | Path) -> Path:
+def plot_sweep(res: SweepResult, path: str | Path, title: str | None = None) -> Path:
+    """sweep.png: test accuracy against training time per variant (left) and final accuracy against
+    total training time (right); target and chance lines labelled, the accuracy axis at least
+    ``MIN_ACCURACY_SPAN`` wide, variants named in legends (point labels would overlap)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in res.results.items():
+    chance = res.extra.get("chance_accuracy")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^v<>ph*"
+    accs: list[float | None] = []
+    for i, (name, r) in enumerate(res.results.items()):
         t = [h.train_time_s for h in r.history]
         acc = [h.test_accuracy for h in r.history]
-        axes[0].plot(t, acc, marker="o", ms=3, label=name + (" (best)" if name == res.best else ""))
-    if res.target_accuracy:
-        axes[0].axhline(res.target_accuracy, color="k", ls="--", lw=0.8)
+        accs += acc
+        axes[0].plot(t, acc, marker=markers[i % len(markers)], ms=3, color=colors[i % len(colors)],
+                     label=name + (" (best)" if name == res.best else ""))
+    _reference_lines(axes[0], res.target_accuracy, chance)
     axes[0].set_xlabel("training time (s)")
     axes[0].set_ylabel("test accuracy")
     axes[0].legend(fontsize=7)
-    xs = [r["train_time_s"] for r in res.rows]
-    ys = [r["final_test_accuracy"] or 0 for r in res.rows]
-    axes[1].scatter(xs, ys, c=["#f44336" if r["variant"] == res.best else "#2196f3" for r in res.rows])
-    for r, x, y in zip(res.rows, xs, ys):
-        axes[1].annotate(r["variant"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    finals = []
+    for i, r in enumerate(res.rows):
+        y = r["final_test_accuracy"]
+        finals.append(y)
+        best = r["variant"] == res.best
+        axes[1].scatter([r["train_time_s"]], [y if y is not None else float("nan")], s=60 if best else 30,
+                        marker=markers[i % len(markers)], color=colors[i % len(colors)],
+                        edgecolors="k" if best else "none", label=r["variant"] + (" (best)" if best else ""))
+    axes[0].set_ylim(*accuracy_limits(accs + finals, res.target_accuracy, chance))
+    # the final accuracies side by side: the chance line only where it is within their span
+    lo, hi = accuracy_limits(finals, res.target_accuracy)
+    near = chance is not None and lo <= chance <= hi
+    if near or (chance is not None and all(f is None or f <= chance + 0.05 for f in finals)):
+        lo, hi = accuracy_limits(finals, res.target_accuracy, chance)
+        near = True
+    _reference_lines(axes[1], res.target_accuracy, chance if near else None)
+    axes[1].set_ylim(lo, hi)
     axes[1].set_xlabel("total training time (s)")
     axes[1].set_ylabel("final test accuracy")
-    fig.suptitle(f"{res.kind} sweep: best {res.best} ({res.criterion})", fontsize=9)
+    axes[1].legend(fontsize=7)
+    title = title or f"{res.kind.replace('_', ' ')} sweep: {sweep_verdict(res)}"
+    import textwrap
+
+    fig.suptitle(textwrap.fill(title, 150), fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    path = _save(fig, path, title)
     plt.close(fig)
     return path
 
@@ -337,8 +428,10 @@ def write_outputs(out: str | Path, files: Mapping[str, str | bytes | Callable[[P
     atomically: nothing appears unless everything was written."""
     from graphopt.emit.fs import atomic_folder
 
+    from graphopt._fsutil import made_parents
+
     out = Path(out)
-    with atomic_folder(out, force=force) as tmp:
+    with made_parents(out), atomic_folder(out, force=force) as tmp:  # `-o runs/bn` without runs/: made
         for name, content in files.items():
             p = tmp / name
             if callable(content):

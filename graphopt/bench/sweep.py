@@ -9,7 +9,10 @@
 
 Variants are trained interleaved epoch by epoch (:func:`graphopt.bench.train.fit_many`).
 The best variant: with a target accuracy, the one that reached it in the least training time;
-otherwise (or if none reached it) the highest final test accuracy, ties to the faster one.
+otherwise (or if none reached it) the highest final test accuracy, ties to the faster one. When
+every variant's final test accuracy is at chance level (within three binomial standard errors of
+the majority-class share of the test set, or 0.01), there is no best variant: the criterion says
+so instead of crowning noise.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from graphopt.errors import GraphoptError
 from graphopt.ir import graph_meta
 from graphopt.serialize import dumps
 
-__all__ = ["SweepResult", "sweep_depth", "sweep_batch_size", "pick_best"]
+__all__ = ["SweepResult", "sweep_depth", "sweep_batch_size", "pick_best", "chance_level"]
 
 
 @dataclass
@@ -54,10 +57,39 @@ class SweepResult:
         return dumps(self.as_dict())
 
 
-def pick_best(results: dict[str, TrainResult], target: float | None) -> tuple[str | None, str]:
-    """(name, criterion) of the best variant (see the module docstring)."""
+def chance_level(data: Any) -> tuple[float, int] | None:
+    """(accuracy of always predicting the test set's most frequent class, test set size), or None
+    when the targets are not class labels."""
+    from graphopt.bench.data import as_tensors
+
+    try:
+        test = data[1]
+        y = as_tensors(test)[-1]
+    except Exception:  # not a (train, test) pair of datasets with targets
+        return None
+    if y.dim() != 1 or y.is_floating_point() or y.numel() == 0:
+        return None
+    counts = torch.bincount(y.long().clamp(min=0))
+    return float(counts.max().item()) / y.numel(), int(y.numel())
+
+
+def at_chance(accuracy: float, chance: float, n: int) -> bool:
+    """Within three binomial standard errors of chance (or 0.01), i.e. indistinguishable from guessing."""
+    margin = max(3 * math.sqrt(chance * (1 - chance) / max(n, 1)), 0.01)
+    return accuracy <= chance + margin
+
+
+def pick_best(results: dict[str, TrainResult], target: float | None,
+              chance: tuple[float, int] | None = None) -> tuple[str | None, str]:
+    """(name, criterion) of the best variant (see the module docstring); ``chance``: the result
+    of :func:`chance_level` for the test set."""
     if not results:
         return None, "no variants"
+    accs = [r.final.get("test_accuracy") for r in results.values()]
+    if chance is not None and accs and all(a is not None and at_chance(a, *chance) for a in accs):
+        return None, (f"every variant is at chance accuracy ({min(accs):.3f}-{max(accs):.3f} vs "
+                      f"{chance[0]:.3f} for always predicting the most frequent class, {chance[1]} test samples); "
+                      "train longer, raise the learning rate or check the data")
     if target is not None:
         hit = {k: r for k, r in results.items() if r.time_to_target_s is not None}
         if hit:
@@ -112,11 +144,16 @@ def sweep_depth(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], data
         r.macs = info[name]["macs"]
         r.extra.update({"delta": info[name]["delta"], "blocks": info[name]["blocks"]})
         rows.append(_row(name, r, delta=info[name]["delta"], blocks=info[name]["blocks"]))
-    best, crit = pick_best(results, config.target_accuracy)
+    chance = chance_level(data)
+    best, crit = pick_best(results, config.target_accuracy, chance)
     return SweepResult("depth", results, rows, best, crit, {"train": config.as_dict(), "deltas": list(deltas),
                                                            "blocks": list(blocks or []), "init": init,
                                                            "stages": {k: v["stages"] for k, v in info.items()}},
-                       env, config.target_accuracy)
+                       env, config.target_accuracy, extra=_chance_extra(chance))
+
+
+def _chance_extra(chance: tuple[float, int] | None) -> dict[str, Any]:
+    return {"chance_accuracy": chance[0], "test_samples": chance[1]} if chance else {}
 
 
 def sweep_batch_size(model: nn.Module, data: Any, config: TrainConfig, sizes: Sequence[int], *,
@@ -141,7 +178,8 @@ def sweep_batch_size(model: nn.Module, data: Any, config: TrainConfig, sizes: Se
         env = {**environment(dev), **th}
         results = fit_many(variants, data, configs, loss=loss, example_inputs=example_inputs)
     rows = [_row(name, r, batch_size=configs[name].batch_size, lr=configs[name].lr) for name, r in results.items()]
-    best, crit = pick_best(results, config.target_accuracy)
+    chance = chance_level(data)
+    best, crit = pick_best(results, config.target_accuracy, chance)
     return SweepResult("batch_size", results, rows, best, crit,
                        {"train": config.as_dict(), "sizes": sizes, "lr_scaling": lr_scaling, "base_batch_size": base},
-                       env, config.target_accuracy)
+                       env, config.target_accuracy, extra=_chance_extra(chance))

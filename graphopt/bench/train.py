@@ -66,7 +66,7 @@ class TrainConfig:
     compile: bool = False
     grad_clip: float | None = None
     backend: str = "torch"
-    progress: str = "none"  # none | rich | tqdm | auto
+    progress: str = "none"  # none | rich | tqdm | lines | auto (rich on a terminal, lines otherwise)
 
     def __post_init__(self) -> None:
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch size must be >= 1"),
@@ -74,7 +74,7 @@ class TrainConfig:
                   (self.monitor in ("val_accuracy", "val_loss"), "monitor must be val_accuracy or val_loss"),
                   (self.patience is None or self.patience >= 1, "patience must be >= 1"),
                   (self.target_accuracy is None or 0 < self.target_accuracy <= 1, "target accuracy must be in (0, 1]"),
-                  (self.progress in ("none", "rich", "tqdm", "auto"), "progress must be none, rich, tqdm or auto")]
+                  (self.progress in ("none", "rich", "tqdm", "lines", "auto"), "progress must be none, rich, tqdm, lines or auto")]
         for ok, msg in checks:
             if not ok:
                 raise PassConfigError(msg)
@@ -321,6 +321,15 @@ class Trainer:
                     self.done = True
                     break
                 t0 = time.perf_counter()
+            elif cfg.max_time_s is not None and \
+                    self._train_time + self._pending + time.perf_counter() - t0 >= cfg.max_time_s:
+                # the time budget is checked after every step, not only at evaluations
+                self._pending += self._elapsed(t0)
+                rec = self._record(lr, self._loss_sum / max(self._loss_n, 1))
+                records.append(rec)
+                self._should_stop(rec)
+                self.done = True
+                break
         else:
             self._pending += self._elapsed(t0) if cfg.eval_every_steps and self.step % cfg.eval_every_steps else 0.0
         if task is not None:

@@ -7,6 +7,7 @@ verification or an internal error. User errors are one line on stderr, never a t
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -40,12 +41,34 @@ from graphopt.cli import bench  # noqa: E402,F401
 from graphopt.cli import prune  # noqa: E402,F401
 
 
+def _os_error(exc: OSError) -> str | None:
+    """One line for an OSError a user can act on (disk full, no permission, read-only or virtual
+    file system, missing folder); None for anything else."""
+    where = exc.filename
+    fixes = {
+        errno.ENOSPC: ("no space left on the device", "free some space or write elsewhere (-o / --report)"),
+        errno.EDQUOT: ("disk quota exceeded", "free some space or write elsewhere"),
+        errno.EACCES: ("permission denied", "choose a folder you can write to"),
+        errno.EPERM: ("operation not permitted", "choose a folder you can write to"),
+        errno.EROFS: ("read-only file system", "choose a writable folder"),
+        errno.ENOENT: ("no such file or folder", "check the path (its folder must exist)"),
+        errno.ENOTDIR: ("a part of the path is not a folder", "check the path"),
+        errno.EISDIR: ("is a folder", "give a file path"),
+    }
+    if exc.errno not in fixes:
+        return None
+    what, fix = fixes[exc.errno]
+    return f"{where}: {what} ({fix})" if exc.filename else f"writing failed: {what} ({fix})"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns (and exits with) the exit code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("GRAPHOPT_DEBUG") == "1"
     try:
-        cli.main(args=args, prog_name="graphopt", standalone_mode=False)
+        # not cli.main(): click turns Ctrl-C into Abort after printing an empty line
+        with cli.make_context("graphopt", list(args)) as ctx:
+            cli.invoke(ctx)
         code = 0
     except click.exceptions.Exit as exc:
         code = exc.exit_code
@@ -61,8 +84,19 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {exc}", err=True)
         code = exc.exit_code
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        click.echo("interrupted (Ctrl-C)", err=True)
         code = 130
+    except OSError as exc:
+        line = _os_error(exc)
+        if debug:
+            traceback.print_exc()
+        if line is None:
+            click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback "
+                       "and report it)", err=True)
+            code = 1
+        else:
+            click.echo(f"error: {line}", err=True)
+            code = 2
     except Exception as exc:  # a bug: say so, in one line unless --debug
         if debug:
             traceback.print_exc()

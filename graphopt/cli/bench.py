@@ -6,16 +6,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+from graphopt.cli import cli
 from rich.console import Console
 
-from graphopt.cli import cli
+from graphopt.cli._console import make_console
 from graphopt.bench.backend import backend_names
 from graphopt.errors import GraphoptError, PassConfigError
 from graphopt.serialize import dumps
 from graphopt.ir import eval_mode
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)  # what a person reads when stdout carries --format json
+console = make_console()
+err_console = make_console(stderr=True)  # what a person reads when stdout carries --format json
 
 DATA_CHOICES = ["auto", "model", "mnist", "digits"]
 
@@ -59,8 +60,9 @@ def _train_options(fn: Callable) -> Callable:
         click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model(s)."),
         click.option("--threads", type=click.IntRange(0), default=1, show_default=True,
                      help="CPU intra-op threads (1 gives stable numbers on shared machines; 0: leave as is)."),
-        click.option("--progress", type=click.Choice(["auto", "rich", "tqdm", "none"]), default="auto",
-                     show_default=True),
+        click.option("--progress", type=click.Choice(["auto", "rich", "tqdm", "lines", "none"]), default="auto",
+                     show_default=True, help="auto: rich bars on a terminal, else plain lines (a line every "
+                                             "fifth of an epoch or 10 s, and per epoch) for logs."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -80,9 +82,10 @@ def _config(kw: dict[str, Any], batch_size: int, **over: Any):
 
 
 def _out_folder(out: str | None, default: str, force: bool) -> Path:
-    from graphopt.emit.fs import check_output_folder
+    """Checked before any work; missing parent folders are created when the results are written."""
+    from graphopt.cli._paths import check_out_folder  # noqa: F811
 
-    return check_output_folder(Path(out) if out else Path(default), force)
+    return check_out_folder(Path(out) if out else Path(default), force, create_parents=True)
 
 
 def _model_path(model_file: str) -> Path:
@@ -112,6 +115,22 @@ def load_data(spec: Any, name: str, example_inputs: tuple) -> tuple[Any, str]:
     shape = tuple(x.shape[1:])
     train, test = adapt(train, shape), adapt(test, shape)
     return (train, test), f"{name} ({BUILTIN[name]}), as {shape}: train {len(train)}, test {len(test)}"
+
+
+def _check_float_outputs(spec: Any) -> None:
+    """Training differentiates a loss of the output: an integer output (argmax, indices) is a
+    one-line user error before any work, not a failure deep inside the step."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    with eval_mode(spec.module), torch.no_grad():
+        out = spec.module(*spec.example_inputs)
+    leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if leaves and not any(t.is_floating_point() for t in leaves):
+        dtypes = ", ".join(sorted({str(t.dtype).replace("torch.", "") for t in leaves}))
+        raise GraphoptError(f"the model's output is {dtypes}, not floating-point: training differentiates a loss "
+                            "of the output", where=f"{spec.path.name}:{spec.factory}()",
+                            fix="return the scores/logits from forward() (e.g. without argmax)")
 
 
 def _pipeline(spec: Any, pass_specs: tuple[str, ...], config: str | None, verify: bool, con: Console = console):
@@ -208,6 +227,7 @@ def bench(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
     con = err_console if fmt == "json" else console  # with --format json, stdout is the JSON document only
     out_path = _out_folder(out, f"{stem}_bench", force)
     spec = load_model_file(model_file)
+    _check_float_outputs(spec)
     variants: dict[str, Any] = {"original": spec.module}
     pipeline_doc = None
     if pass_specs or pipeline_config:
@@ -230,8 +250,9 @@ def bench(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
     if pipeline_doc:
         notes += " Pipeline: " + " + ".join(p["spec"] for p in pipeline_doc["passes"]) + "."
     title = f"Training-step benchmark: {stem}"
+    passes = " + ".join(p["spec"] for p in pipeline_doc["passes"]) if pipeline_doc else None
     rep.write_outputs(out_path, {"bench.json": res.to_json(), "bench.md": rep.bench_markdown(res, title, notes),
-                                 "bench.png": lambda p: rep.plot_bench(res, p, title=f"{stem}: " + notes)},
+                                 "bench.png": lambda p: rep.plot_bench(res, p, model=stem, passes=passes)},
                       force=force)
     if fmt == "json":
         click.echo(res.to_json())
@@ -260,10 +281,14 @@ def _bench_train(spec: Any, variants: dict[str, Any], kw: dict[str, Any], batch_
         results = fit_many(variants, data, cfg, loss=spec.loss, example_inputs=spec.example_inputs)
     doc = {"kind": "time_to_accuracy", "model_file": str(spec.path), "data": desc, "env": env,
            "config": cfg.as_dict(), "pipeline": pipeline_doc, "runs": {k: r.as_dict() for k, r in results.items()}}
-    title = f"Time to accuracy: {_model_path(str(spec.path)).stem}"
+    stem = _model_path(str(spec.path)).stem
+    title = f"Time to accuracy: {stem}"
+    passes = " + ".join(p["spec"] for p in pipeline_doc["passes"]) if pipeline_doc else None
+    plot_title = rep.training_plot_title(stem, passes, results, env)
     rep.write_outputs(out_path, {"train.json": dumps(doc),
                                  "train.md": rep.training_markdown(results, env, title, desc),
-                                 "train.png": lambda p: rep.plot_training(results, p, cfg.target_accuracy, title)},
+                                 "train.png": lambda p: rep.plot_training(results, p, cfg.target_accuracy,
+                                                                          plot_title)},
                       force=force)
     if fmt == "json":
         click.echo(dumps(doc))
@@ -307,8 +332,14 @@ def train(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
 
     if backend not in backend_names():
         raise PassConfigError(f"unknown backend '{backend}'", fix="choose one of " + ", ".join(backend_names()))
+    if backend == "ort" and kw["optimizer"] == "sgd" and (kw["momentum"] or kw["weight_decay"]):
+        what = "--momentum" if kw["momentum"] else "--weight-decay"
+        raise PassConfigError(f"--backend ort has plain SGD only (ONNX Runtime's SGD has no momentum or weight "
+                              f"decay) but {what} is {kw['momentum'] or kw['weight_decay']:g}",
+                              fix="add --momentum 0 --weight-decay 0, or use --optimizer adamw")
     out_path = _out_folder(out, "", force) if out else None
     spec = load_model_file(model_file)
+    _check_float_outputs(spec)
     module = spec.module
     pipeline_doc = None
     if pass_specs or pipeline_config:
@@ -329,7 +360,10 @@ def train(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
         files = {
             "train.json": dumps(doc),
             "train.md": rep.training_markdown({res.name: res}, env, f"Training: {res.name}", desc),
-            "train.png": lambda p: rep.plot_training({res.name: res}, p, cfg.target_accuracy, res.name),
+            "train.png": lambda p: rep.plot_training(
+                {res.name: res}, p, cfg.target_accuracy,
+                rep.training_plot_title(res.name, " + ".join(x["spec"] for x in pipeline_doc["passes"])
+                                        if pipeline_doc else None, {res.name: res}, env)),
             # the trained model, reloadable with graphopt.load(OUT/model) whichever runtime trained it
             "model": lambda p: res.backend.write_torch_folder(p),
         }
@@ -362,7 +396,10 @@ def _sweep_out(res: Any, out_path: Path, force: bool, desc: str, model: str) -> 
     rep.write_outputs(out_path, {"sweep.json": dumps(doc), "sweep.md": rep.sweep_markdown(res, title, desc),
                                  "sweep.png": lambda p: rep.plot_sweep(res, p)}, force=force)
     console.print(rep.sweep_table(res))
-    console.print(f"best variant: [bold]{res.best}[/] ({res.criterion})")
+    if res.best:
+        console.print(f"best variant: [bold]{res.best}[/] ({res.criterion})")
+    else:
+        console.print(f"no best variant: {res.criterion}")
     console.print(f"[bold green]wrote[/] {out_path}/ (sweep.json, sweep.md, sweep.png)")
 
 
@@ -386,6 +423,7 @@ def sweep_depth_cmd(model_file: str, deltas: str, blocks: tuple[str, ...], init:
     out_path = _out_folder(out, f"{_model_path(model_file).stem}_sweep_depth", force)
     values = _int_list(deltas, "deltas")
     spec = load_model_file(model_file)
+    _check_float_outputs(spec)
     data, desc = load_data(spec, kw["data_name"], spec.example_inputs)
     console.print(f"data: {desc}")
     res = sweep_depth(spec.module, spec.example_inputs, data, _config(kw, batch_size), deltas=values,
@@ -412,6 +450,7 @@ def sweep_batch_cmd(model_file: str, sizes: str, lr_scaling: str, batch_size: in
     out_path = _out_folder(out, f"{_model_path(model_file).stem}_sweep_batch", force)
     values = _int_list(sizes, "sizes")
     spec = load_model_file(model_file)
+    _check_float_outputs(spec)
     data, desc = load_data(spec, kw["data_name"], spec.example_inputs)
     console.print(f"data: {desc}")
     res = sweep_batch_size(spec.module, data, _config(kw, batch_size), values, lr_scaling=lr_scaling,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.console import Console
+from graphopt.cli._console import make_console
 from rich.table import Table
 
 from graphopt.cli import cli
@@ -13,7 +13,7 @@ from graphopt.emit.base import emitter_names
 from graphopt.errors import EmitError, PassConfigError
 from graphopt.serialize import dumps, read_json, write_json
 
-console = Console(highlight=False)
+console = make_console()
 
 
 @cli.command(context_settings={"max_content_width": 100})
@@ -42,8 +42,8 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
       graphopt optimize model.py -p channels_last -p cleanup -o out/
       graphopt optimize model.py -p prune:ratio=0.5,mode=structured --emit onnx -o out/
     """
+    from graphopt.cli._paths import check_out_file, check_out_folder, made_parents, write_text
     from graphopt.emit.base import create_emitter
-    from graphopt.emit.fs import check_output_folder
     from graphopt.manager import PassManager
     from graphopt.modelfile import load_model_file
     from graphopt.pass_infra import build_pipeline
@@ -62,7 +62,9 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
     emitter.preflight(passes)  # missing packages, impossible pipelines: before any work
     model_path = model_file.rsplit(":", 1)[0] if not Path(model_file).exists() else model_file
     out_path = Path(out) if out else Path(f"{Path(model_path).stem}_optimized")
-    check_output_folder(out_path, force, protect=[model_path])
+    check_out_folder(out_path, force, create_parents=True, protect=[model_path])
+    if report_path:
+        check_out_file(report_path, "--report")
     if report_path and Path(report_path).exists() and not force:
         raise EmitError("report file exists", where=report_path, fix="choose another --report path or pass --force")
     spec = load_model_file(model_file)
@@ -82,7 +84,7 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
     manager = PassManager(passes, verify=verify, on_pass=lambda rec: console.print(pass_table(rec)))
     gm, report = manager.run(gm, spec.example_inputs)
     console.print(summary_table(report))
-    with console.status(f"emitting {emit_format}"):
+    with console.status(f"emitting {emit_format}"), made_parents(out_path):
         result = emitter.emit(gm, out_path, report=report, force=force, spec=spec,
                               source={"file": str(spec.path), "sha256": spec.sha256, "factory": spec.factory})
     line = emitter.summary(result)
@@ -94,7 +96,7 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
         doc = report.as_dict()
         if emit_check:
             doc["emit"] = {"format": emit_format, "check": emit_check}
-        write_json(report_path, doc)
+        write_text(report_path, dumps(doc), "--report")
     verdict = "verified" if report.verified else "NOT verified (--no-verify)"
     console.print(f"[bold green]wrote[/] {path}/ ({emit_format}, {verdict})")
 
@@ -112,6 +114,10 @@ def inspect(model_file: str, fmt: str, all_nodes: bool, draw: str | None) -> Non
 
     if draw and Path(draw).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise PassConfigError(f"cannot draw to '{Path(draw).suffix}'", where=draw, fix="use .png, .svg or .pdf")
+    if draw:
+        from graphopt.cli._paths import check_out_file
+
+        check_out_file(draw, "--draw")
     spec = load_model_file(model_file)
     gm = capture(spec.module, spec.example_inputs)
     cost = gm.meta["graphopt"]["cost"]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import click
-from rich.console import Console
+from graphopt.cli._console import make_console
 from rich.table import Table
 
 from graphopt.cli import cli
 
-console = Console(highlight=False)
+console = make_console()
 
 
 def plan_table(manifest: dict) -> Table:

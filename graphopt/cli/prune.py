@@ -6,14 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from rich.console import Console
+from graphopt.cli._console import make_console
 from rich.table import Table
 
 from graphopt.cli import cli
-from graphopt.cli.bench import _config, _out_folder, _train_options, load_data
+from graphopt.cli.bench import _check_float_outputs, _config, _out_folder, _train_options, load_data
 from graphopt.serialize import dumps
 
-console = Console(highlight=False)
+console = make_console()
 
 
 @cli.command(name="prune-iterative")
@@ -52,6 +52,7 @@ def prune_iterative_cmd(model_file: str, rounds: int, ratio_per_round: float, pr
     _, opts = parse_pass_spec(f"prune:{prune_opts}" if prune_opts else "prune")
     out_path = _out_folder(out, "", force) if out else None
     spec = load_model_file(model_file)
+    _check_float_outputs(spec)
     data, desc = load_data(spec, kw["data_name"], spec.example_inputs)
     cfg = _config({**kw, "epochs": epochs_per_round}, batch_size)
     console.print(f"data: {desc}")

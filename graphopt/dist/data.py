@@ -49,8 +49,11 @@ def import_model_file(path: str | Path) -> dict[str, Any]:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
+        from graphopt.modelfile import model_file_context
+
+        with model_file_context(path, path.read_text(errors="replace")):  # sibling imports, torchvision
+            spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:
         sys.modules.pop(name, None)
         raise ModelFileError(f"importing the model file failed: {type(exc).__name__}: {exc}", where=str(path),
                              fix="fix the model file, or use --synthetic") from exc
@@ -143,6 +146,9 @@ def make_data(manifest: dict[str, Any], batch_size: int, *, seed: int = 0, synth
             ns = import_model_file(path)
         elif model_file:
             raise ModelFileError("model file not found", where=str(path), fix="check --model-file")
+        elif not synthetic:  # a moved model file must not silently become random data
+            raise ModelFileError("the model file this folder was made from (for its loss() and data()) is gone",
+                                 where=str(path), fix="give --model-file NEW_PATH, or --synthetic for random data")
         else:
             note = f" (model file {path} not found)"
     loss = ns.get("loss")

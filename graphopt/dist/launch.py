@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graphopt.errors import GraphoptError, LaunchConfigError
+from graphopt.errors import GraphoptError, LaunchConfigError, ModelFileError
 
 __all__ = ["LaunchPlan", "LaunchError", "build_command", "run_command"]
 
@@ -66,6 +66,12 @@ def build_command(folder: str | Path, *, stages: int | None = None, replicas: in
         from graphopt.dist.pipeline import check_loads_without_code
 
         check_loads_without_code(folder, manifest)
+    source = manifest.get("source", {}).get("file")
+    if model_file and not Path(model_file).is_file():
+        raise ModelFileError("model file not found", where=str(model_file), fix="check --model-file")
+    if not model_file and not synthetic and source and not Path(source).is_file():
+        raise ModelFileError("the model file this folder was made from (for its loss() and data()) is gone",
+                             where=str(source), fix="give --model-file NEW_PATH, or --synthetic for random data")
     folder_stages = len(manifest["stages"])
     n_stages = stages if stages is not None else folder_stages
     if replicas < 1:

@@ -7,7 +7,9 @@
 replicas (world size must be S x R): ``stage = rank % S``, ``replica = rank // S``. Ranks of
 one replica form a pipeline (``torch.distributed.pipelining``: ``PipelineStage`` with
 ``ScheduleGPipe`` or ``Schedule1F1B``); ranks holding the same stage form a data-parallel group
-(``DistributedDataParallel``). ``--stages 1`` trains the chained stages without a pipeline
+whose gradients are averaged with one all-reduce per step (DDP's reducer assumes one forward per
+backward, which several microbatches break). Plain data parallel (one stage) uses
+``DistributedDataParallel``. ``--stages 1`` trains the chained stages without a pipeline
 (pure data parallel). NCCL on GPU (one GPU per local rank), gloo on CPU.
 
 Failure handling: configuration errors are found before any process group exists (every
@@ -229,7 +231,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise ArtifactError(f"rank {r} (stage {s}) could not load its stage: {msg}")
         assert module is not None
         module.train()
-        if replicas > 1:
+        if replicas > 1 and stages == 1:  # plain data parallel: DDP (one forward, one backward per step)
             kw: dict[str, Any] = {"process_group": dp_group}
             if device.type == "cuda":
                 kw["device_ids"] = [device.index]
@@ -272,6 +274,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 step_loss = torch.stack([torch.as_tensor(v).detach() for v in mb_losses]).mean()
             else:
                 schedule.step()
+            if replicas > 1 and stages > 1:
+                _average_gradients(module, dp_group, replicas)
             opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -300,6 +304,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return metrics
     finally:
         dist.destroy_process_group()
+
+
+def _average_gradients(module: nn.Module, group: Any, replicas: int) -> None:
+    """Average the stage's gradients over the ranks holding the same stage (one all-reduce).
+
+    A pipeline stage runs one forward per microbatch before its backwards; DDP's reducer expects
+    one forward per backward and asserts from the second step on ("rebuilt parameter indices")
+    when there are several microbatches, so pipeline x data parallel averages explicitly.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= replicas
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
 
 
 def _save(folder: str, module: nn.Module, topo: Topology, metrics: dict[str, Any]) -> None:
