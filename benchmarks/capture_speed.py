@@ -63,7 +63,7 @@ def main() -> None:
            "where gradients are compared, forward only otherwise; float64 only to confirm a mismatch):\n\n"
            "| check | metric | value | limit |\n|---|---|---:|---:|\n" + "".join(
                f"| {c['check']} | {c.get('metric', '')} | {c.get('value', float('nan')):.1e} | "
-               f"{c.get('limit', float('nan')):.0e} |\n" for c in checks))
+               f"{c.get('limit', float('nan')):.2g} |\n" for c in checks))
     folder = write_results("capture_speed", data, md)
     print(md)
     print(f"wrote {folder}/capture_speed.json")

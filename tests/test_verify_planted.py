@@ -452,3 +452,28 @@ def test_failure_advice_for_a_budgeted_pass_mentions_the_budget():
     module, x = fresh()
     with pytest.raises(VerificationError, match="loosen its budget"):
         graphopt.optimize(module, x, [_Budgeted()])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_lists_both_axes_and_runs_train_step(tmp_path, capsys):
+    import json
+
+    from graphopt.cli import main
+    from graphopt.testing import write_model_file
+
+    assert main(["passes", "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["freeze"]["training"] == "changes" and "gradients" in doc["freeze"]["training_reason"]
+    assert doc["channels_last"]["training"] == "same" and doc["channels_last"]["training_reason"] == ""
+    assert main(["passes"]) == 0
+    assert "training" in capsys.readouterr().out
+    path = write_model_file(tmp_path)
+    report = tmp_path / "r.json"
+    code = main(["optimize", str(path), "-p", "channels_last", "--verify", "train-step", "-o", str(tmp_path / "o"),
+                 "--report", str(report)])
+    assert code == 0, capsys.readouterr().err
+    ver = json.loads(report.read_text())["passes"][0]["verification"]
+    assert ver["training"] == "same" and ver["details"]["train_step"]["rel_l2_error"] < 1e-5
+    assert any(c["check"].startswith("train, randomized state") for c in ver["checks"])
