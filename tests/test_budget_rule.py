@@ -15,7 +15,7 @@ import torch
 
 import graphopt
 from graphopt import Semantics
-from helpers import run_pass
+from graphopt.testing import run_pass
 
 NUMERICS_ONLY = {"mixed_precision": 0.05, "cast": 0.1}
 

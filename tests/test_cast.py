@@ -10,7 +10,7 @@ from torch import nn
 
 import graphopt
 from graphopt.precision import get_policy
-from helpers import assert_idempotent, count_modules, run_pass
+from graphopt.testing import assert_idempotent, count_modules, run_pass
 from graphopt.precision import count_casts
 from precision_models import Block, NoHeavy, calibrate_bn
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import graphopt
-from tests.helpers import assert_idempotent, count_calls, run_pass
+from graphopt.testing import assert_idempotent, count_calls, run_pass
 
 
 def test_rewrites_inputs_and_conv_weights(small_cnn):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import graphopt
-from tests.helpers import assert_idempotent, count_modules, run_pass
+from graphopt.testing import assert_idempotent, count_modules, run_pass
 
 
 class Messy(nn.Module):

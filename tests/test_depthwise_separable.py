@@ -13,7 +13,7 @@ import graphopt
 from graphopt.cli import main
 from graphopt.errors import VerificationError
 from passes.depthwise_separable import factorize
-from tests.helpers import assert_idempotent, count_modules, run_pass
+from graphopt.testing import assert_idempotent, count_modules, run_pass
 
 
 def _separable_weight(co: int, ci: int, k: int) -> torch.Tensor:

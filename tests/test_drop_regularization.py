@@ -13,7 +13,7 @@ from torch import nn
 import graphopt
 from graphopt.cli import main
 from passes.drop_regularization import DropRegularization
-from tests.helpers import assert_idempotent, count_calls, count_modules, run_pass
+from graphopt.testing import assert_idempotent, count_calls, count_modules, run_pass
 
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import graphopt
 from graphopt.errors import ArtifactError, EmitError
-from tests.helpers import train_steps
+from graphopt.testing import train_steps
 
 
 def emit(module, inputs, out, passes=("channels_last",), **kw):

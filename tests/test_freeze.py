@@ -15,7 +15,7 @@ import graphopt
 from graphopt.cli import main
 from graphopt.errors import PreconditionError
 from passes.freeze import Freeze, stages_of
-from tests.helpers import assert_idempotent, count_calls, count_modules, run_pass, train_steps
+from graphopt.testing import assert_idempotent, count_calls, count_modules, run_pass, train_steps
 
 
 def _backward_flops(module: nn.Module, x: tuple[torch.Tensor, ...]) -> int:

@@ -12,7 +12,7 @@ from torch import nn
 import graphopt
 from graphopt.cli import main
 from passes.insert_batchnorm import InsertBatchNorm
-from tests.helpers import assert_idempotent, count_modules, run_pass, train_steps
+from graphopt.testing import assert_idempotent, count_modules, run_pass, train_steps
 
 BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

@@ -14,7 +14,7 @@ import graphopt
 from graphopt.cli import main
 from graphopt.errors import PassConfigError
 from passes.insert_residual import InsertResidual, find_chains
-from tests.helpers import assert_idempotent, count_calls, count_modules, run_pass, train_steps
+from graphopt.testing import assert_idempotent, count_calls, count_modules, run_pass, train_steps
 from tests.test_insert_batchnorm import PlainCNN, vgg11_small_head
 
 

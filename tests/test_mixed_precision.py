@@ -14,7 +14,7 @@ import graphopt
 from graphopt.cli import main
 from graphopt.errors import PreconditionError, VerificationError
 from graphopt.precision import get_policy
-from helpers import assert_idempotent, count_calls, count_modules, run_pass
+from graphopt.testing import assert_idempotent, count_calls, count_modules, run_pass
 from graphopt.precision import cleanup_casts, compare_with_references, count_casts
 from passes.mixed_precision import MixedPrecision
 from precision_models import Block, NoHeavy, SdpaBlock, Tiny, UserCasts, calibrate_bn, small_vit

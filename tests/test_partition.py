@@ -13,7 +13,7 @@ import graphopt
 from graphopt.dist import SequentialStages, device_map, split_stages
 from graphopt.errors import PreconditionError
 from graphopt.analysis.partition import CutPoint, analyze_cuts, choose_cuts, predicted_bubble
-from tests.helpers import assert_idempotent, run_pass
+from graphopt.testing import assert_idempotent, run_pass
 
 
 class TinyRes(nn.Module):

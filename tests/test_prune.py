@@ -13,7 +13,7 @@ import graphopt
 from graphopt.analysis import ChannelRule, analyze_channels, register_channel_rule, unregister_channel_rule
 from graphopt.errors import PassConfigError
 from graphopt.prune import prune_iterative, sparsity_of, to_semi_structured
-from tests.helpers import count_calls, count_modules, outputs, run_pass, train_steps
+from graphopt.testing import count_calls, count_modules, outputs, run_pass, train_steps
 
 
 # ----------------------------------------------------------------------------- fixtures
