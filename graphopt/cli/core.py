@@ -28,7 +28,8 @@ console = Console(highlight=False)
               help="An option of the emitter, repeatable (--emit ort: loss=, optimizer=adamw|sgd, lr=, "
                    "weight_decay=, eps=, betas='b1|b2'; --emit onnx: opset=, dynamic_batch=).")
 @click.option("--no-verify", is_flag=True, help="Skip the numeric checks (lint and shape propagation still run).")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--force", is_flag=True, help="Replace an output folder graphopt wrote (never the model's folder or "
+              "one above it, a repository, the current folder, home or /).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the pipeline report as JSON here.")
 def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, out: str | None, emit_format: str,
              emit_options: tuple[str, ...], no_verify: bool, force: bool, report_path: str | None) -> None:
