@@ -200,14 +200,19 @@ def _same_training_step(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
         torch.testing.assert_close(grads[0][1][k], grads[1][1][k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-REAL = [("resnet18", {}, ()), ("mobilenet_v2", {}, ()), ("timm:vit_tiny_patch16_224", {"img_size": 32}, ()),
-        ("efficientnet_b0", {}, ()),  # torchvision's stochastic_depth -> graphopt.emit.graph_ops
-        ("resnet18", {}, ("channels_last",)), ("resnet18", {}, ("prune:ratio=0.5",)),
-        ("resnet18", {}, ("mixed_precision",))]
+def _case(name, kw=None, passes=(), slow=False):
+    return pytest.param(name, kw or {}, passes, id=f"{name}-{'+'.join(passes) or 'captured'}",
+                        marks=[pytest.mark.slow] if slow else [])
+
+
+REAL = [_case("resnet18"), _case("mobilenet_v2"), _case("timm:vit_tiny_patch16_224", {"img_size": 32}),
+        _case("efficientnet_b0", slow=True),  # torchvision's stochastic_depth -> graphopt.emit.graph_ops
+        _case("resnet18", passes=("channels_last",)), _case("resnet18", passes=("prune:ratio=0.5",)),
+        _case("resnet18", passes=("mixed_precision",))]
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("name, kw, passes", REAL, ids=[f"{n}-{'+'.join(p) or 'captured'}" for n, kw, p in REAL])
+@pytest.mark.parametrize("name, kw, passes", REAL)
 def test_real_models_round_trip_without_code(zoo, tmp_path, name, kw, passes):
     module = zoo(name, num_classes=10, **kw)
     torch.manual_seed(0)

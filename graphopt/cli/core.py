@@ -30,7 +30,8 @@ console = make_console()
 @click.option("--no-verify", is_flag=True, help="Skip the numeric checks (lint and shape propagation still run).")
 @click.option("--verify", "verify_extra", type=click.Choice(["train-step"]), default=None,
               help="Also run one optimizer step on original and rewrite and compare the parameters.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--force", is_flag=True, help="Replace an output folder graphopt wrote (never the model's folder or "
+              "one above it, a repository, the current folder, home or /).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the pipeline report as JSON here.")
 def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, out: str | None, emit_format: str,
              emit_options: tuple[str, ...], no_verify: bool, force: bool, report_path: str | None,
