@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--calib", type=int, default=16, help="calibration batches for reconstruct")
     ap.add_argument("--ratio", type=float, default=0.5, help="early-bird: share of channels pruned")
+    ap.add_argument("--width", type=int, default=32, help="channels of the first conv")
     args = ap.parse_args()
     torch.set_num_threads(1)
     env = environment()
@@ -113,7 +114,7 @@ def main() -> None:
                       schedule="cosine", eval_every_steps=None, seed=0)
     pool = args.data == "mnist"
     torch.manual_seed(0)
-    original = CNN(32, pool)
+    original = CNN(args.width, pool)
     init = copy.deepcopy(original)
     print("training the original", flush=True)
     base = fit(original, (train, test), cfg, name="original", example_inputs=ex)
@@ -173,7 +174,7 @@ def main() -> None:
         "prune_rec_distill_within_1_point": results["prune_rec_distill"]["delta_vs_original_points"],
         "early_bird_time_ratio_max_0.7": results["early_bird"]["ratio_to_original_time"],
     }
-    data = {"environment": env, "data": args.data, "config": cfg.as_dict(), "calibration_batches": args.calib,
+    data = {"environment": env, "data": args.data, "width": args.width, "config": cfg.as_dict(), "calibration_batches": args.calib,
             "results": results, "checks": checks}
     name = f"recover_{args.data}"
     # plot: accuracy against training time

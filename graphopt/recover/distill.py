@@ -111,6 +111,9 @@ class Distilled(nn.Module):
             self._hooks.append(tm.register_forward_hook(lambda m, a, o, s=slot: s.__setitem__(1, o)))
 
     def forward(self, *inputs: torch.Tensor) -> Any:
+        if not self.training:  # evaluation: the student alone (its loss is the task loss)
+            self._t = None
+            return self.student(*inputs)
         teacher = self.__dict__["teacher"]
         dev = inputs[0].device if inputs else None
         if dev is not None and next(teacher.parameters(), torch.empty(0)).device != dev:

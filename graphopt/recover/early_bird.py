@@ -59,7 +59,6 @@ def early_bird_fit(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], 
     the trained model is ``result.backend.module``."""
     import graphopt
     from graphopt.bench.train import Trainer, _progress
-    from graphopt.prune import prune_structured
 
     progress = _progress(config.progress)
     masks: deque[torch.Tensor] = deque(maxlen=window)
@@ -81,14 +80,10 @@ def early_bird_fit(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], 
             t0 = time.perf_counter()
             current = trainer.backend.module
             current.eval()
-            gm = graphopt.capture(current, example_inputs)
-            before = gm.meta["graphopt"]["cost"].macs
-            r = prune_structured(gm, ratio=ratio, criterion="bn_scale", scope="global", round_to=round_to)
-            pruned = r.gm
+            pruned, report = graphopt.optimize(current, example_inputs, [
+                f"prune:ratio={ratio},criterion=bn_scale,scope=global,round_to={round_to}"], verify=False)
+            before, after = report.before.macs, report.after.macs
             pruned.train()
-            from graphopt.analysis.cost import graph_cost
-
-            after = graph_cost(pruned).macs
             new = Trainer(name, pruned, trainer.splits, config, loss=loss, example_inputs=example_inputs,
                           progress=progress)
             cost = time.perf_counter() - t0
@@ -103,7 +98,7 @@ def early_bird_fit(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], 
             info.update({"switched": True, "epoch": recs[-1].epoch, "step": trainer.step,
                          "train_time_s": new._train_time, "switch_cost_s": cost, "distance": dist,
                          "macs_before": before, "macs_after": after,
-                         "groups_pruned": len(r.pruned)})
+                         "groups_pruned": len(report.records[0].rewrites)})
             log.info("early-bird ticket at epoch %s (mask distance %.3f): MACs %d -> %d", recs[-1].epoch, dist,
                      before, after)
             trainer = new

@@ -279,10 +279,14 @@ def reconstruct_separable(original: nn.Module, rewritten: fx.GraphModule, pairs:
 # -- SparseGPT -----------------------------------------------------------------------------------
 
 def sparsegpt_layer(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, n: int = 0, m: int = 0,
-                    blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+                    blocksize: int | None = None, percdamp: float = 0.01) -> torch.Tensor:
     """SparseGPT on one weight matrix ``w`` [out, fan_in] given ``h = X^T X`` [fan_in, fan_in]:
     the pruned and updated weights (float64). ``n:m`` (e.g. 2:4): n zeros in every m consecutive
-    columns; otherwise ``sparsity`` of each block's weights, chosen by OBS saliency."""
+    columns; otherwise ``sparsity`` of each block's weights, chosen by OBS saliency. ``blocksize``
+    (default: an eighth of the columns, 4 to 128, a multiple of 4): the unstructured mask is chosen
+    per block, after the updates of the blocks before (adaptive mask selection)."""
+    if blocksize is None:
+        blocksize = min(128, max(4, (w.shape[1] // 8) // 4 * 4))
     w = w.double().clone()
     h = h.double().clone()
     cols = w.shape[1]
