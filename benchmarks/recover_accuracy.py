@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=16, help="calibration batches for reconstruct")
     ap.add_argument("--ratio", type=float, default=0.5, help="early-bird: share of channels pruned")
     ap.add_argument("--width", type=int, default=32, help="channels of the first conv")
+    ap.add_argument("--tag", default="", help="suffix of the result files (recover_<data><tag>.*)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     env = environment()
@@ -181,7 +182,7 @@ def main() -> None:
     }
     data = {"environment": env, "data": args.data, "width": args.width, "config": cfg.as_dict(), "calibration_batches": args.calib,
             "results": results, "checks": checks}
-    name = f"recover_{args.data}"
+    name = f"recover_{args.data}{args.tag}"
     # plot: accuracy against training time
     import matplotlib
 
@@ -233,7 +234,7 @@ def main() -> None:
            f"![time to accuracy]({name}.png)"]
     folder = write_results(name, data, "\n".join(md) + "\n")
     mdp = folder / f"{name}.md"
-    mdp.write_text(mdp.read_text().replace(f"benchmarks/{name}.py", f"benchmarks/recover_accuracy.py --data {args.data}"))
+    mdp.write_text(mdp.read_text().replace(f"benchmarks/{name}.py", " ".join(["benchmarks/recover_accuracy.py"] + sys.argv[1:])))
     print("\n".join(md))
 
 
