@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import importlib.util
 import linecache
+import logging
 import re
 import sys
 import traceback
@@ -31,7 +32,8 @@ from torch import nn
 from graphopt.errors import ModelFileError
 from graphopt.ir import eval_mode
 
-__all__ = ["ModelSpec", "load_model_file", "user_frame", "model_file_context"]
+__all__ = ["ModelSpec", "load_model_file", "load_model_or_folder", "remember_source", "user_frame",
+           "model_file_context"]
 
 _IMPORTS_TORCHVISION = re.compile(r"^[ \t]*(?:import|from)[ \t]+[^\n#]*\b(?:torchvision|timm)\b", re.MULTILINE)
 
@@ -86,6 +88,7 @@ class ModelSpec:
     data: Callable[[], Any] | None = None
     sha256: str | None = None
     namespace: dict[str, Any] = field(default_factory=dict, repr=False)
+    folder: Path | None = None  # set when loaded from a graphopt folder (load_model_or_folder)
 
     def calibration_batches(self) -> "CalibrationData":
         """Input batches (inputs only, no targets) from ``data()``'s training set, lazily."""
@@ -247,3 +250,60 @@ def check_runs(net: nn.Module, inputs: tuple[torch.Tensor, ...], where: str) -> 
             f"example inputs [{shapes}] do not run through the model: {_describe(exc)}",
             where=loc, fix="make example_inputs() match what forward() expects",
         ) from exc
+
+
+def _is_folder(text: str) -> bool:
+    p = Path(text)
+    return p.is_dir() and (p / "manifest.json").is_file()
+
+
+def load_model_or_folder(spec: str | Path, *, trust_code: bool = False, check_forward: bool = True) -> ModelSpec:
+    """``MODEL.py[:FACTORY]`` as :func:`load_model_file`, or a graphopt torch folder (from
+    ``graphopt train -o`` / ``optimize -o``): its module (``graphopt.load``, no code run unless
+    ``trust_code``) with the example inputs, ``data()`` and ``loss()`` of the model file it came
+    from (the manifest's ``source``)."""
+    text = str(spec)
+    if not _is_folder(text):
+        return load_model_file(spec, check_forward=check_forward)
+    import json
+
+    from graphopt.emit.torch_folder import load
+
+    folder = Path(text)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"manifest.json cannot be read ({exc})", where=str(folder),
+                             fix="re-create the folder with graphopt optimize -o / train -o") from exc
+    source = manifest.get("source") or {}
+    file = source.get("file")
+    if not file:
+        raise ModelFileError("the folder does not say which model file it came from (no source in manifest.json)",
+                             where=str(folder), fix="re-create it with graphopt optimize -o or train -o")
+    if not Path(file).is_file():
+        raise ModelFileError(f"the folder's model file moved: expected {file}", where=str(folder),
+                             fix="put the model file back at that path, or re-create the folder from its new place")
+    base = load_model_file(f"{file}:{source.get('factory') or 'model'}", check_forward=False)
+    if source.get("sha256") and base.sha256 != source["sha256"]:
+        logging.getLogger(__name__).warning("%s changed since %s was written (data()/loss() are today's)",
+                                            file, folder)
+    net = load(folder, trust_code=trust_code)
+    result = ModelSpec(module=net, example_inputs=base.example_inputs, path=base.path, factory=base.factory,
+                       loss=base.loss, data=base.data, sha256=base.sha256, namespace=base.namespace,
+                       folder=folder.resolve())
+    if check_forward:
+        check_runs(net, result.example_inputs, where=str(folder))
+    return result
+
+
+def remember_source(folder: str | Path, spec: ModelSpec) -> None:
+    """Record in a torch folder's manifest the model file ``spec`` came from (for chaining)."""
+    import json
+
+    from graphopt.serialize import write_json
+
+    path = Path(folder) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["source"] = {**(manifest.get("source") or {}), "file": str(spec.path), "sha256": spec.sha256,
+                          "factory": spec.factory}
+    write_json(path, manifest)

@@ -88,6 +88,9 @@ class DepthwiseSeparable(Pass):
         "exclude": Option(list, [], "module-path globs to leave alone"),
         "min_channels": Option(int, 16, "rewrite only convs with at least this many input channels", min=1),
         "kernel_sizes": Option(list, [], "rewrite only these (square) kernel sizes (empty: any k > 1)", item=int),
+        "reconstruct": Option(int, 0, "fit depthwise and pointwise weights to the original conv's outputs on N "
+                                      "calibration batches from data() (alternating least squares; 0: off; "
+                                      "between=none only)", min=0),
         "calibrate": Option(int, 4, "between=bn_relu*: batches used to place the activation's linear region",
                             min=1),
     }
@@ -122,6 +125,13 @@ class DepthwiseSeparable(Pass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         rewrites: list[Rewrite] = []
+        original = None
+        if self.config["reconstruct"]:
+            from graphopt.ir import copy_graph
+            from graphopt.recover.reconstruct import require_data
+
+            require_data(gm, self.name)
+            original = copy_graph(gm)
         sites, declined = candidate_sites(gm, nn.modules.conv._ConvNd, include=self.config["include"],
                                           exclude=self.config["exclude"], reject=self._candidate)
         between = self.config["between"]
@@ -200,6 +210,17 @@ class DepthwiseSeparable(Pass):
                                              "min": min(errors)}
         if between in ("bn_relu", "bn_relu6"):
             notes["calibration_batches"] = self._linear_region(gm, done, between)
+        if original is not None:
+            if between != "none":
+                notes["reconstruction"] = f"not done: reconstruct needs between=none (got {between})"
+            else:
+                from graphopt.ir import calibration_batches
+                from graphopt.recover.reconstruct import reconstruct_separable
+
+                batches = list(calibration_batches(gm, self.config["reconstruct"]))
+                fits = reconstruct_separable(original, gm, [(d["path"], f"{d['path']}.dw", f"{d['path']}.pw")
+                                                            for d in done], batches)
+                notes["reconstruction"] = [f.as_dict() for f in fits]
         return PassResult(gm, True, rewrites, declined, notes=notes)
 
     def _linear_region(self, gm: fx.GraphModule, done: list[dict[str, Any]], between: str) -> int:

@@ -54,6 +54,9 @@ class Prune(Pass):
                                     "old name: ignore"),
         "keep_zero": Option(bool, True, "sparsity modes: keep pruned weights at zero during fine-tuning"),
         "batches": Option(int, 4, "taylor: batches of calibration data for the gradients", min=1),
+        "reconstruct": Option(int, 0, "refit on N calibration batches from data() (0: off): structured: least "
+                                      "squares of each consumer layer on the kept channels; sparsity modes: "
+                                      "SparseGPT mask + weight update", min=0),
         "budget": Option(float, float("inf"), "max relative L2 output error vs the unpruned model "
                                               "(default: no limit; pruning before fine-tuning changes outputs)",
                          min=0.0),
@@ -84,6 +87,15 @@ class Prune(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         c = self.config
         batches = list(calibration_batches(gm, c["batches"])) if c["criterion"] == "taylor" else None
+        rec = c["reconstruct"]
+        calib = original = None
+        if rec:
+            from graphopt.ir import copy_graph
+            from graphopt.recover.reconstruct import require_data
+
+            require_data(gm, self.name)
+            calib = list(calibration_batches(gm, rec))
+            original = copy_graph(gm)
         renamed = {"renamed_options": [f"'{o}' is now '{n}'" for o, n in self.renamed.items()]} if self.renamed else {}
         if c["mode"] == "structured":
             r = prune_structured(gm, ratio=c["ratio"], macs=c["macs"], criterion=c["criterion"], scope=c["scope"],
@@ -94,11 +106,31 @@ class Prune(Pass):
                                 {"producers": g.producers, "before": before, "after": after})
                         for g, before, after in r.pruned]
             declined = [Decline(t, why) for t, why in r.declined]
+            reference = r.reference
+            if rec and r.pruned:
+                from graphopt.recover.reconstruct import reconstruct_structured
+
+                fits = reconstruct_structured(original, r.gm, r, calib)
+                r.notes["reconstruction"] = [f.as_dict() for f in fits]
+                reference = None  # refit weights: no longer the masked original
             return PassResult(r.gm, bool(r.pruned), rewrites, declined, notes={**r.notes, **renamed},
-                              reference=r.reference)
+                              reference=reference)
+        scope = "per_layer" if c["scope"] == "per_layer" else "global"
+        fits = None
+        if rec:
+            from graphopt.ir import copy_graph
+            from graphopt.recover.reconstruct import sparsegpt
+
+            probe = prune_sparse(copy_graph(gm), mode=c["mode"], ratio=c["ratio"], criterion="l1",
+                                 scope="per_layer", exclude=c["exclude"], keep_zero=False)
+            called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+            paths = [t for t, _, _ in probe.rewrites if t in called]
+            fits = sparsegpt(gm, paths, calib, mode=c["mode"], ratio=c["ratio"], reference=original)
+            scope = "per_layer"  # the masks are SparseGPT's, per layer
         s = prune_sparse(gm, mode=c["mode"], ratio=c["ratio"], criterion=c["criterion"],
-                         scope="per_layer" if c["scope"] == "per_layer" else "global", exclude=c["exclude"],
-                         keep_zero=c["keep_zero"], batches=batches)
+                         scope=scope, exclude=c["exclude"], keep_zero=c["keep_zero"], batches=batches)
+        if fits is not None:
+            s.notes["reconstruction"] = [f.as_dict() for f in fits]
         return PassResult(gm, s.modified, [Rewrite(t, d, data) for t, d, data in s.rewrites],
                           [Decline(t, why) for t, why in s.declined], notes={**s.notes, **renamed},
                           reference=s.reference)

@@ -190,9 +190,10 @@ def _bench_batch(spec: Any, batch_size: int | None):
 
 
 @cli.command(context_settings={"max_content_width": 100})
-@click.argument("model_file", metavar="MODEL.py[:FACTORY]")
+@click.argument("model_file", metavar="MODEL.py[:FACTORY]|FOLDER")
 @click.option("-p", "--pass", "pass_specs", multiple=True, metavar="PASS[:k=v,...]",
               help="Pass of the rewritten variant; repeat for a pipeline. Without -p only the original is measured.")
+@click.option("--trust-code", is_flag=True, help="FOLDER: build the model from its module.py (runs its code).")
 @click.option("--config", "pipeline_config", type=click.Path(dir_okay=False), help="TOML pipeline file.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Batch size [default: the example inputs' (steps) / 64 (--train)].")
@@ -209,7 +210,7 @@ def _bench_batch(spec: Any, batch_size: int | None):
               help="Terminal output (files are always written).")
 def bench(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | None, batch_size: int | None,
           steps: int, warmup: int, rounds: int | None, train_mode: bool, no_verify: bool, out: str | None,
-          force: bool, fmt: str, **kw: Any) -> None:
+          force: bool, fmt: str, trust_code: bool = False, **kw: Any) -> None:
     """Original vs rewritten, side by side in one process: training-step time, samples/s, peak
     memory, params, MACs, achieved FLOP/s, or (--train) time to a target accuracy.
 
@@ -221,12 +222,12 @@ def bench(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
       graphopt bench cnn.py -p insert_batchnorm --train --target-accuracy 0.97 --epochs 10
     """
     from graphopt.bench import report as rep
-    from graphopt.modelfile import load_model_file
+    from graphopt.modelfile import load_model_or_folder
 
     stem = _model_path(model_file).stem
     con = err_console if fmt == "json" else console  # with --format json, stdout is the JSON document only
     out_path = _out_folder(out, f"{stem}_bench", force)
-    spec = load_model_file(model_file)
+    spec = load_model_or_folder(model_file, trust_code=trust_code)
     _check_float_outputs(spec)
     variants: dict[str, Any] = {"original": spec.module}
     pipeline_doc = None
@@ -303,9 +304,24 @@ def _bench_train(spec: Any, variants: dict[str, Any], kw: dict[str, Any], batch_
 
 
 @cli.command(context_settings={"max_content_width": 100})
-@click.argument("model_file", metavar="MODEL.py[:FACTORY]")
+@click.argument("model_file", metavar="MODEL.py[:FACTORY]|FOLDER")
 @click.option("-p", "--pass", "pass_specs", multiple=True, metavar="PASS[:k=v,...]",
               help="Rewrite the model with these passes first (verified), then train the result.")
+@click.option("--trust-code", is_flag=True, help="FOLDER: build the model from its module.py (runs its code).")
+@click.option("--distill", is_flag=True,
+              help="Distil from the model as loaded before the passes (KL on logits with --temperature).")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True)
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="--distill: weight of the KL term (1 - alpha on the task loss).")
+@click.option("--distill-features", default="", metavar="PATH,...",
+              help="--distill: also match these layers' outputs (MSE; layers whose shapes differ are skipped).")
+@click.option("--prune-early", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              metavar="RATIO", help="Early-bird: prune RATIO of the channels as soon as the BN-scale channel mask "
+                                    "stops changing, and train the smaller model from there.")
+@click.option("--eb-threshold", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="--prune-early: largest mask distance (share of channels) counted as settled.")
+@click.option("--eb-window", type=click.IntRange(2), default=3, show_default=True,
+              help="--prune-early: masks compared (the newest against the previous ones).")
 @click.option("--config", "pipeline_config", type=click.Path(dir_okay=False), help="TOML pipeline file.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @_train_options
@@ -316,18 +332,24 @@ def _bench_train(spec: Any, variants: dict[str, Any], kw: dict[str, Any], batch_
               help="Also write train.json, train.md, train.png and the trained model (model/, a torch folder; + model.onnx with --backend ort) here.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 def train(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | None, batch_size: int,
-          backend: str, no_verify: bool, out: str | None, force: bool, **kw: Any) -> None:
+          backend: str, no_verify: bool, out: str | None, force: bool, trust_code: bool = False,
+          distill: bool = False, temperature: float = 4.0, alpha: float = 0.9, distill_features: str = "",
+          prune_early: float | None = None, eb_threshold: float = 0.1, eb_window: int = 3, **kw: Any) -> None:
     """Train MODEL.py (optionally rewritten) on real data: per-epoch loss, accuracy and wall time.
 
     \b
     Examples:
       graphopt train cnn.py --data mnist --epochs 10 --schedule cosine --warmup-epochs 1
       graphopt train cnn.py -p insert_batchnorm --patience 3 --target-accuracy 0.98 -o runs/bn
+      graphopt train runs/trained/model -p prune:macs=0.5,reconstruct=8 --distill --epochs 1
+      graphopt train cnn.py --prune-early 0.5 --epochs 10
     """
+    import copy
+
     from graphopt.bench import report as rep
     from graphopt.bench.measure import environment, thread_settings
     from graphopt.bench.train import fit
-    from graphopt.modelfile import load_model_file
+    from graphopt.modelfile import load_model_or_folder, remember_source
     import torch
 
     if backend not in backend_names():
@@ -337,23 +359,55 @@ def train(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
         raise PassConfigError(f"--backend ort has plain SGD only (ONNX Runtime's SGD has no momentum or weight "
                               f"decay) but {what} is {kw['momentum'] or kw['weight_decay']:g}",
                               fix="add --momentum 0 --weight-decay 0, or use --optimizer adamw")
+    if (distill or prune_early) and backend != "torch":
+        raise PassConfigError(f"--{'distill' if distill else 'prune-early'} needs --backend torch")
+    if distill and prune_early:
+        raise PassConfigError("--distill and --prune-early cannot be combined", fix="choose one")
     out_path = _out_folder(out, "", force) if out else None
-    spec = load_model_file(model_file)
+    spec = load_model_or_folder(model_file, trust_code=trust_code)
     _check_float_outputs(spec)
     module = spec.module
+    teacher = copy.deepcopy(module) if distill else None  # the original, as loaded, before the passes
     pipeline_doc = None
     if pass_specs or pipeline_config:
         module, report = _pipeline(spec, pass_specs, pipeline_config, not no_verify)
         pipeline_doc = report.as_dict()
+    if teacher is not None:
+        from graphopt.recover.distill import check_teacher
+
+        check_teacher(teacher, module, spec.example_inputs)
     data, desc = load_data(spec, kw["data_name"], spec.example_inputs)
     cfg = _config(kw, batch_size, backend=backend)
     console.print(f"data: {desc}")
     dev = torch.device(cfg.device)
+    name = _model_path(model_file).stem
     with thread_settings(dev, kw["threads"] or None) as th:
         env = {**environment(dev), **th}
-        res = fit(module, data, cfg, name=_model_path(model_file).stem, loss=spec.loss,
-                  example_inputs=spec.example_inputs)
+        if teacher is not None:
+            from graphopt.recover.distill import DistillConfig, distill_fit
+
+            dcfg = DistillConfig(temperature=temperature, alpha=alpha,
+                                 features=[f for f in distill_features.split(",") if f])
+            res = distill_fit(module, teacher, data, cfg, distill=dcfg, name=name, loss=spec.loss,
+                              example_inputs=spec.example_inputs)
+            res.backend.module = module  # the trained student (the wrapper only added the teacher)
+        elif prune_early:
+            from graphopt.recover.early_bird import early_bird_fit
+
+            res = early_bird_fit(module, spec.example_inputs, data, cfg, ratio=prune_early, threshold=eb_threshold,
+                                 window=eb_window, name=name, loss=spec.loss)
+        else:
+            res = fit(module, data, cfg, name=name, loss=spec.loss, example_inputs=spec.example_inputs)
     console.print(rep.history_table(res))
+    eb = res.extra.get("early_bird")
+    if eb is not None:
+        if eb["switched"]:
+            console.print(f"early-bird ticket at epoch {eb['epoch']} (step {eb['step']}, {eb['train_time_s']:.1f} s of "
+                          f"training, mask distance {eb['distance']:.3f}): pruned {prune_early:.0%} of the channels, "
+                          f"MACs {eb['macs_before'] / 1e6:.2f} M -> {eb['macs_after'] / 1e6:.2f} M")
+        else:
+            console.print(f"no early-bird ticket: the channel mask never settled below {eb_threshold} "
+                          "(trained unpruned)")
     if out_path is not None:
         doc = {"kind": "training", "model_file": str(spec.path), "data": desc, "env": env, "pipeline": pipeline_doc,
                **res.as_dict()}
@@ -365,7 +419,7 @@ def train(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
                 rep.training_plot_title(res.name, " + ".join(x["spec"] for x in pipeline_doc["passes"])
                                         if pipeline_doc else None, {res.name: res}, env)),
             # the trained model, reloadable with graphopt.load(OUT/model) whichever runtime trained it
-            "model": lambda p: res.backend.write_torch_folder(p),
+            "model": lambda p: (res.backend.write_torch_folder(p), remember_source(p, spec)),
         }
         if hasattr(res.backend, "export_inference"):  # ORT: the trained inference model too
             files["model.onnx"] = lambda p: res.backend.export_inference(p)

@@ -17,9 +17,10 @@ console = make_console()
 
 
 @cli.command(context_settings={"max_content_width": 100})
-@click.argument("model_file", metavar="MODEL.py[:FACTORY]")
+@click.argument("model_file", metavar="MODEL.py[:FACTORY]|FOLDER")
 @click.option("-p", "--pass", "pass_specs", multiple=True, metavar="PASS[:k=v,...]",
               help="A pass and its options; repeat for a pipeline (order matters). List values use '|'.")
+@click.option("--trust-code", is_flag=True, help="FOLDER: build the model from its module.py (runs its code).")
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML pipeline file ([[pass]] tables); runs before -p passes.")
 @click.option("-o", "--out", type=click.Path(file_okay=False), help="Output folder [default: MODEL_optimized].")
 @click.option("--emit", "emit_format", default="torch", show_default=True,
@@ -35,18 +36,19 @@ console = make_console()
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the pipeline report as JSON here.")
 def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, out: str | None, emit_format: str,
              emit_options: tuple[str, ...], no_verify: bool, force: bool, report_path: str | None,
-             verify_extra: str | None = None) -> None:
+             verify_extra: str | None = None, trust_code: bool = False) -> None:
     """Capture MODEL.py, run the passes with verification, and emit the optimised model.
 
     \b
     Example:
       graphopt optimize model.py -p channels_last -p cleanup -o out/
       graphopt optimize model.py -p prune:ratio=0.5,mode=structured --emit onnx -o out/
+      graphopt optimize trained/model -p prune:macs=0.5,reconstruct=8 -o pruned/   (a folder from train -o)
     """
     from graphopt.cli._paths import check_out_file, check_out_folder, made_parents, write_text
     from graphopt.emit.base import create_emitter
     from graphopt.manager import PassManager
-    from graphopt.modelfile import load_model_file
+    from graphopt.modelfile import load_model_or_folder
     from graphopt.pass_infra import build_pipeline
     from graphopt.report import pass_table, print_coverage, summary_table
 
@@ -68,7 +70,7 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
         check_out_file(report_path, "--report")
     if report_path and Path(report_path).exists() and not force:
         raise EmitError("report file exists", where=report_path, fix="choose another --report path or pass --force")
-    spec = load_model_file(model_file)
+    spec = load_model_or_folder(model_file, trust_code=trust_code)
     from graphopt.capture import capture
     from graphopt.ir import graph_meta
 

@@ -1,0 +1,255 @@
+"""Recovering accuracy: reconstruction on calibration data, distillation, early-bird tickets,
+folder chaining (issue 15). A small CNN trained on scikit-learn's real 8x8 digits, fixed seeds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphopt
+from graphopt.errors import PassConfigError
+from tests.helpers import run_pass, write_model_file
+
+pytest.importorskip("sklearn")
+
+MODEL = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(32)
+        self.c3 = nn.Conv2d(32, 32, 3, padding=1)
+        self.b3 = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        x = nn.functional.max_pool2d(x, 2)
+        x = torch.relu(self.b3(self.c3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def model():
+    torch.manual_seed(0)
+    return Net()
+
+
+def example_inputs():
+    return (torch.randn(32, 1, 8, 8),)
+'''
+
+DATA = '''
+
+def data():
+    from graphopt.bench.data import load_builtin
+    return load_builtin("digits")
+'''
+
+
+def _spec(tmp_path, with_data=True):
+    from graphopt.modelfile import load_model_file
+
+    return load_model_file(write_model_file(tmp_path, MODEL + (DATA if with_data else "")))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The CNN trained 3 epochs on digits (the same weights every run)."""
+    from graphopt.bench.train import TrainConfig, fit
+
+    spec = _spec(tmp_path_factory.mktemp("m"))
+    torch.manual_seed(0)
+    fit(spec.module, spec.data(), TrainConfig(epochs=3, batch_size=32, optimizer="adam", lr=3e-3, seed=0))
+    spec.module.eval()
+    return spec
+
+
+def _run(pass_spec, spec, verify=False):
+    """One pass over the model, calibration batches from its data(); (graph, the pass's notes)."""
+    gm, report = graphopt.optimize(spec.module, spec.example_inputs, [pass_spec], verify=verify,
+                                   calibration_data=spec.calibration_batches())
+    return SimpleNamespace(gm=gm, notes=report.records[0].notes)
+
+
+def _test_x(spec, n=256):
+    return spec.data()[1].tensors[0][:n]
+
+
+def _logit_err(a, b, x):
+    with torch.no_grad():
+        ya, yb = a.eval()(x), b.eval()(x)
+    return float((ya - yb).norm() / yb.norm())
+
+
+def test_structured_reconstruction_cuts_logit_error(trained):
+    x = _test_x(trained)
+    plain = _run("prune:macs=0.5", trained).gm
+    rec_result = _run("prune:macs=0.5,reconstruct=8", trained, verify=True)
+    rec = rec_result.gm
+    e_plain, e_rec = _logit_err(plain, trained.module, x), _logit_err(rec, trained.module, x)
+    # same channels kept, only the weights refit
+    assert [p.shape for p in plain.parameters()] == [p.shape for p in rec.parameters()]
+    assert e_rec * 4 <= e_plain, (e_plain, e_rec)  # measured 0.876 -> 0.182 (4.8x)
+    fits = rec_result.notes["reconstruction"]
+    assert {f["layer"] for f in fits} == {"c2", "c3", "fc"}  # every consumer of removed channels
+    for f in fits:
+        assert f["error_after"] < f["error_before"]
+    assert fits[0]["error_after"] < 0.5 * fits[0]["error_before"]
+
+
+def test_reconstruct_without_data_is_a_one_line_error(tmp_path):
+    spec = _spec(tmp_path, with_data=False)
+    with pytest.raises(PassConfigError, match=r"data\(\)") as info:
+        run_pass("prune:reconstruct=4", spec.module, spec.example_inputs)
+    assert "\n" not in str(info.value) and info.value.exit_code == 2
+    with pytest.raises(PassConfigError, match=r"data\(\)"):
+        run_pass("depthwise_separable:reconstruct=4", spec.module, spec.example_inputs)
+
+
+def test_cli_reconstruct_without_data_exit_2(tmp_path, capsys):
+    from graphopt.cli import main
+
+    path = write_model_file(tmp_path, MODEL)
+    assert main(["optimize", str(path), "-p", "prune:reconstruct=2", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "define data()" in err
+
+
+def test_depthwise_reconstruction_beats_svd_init(trained):
+    x = _test_x(trained)
+    svd = _run("depthwise_separable:min_channels=16", trained)
+    rec = _run("depthwise_separable:min_channels=16,reconstruct=8", trained)
+    e_svd, e_rec = _logit_err(svd.gm, trained.module, x), _logit_err(rec.gm, trained.module, x)
+    assert e_rec * 3 <= e_svd, (e_svd, e_rec)
+    fits = rec.notes["reconstruction"]
+    assert [f["layer"] for f in fits] == ["c2", "c3"]
+    for f in fits:
+        assert f["error_after"] < 0.8 * f["error_before"]
+
+
+def test_sparsegpt_keeps_2_4_and_beats_magnitude(trained):
+    x = _test_x(trained)
+    mag = _run("prune:mode=2:4", trained)
+    sgpt = _run("prune:mode=2:4,reconstruct=8", trained, verify=True)
+    for name in ("c2", "c3"):  # conv weights: 2 of every 4 consecutive input channels zero
+        w = sgpt.gm.get_submodule(name).weight.detach()
+        zeros = (w.movedim(1, -1).reshape(-1, 4) == 0).sum(1)
+        assert bool((zeros >= 2).all())
+        mask = [b for n, b in sgpt.gm.named_buffers() if name in n]
+        assert mask and bool((w[~mask[0].bool()] == 0).all())
+    fits = sgpt.notes["reconstruction"]
+    assert [f["layer"] for f in fits] == ["c2", "c3"]  # c1 has 1 input channel, fc is the output
+    for f in fits:
+        assert f["error_after"] < f["error_before"]  # before = magnitude 2:4 of the same layer
+    assert _logit_err(sgpt.gm, trained.module, x) < _logit_err(mag.gm, trained.module, x)
+
+
+def test_sparsegpt_layer_unstructured_ratio_and_error():
+    from graphopt.recover import sparsegpt_layer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 32, generator=g, dtype=torch.float64) @ torch.randn(32, 32, generator=g,
+                                                                             dtype=torch.float64)
+    w = torch.randn(16, 32, generator=g, dtype=torch.float64)
+    nw = sparsegpt_layer(w, x.T @ x, sparsity=0.5)
+    assert abs(float((nw == 0).double().mean()) - 0.5) < 0.01
+    mag = w.clone()
+    mag.view(-1)[w.abs().reshape(-1).argsort()[:256]] = 0
+    assert ((x @ nw.T - x @ w.T).norm()) < 0.9 * ((x @ mag.T - x @ w.T).norm())  # measured 0.84
+
+
+def test_kd_loss_is_kl_and_distillation_trains(trained):
+    from graphopt.bench.train import TrainConfig
+    from graphopt.recover import DistillConfig, Distilled, distill_fit, kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
+    manual = (F.softmax(t / 2, -1) * (F.log_softmax(t / 2, -1) - F.log_softmax(s / 2, -1))).sum(-1).mean() * 4
+    torch.testing.assert_close(kd_loss(s, t, 2.0), manual)
+    assert float(kd_loss(t, t, 3.0)) == pytest.approx(0.0, abs=1e-6)
+    # alpha=1: the training loss is exactly the KL term against the teacher's logits of the batch
+    student = _run("prune:macs=0.5", trained).gm
+    wrapped = Distilled(student, trained.module, DistillConfig(temperature=2.0, alpha=1.0)).train()
+    xb = _test_x(trained, 16)
+    out = wrapped(xb)
+    with torch.no_grad():
+        tout = trained.module.eval()(xb)
+    torch.testing.assert_close(wrapped.loss(out, torch.zeros(16, dtype=torch.long)), kd_loss(out, tout, 2.0))
+    res = distill_fit(student, trained.module, trained.data(),
+                      TrainConfig(epochs=2, batch_size=32, optimizer="adam", lr=1e-3, eval_every_steps=15, seed=0),
+                      distill=DistillConfig(temperature=2.0, alpha=1.0), example_inputs=trained.example_inputs)
+    losses = [r.train_loss for r in res.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert res.extra["distill"]["temperature"] == 2.0
+    assert res.params == sum(p.numel() for p in student.parameters())  # the teacher is not counted
+
+
+def test_teacher_with_other_outputs_is_refused(trained):
+    from graphopt.recover import DistillError, check_teacher
+
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 7))
+    with pytest.raises(DistillError, match=r"\(32, 7\) do not match the student's \(32, 10\)") as info:
+        check_teacher(other, trained.module, trained.example_inputs)
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)
+
+
+def test_early_bird_switches_and_shrinks(tmp_path):
+    from graphopt.bench.train import TrainConfig
+    from graphopt.recover import early_bird_fit
+
+    spec = _spec(tmp_path)
+    params0 = sum(p.numel() for p in spec.module.parameters())
+    res = early_bird_fit(spec.module, spec.example_inputs, spec.data(),
+                         TrainConfig(epochs=5, batch_size=32, optimizer="adam", lr=3e-3, seed=0),
+                         ratio=0.5, threshold=0.15, window=2)
+    eb = res.extra["early_bird"]
+    assert eb["switched"] and eb["distance"] < 0.15
+    assert eb["macs_after"] < 0.6 * eb["macs_before"]
+    assert res.params < 0.6 * params0 and res.backend.module is not spec.module
+    assert res.history[-1].epoch == 5.0 and res.history[-1].step > eb["step"]
+    assert res.final["test_accuracy"] > 0.85
+
+
+def test_folder_chaining_train_optimize_train(tmp_path, capsys):
+    from graphopt.cli import main
+
+    path = write_model_file(tmp_path / "src", MODEL + DATA)
+    run = tmp_path / "run"
+    common = ["--epochs", "1", "--batch-size", "32", "--optimizer", "adam", "--lr", "0.003", "--progress", "none"]
+    assert main(["train", str(path), *common, "-o", str(run)]) == 0
+    manifest = json.loads((run / "model" / "manifest.json").read_text())
+    assert manifest["source"]["file"] == str(path.resolve())
+    opt = tmp_path / "opt"
+    assert main(["optimize", str(run / "model"), "-p", "prune:macs=0.5,reconstruct=4", "-o", str(opt)]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out
+    assert json.loads((opt / "manifest.json").read_text())["source"]["file"] == str(path.resolve())
+    pruned = graphopt.load(opt)
+    trained = graphopt.load(run / "model")
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in trained.parameters())
+    # a folder trains with its model file's data(); --distill: the folder's model, as loaded before
+    # the passes, teaches the pruned + reconstructed one
+    assert main(["train", str(run / "model"), "-p", "prune:macs=0.5,reconstruct=2", "--distill", *common,
+                 "-o", str(tmp_path / "rec")]) == 0
+    assert "data() of model.py" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "rec" / "train.json").read_text())
+    assert doc["summary"]["distill"]["temperature"] == 4.0
+    assert doc["summary"]["params"] == sum(p.numel() for p in graphopt.load(tmp_path / "rec" / "model").parameters())
+    # the model file moved: one line naming the path the folder expected
+    shutil.move(str(path), str(tmp_path / "elsewhere.py"))
+    assert main(["optimize", str(opt), "-p", "cleanup", "-o", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"expected {path.resolve()}" in err
