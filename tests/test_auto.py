@@ -136,7 +136,7 @@ def test_never_slower_final_comparison_keeps_original():
                               candidates=[("channels_last", {})], progress=decided)
     assert rep.candidates[0].kept
     assert rep.kept_original and best is gm and rep.speedup == 1.0
-    assert rep.candidates[-1].pass_ == "final" and "original is kept" in rep.candidates[-1].reason
+    assert rep.candidates[-1].pass_ == "combined" and "original is kept" in rep.candidates[-1].reason
 
 
 def test_time_budget_stops_with_best_so_far():

@@ -9,14 +9,14 @@ per-layer latency lookup table measured on the target device, instead of ranking
    (``cache_dir/latency-<device>.json``, keyed by layer shape), so later runs measure nothing twice.
 2. **Allocation.** Starting from full widths, a greedy knapsack repeatedly shrinks the group whose
    next grid width saves the most measured milliseconds per unit of importance lost (L1 norms of the
-   removed channels, normalised by the group mean) until the predicted saving reaches what the
-   target needs.
+   removed channels, normalised by the group mean; any smaller grid width may be chosen) until
+   the layers' measured latency drops by the share the target needs (``1 - F`` at first).
 3. **Fastest widths.** Each group's width is then raised to the largest grid width that measures no
    slower (latency tables are not monotonic: some widths hit faster kernels), keeping more channels
    for free.
 4. **Measured iteration.** The pruned graph (with the kept exact rewrites on top, verified) is
-   measured against the original training step; while the target is not met, the shortfall is added
-   to the required saving and the allocation repeats (at most ``iterations`` times).
+   measured against the original training step; while the target is not met, the measured
+   shortfall (ratio - F) is added to the share to remove and the allocation repeats (at most ``iterations`` times).
    ``max_error`` bounds the relative L2 output error vs the original (eval mode): an allocation that
    exceeds it is not taken.
 
@@ -164,9 +164,6 @@ def prune_to_time(search: Any, pipeline: list[tuple[str, dict[str, Any]]], best:
     inputs = search.inputs
     m = search.m
     table = latency or LatencyTable(m.device, cache_dir, timer=getattr(m, "latency_timer", None))
-    base = m.measure({"original": original})["original"]
-    t0 = float(np.median(base))
-    goal = target_time * t0
     cg = analyze_channels(original)
     scores, _ = channel_scores(original, cg, "l1")
     groups = []
@@ -225,30 +222,24 @@ def prune_to_time(search: Any, pipeline: list[tuple[str, dict[str, Any]]], best:
             total += table.latency(kind, s)
         return total
 
-    def allocate(need: float) -> dict[int, int]:
+    def allocate(need_frac: float) -> dict[int, int]:
+        """Greedy: shrink the group whose best smaller grid width saves the most measured seconds per
+        unit of importance, until the layers' measured latency drops by ``need_frac`` of their total."""
         width = {g.id: g.size for g in groups}
         lat = {g.id: group_latency(g.id, g.size) for g in groups}
+        total = sum(lat.values())
+        need = need_frac * total
         saved = 0.0
         while saved < need:
             best_gid, best_val, best_w, best_dl = None, -1.0, 0, 0.0
             for g in groups:
-                grid = grids[g.id]
-                smaller = [w for w in grid if w < width[g.id]]
-                if not smaller:
-                    continue
-                w2 = smaller[-1]
-                dl = lat[g.id] - group_latency(g.id, w2)
-                if dl <= 0 or not math.isfinite(dl):
-                    # not faster at the next width: look one further (non-monotonic tables)
-                    if len(smaller) >= 2:
-                        w2 = smaller[-2]
-                        dl = lat[g.id] - group_latency(g.id, w2)
+                for w2 in (w for w in grids[g.id] if w < width[g.id]):
+                    dl = lat[g.id] - group_latency(g.id, w2)
                     if dl <= 0 or not math.isfinite(dl):
-                        continue
-                imp = float(norm[g.id][g.size - width[g.id]: g.size - w2].sum()) + 1e-6
-                val = dl / imp
-                if val > best_val:
-                    best_gid, best_val, best_w, best_dl = g.id, val, w2, dl
+                        continue  # measures no faster (tables are not monotonic)
+                    imp = float(norm[g.id][g.size - width[g.id]: g.size - w2].sum()) + 1e-6
+                    if dl / imp > best_val:
+                        best_gid, best_val, best_w, best_dl = g.id, dl / imp, w2, dl
             if best_gid is None:
                 break
             width[best_gid] = best_w
@@ -282,7 +273,7 @@ def prune_to_time(search: Any, pipeline: list[tuple[str, dict[str, Any]]], best:
             gm, rep = PassManager(passes, verify=True).run(pruned, inputs)
         return gm, rep, err
 
-    need = t0 - goal
+    need = 1.0 - target_time  # share of the layers' measured latency to remove
     history: list[dict[str, Any]] = []
     chosen: tuple[fx.GraphModule, Any, dict[int, int], float] | None = None
     for it in range(iterations):
@@ -301,7 +292,7 @@ def prune_to_time(search: Any, pipeline: list[tuple[str, dict[str, Any]]], best:
             break
         cmp = m.compare(gm, original)
         kept_ch = int(sum(width.values()))
-        history.append({"iteration": it + 1, "need_ms": need * 1e3, "measured_ms": cmp.candidate_ms,
+        history.append({"iteration": it + 1, "layer_latency_share_removed": need, "measured_ms": cmp.candidate_ms,
                         "original_ms": cmp.baseline_ms, "ratio": cmp.ratio, "output_error": err,
                         "channels_kept": kept_ch})
         search.record(CandidateRecord("prune", {"target_time": target_time, "iteration": it + 1,
@@ -313,9 +304,9 @@ def prune_to_time(search: Any, pipeline: list[tuple[str, dict[str, Any]]], best:
         chosen = (gm, rep, width, err)
         if cmp.ratio <= target_time:
             break
-        need += (cmp.ratio - target_time) * t0  # the shortfall, measured
+        need = min(0.95, need + (cmp.ratio - target_time))  # add the measured shortfall
     info: dict[str, Any] = {"method": "latency-aware channel allocation (HALP)", "target_time": target_time,
-                            "original_ms": t0 * 1e3, "goal_ms": goal * 1e3, "iterations": history,
+                            "iterations": history,
                             "latency_table": {"entries": len(table.data), "measured_now": table.measured,
                                               "cache": str(table.path) if table.path else None},
                             "declined_groups": declined, "max_error": max_error}

@@ -31,11 +31,13 @@ def candidate_line(c: CandidateRecord) -> str:
 def auto_table(rep: AutoReport) -> Table:
     t = Table(title=f"automatic mode on {rep.device}: {rep.speedup:.3f}x "
                     f"({_ms(rep.original_ms)} -> {_ms(rep.final_ms)} ms per training step)", header_style="bold")
-    for col in ("candidate", "layer", "measured ms", "baseline ms", "kept", "reason"):
-        t.add_column(col, overflow="fold")
+    t.add_column("candidate [layer]", overflow="fold")
+    t.add_column("ms", justify="right", no_wrap=True)
+    t.add_column("best ms", justify="right", no_wrap=True)
+    t.add_column("kept", no_wrap=True)
+    t.add_column("reason", overflow="fold")
     for c in rep.candidates:
-        t.add_row(_label(c).split(" [")[0], c.layer or "", _ms(c.measured_ms), _ms(c.baseline_ms),
-                  "[green]yes[/]" if c.kept else "no", c.reason)
+        t.add_row(_label(c), _ms(c.measured_ms), _ms(c.baseline_ms), "[green]yes[/]" if c.kept else "no", c.reason)
     return t
 
 
@@ -47,7 +49,7 @@ def plot_auto(rep: AutoReport, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [c for c in rep.candidates if c.measured_ms is not None]
-    labels = ["original"] + [_label(c) for c in rows] + ["final"]
+    labels = ["original"] + [_label(c) for c in rows] + ["emitted"]
     vals = [rep.original_ms or 0.0] + [c.measured_ms or 0.0 for c in rows] + [rep.final_ms or 0.0]
     base = [rep.original_ms or 0.0] + [c.baseline_ms or 0.0 for c in rows] + [rep.original_ms or 0.0]
     colors = ["#607d8b"] + ["#4caf50" if c.kept else "#e57373" for c in rows] + ["#2196f3"]

@@ -302,7 +302,7 @@ def auto_optimize(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], *, device:
     s.report.original_ms, s.report.final_ms, s.report.final_margin = cmp.baseline_ms, cmp.candidate_ms, cmp.margin
     if s.report.kept_original:
         if best is not gm:
-            s.record(CandidateRecord("final", {"pipeline": [_spec(n, o) for n, o in pipeline]},
+            s.record(CandidateRecord("combined", {"pipeline": [_spec(n, o) for n, o in pipeline]},
                                      measured_ms=cmp.candidate_ms, baseline_ms=cmp.baseline_ms, margin=cmp.margin,
                                      reason=f"the combined result measured {1 / cmp.ratio:.3f}x vs the original, "
                                             "not faster beyond the noise: the original is kept"))
