@@ -75,12 +75,15 @@ def bench_model(name: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, 
             continue
         if r.records[0].modified:
             variants[pname + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")] = g
-    variants["auto"] = best
+    if not rep.kept_original:  # the original kept: "auto" *is* the original (1.0x by construction)
+        variants["auto"] = best
     final = StepMeasurer(inputs, loss=loss, device=dev, warmup=args.warmup, rounds=args.final_rounds,
                          steps=args.steps)
     samples = final.measure(variants)
     med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
     speed = {k: med["original"] / v for k, v in med.items()}
+    if rep.kept_original:
+        med["auto"], speed["auto"] = med["original"], 1.0
     singles = {k: v for k, v in speed.items() if k not in ("original", "auto")}
     best_single = max(singles, key=singles.get) if singles else "original"
     return {"model": name, "batch": int(inputs[0].shape[0]), "search_s": search_s, "pipeline": rep.pipeline,

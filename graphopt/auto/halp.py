@@ -38,7 +38,6 @@ import torch
 from torch import fx, nn
 
 from graphopt.auto.search import CandidateRecord
-from graphopt.errors import GraphoptError
 
 __all__ = ["LatencyTable", "prune_to_time", "width_grid"]
 

@@ -152,8 +152,6 @@ class _Search:
     def __init__(self, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], measurer: StepMeasurer,
                  budget: float | None, clock: Callable[[], float],
                  progress: Callable[[CandidateRecord], None] | None) -> None:
-        from graphopt.manager import PassManager  # noqa: F401 - checked importable up front
-
         self.original = gm
         self.inputs = inputs
         self.m = measurer
