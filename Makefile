@@ -31,9 +31,9 @@ demo: setup
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/graphopt optimize examples/resnet18.py --device cpu --batch-size 2 \
 		--rounds 3 --steps 1 --warmup 1 --time-budget 60 --report out/resnet18-auto.json -o out/resnet18
 	# benchmark the pipeline it chose against the original
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/graphopt bench examples/resnet18.py $$($(PY) -c "import json, shlex; \
-		print(' '.join('-p ' + shlex.quote(p) for p in json.load(open('out/resnet18-auto.json'))['auto']['pipeline']))") \
-		--batch-size 4 --steps 6 --warmup 1 --rounds 3 -o out/resnet18-bench --force
+	$(PY) -c "import json; print(*(a for p in json.load(open('out/resnet18-auto.json'))['auto']['pipeline'] \
+		for a in ('-p', p)), sep='\n', end='')" | OMP_WAIT_POLICY=PASSIVE xargs -d '\n' $(VENV)/bin/graphopt bench \
+		examples/resnet18.py --batch-size 4 --steps 6 --warmup 1 --rounds 3 -o out/resnet18-bench --force
 
 bench: setup
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/run_suite.py $(BENCH_ARGS)
