@@ -258,3 +258,14 @@ def test_cli_step_that_cannot_run_exit_2(tmp_path, capsys):
     code = main(["optimize", str(mf), "--device", "cpu", "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "training step cannot run on cpu" in err and err.count("\n") == 1
+
+
+def test_channels_last_exclude_keeps_region_nchw_exactly(tmp_path):
+    gm, inputs = _captured()
+    out, rep = graphopt.optimize(gm, inputs, ["channels_last:exclude=b2|b2.*"])
+    assert _nhwc(out.get_submodule("b1.0")) and not _nhwc(out.get_submodule("b2.0"))
+    assert any(d["target"] == "b2.0" and "exclude" in d["reason"] for d in rep.records[0].declined)
+    torch.testing.assert_close(out(*inputs), gm(*inputs))
+    graphopt.emit_torch_folder(out, tmp_path / "f", report=rep)
+    loaded = graphopt.load(tmp_path / "f")
+    assert not _nhwc(loaded.get_submodule("b2.0")) and _nhwc(loaded.get_submodule("b1.0"))
