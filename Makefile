@@ -25,12 +25,16 @@ $(VENV)/.installed: pyproject.toml examples/fold_bn/pyproject.toml $(CONSTRAINTS
 	@touch $@
 
 demo: setup
-	rm -rf out/resnet18
+	rm -rf out/resnet18 out/resnet18-auto.json out/resnet18-auto.png
 	mkdir -p out
 	$(VENV)/bin/graphopt inspect examples/resnet18.py --draw out/resnet18-graph.png | tail -n 4
-	$(VENV)/bin/graphopt optimize examples/resnet18.py -p channels_last -p cleanup -o out/resnet18
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/graphopt bench examples/resnet18.py -p channels_last -p cleanup \
-		--batch-size 4 --steps 6 --warmup 1 --rounds 3 -o out/resnet18-bench --force
+	# automatic mode: candidates decided by measuring the training step (small settings: ~1 minute here)
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/graphopt optimize examples/resnet18.py --device cpu --batch-size 2 \
+		--rounds 3 --steps 1 --warmup 1 --time-budget 60 --report out/resnet18-auto.json -o out/resnet18
+	# benchmark the pipeline it chose against the original
+	$(PY) -c "import json; print(*(a for p in json.load(open('out/resnet18-auto.json'))['auto']['pipeline'] \
+		for a in ('-p', p)), sep='\n', end='')" | OMP_WAIT_POLICY=PASSIVE xargs -d '\n' $(VENV)/bin/graphopt bench \
+		examples/resnet18.py --batch-size 4 --steps 6 --warmup 1 --rounds 3 -o out/resnet18-bench --force
 
 bench: setup
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/run_suite.py $(BENCH_ARGS)

@@ -26,8 +26,8 @@ from typing import Iterator
 import torch
 from torch import fx, nn
 
-from graphopt import Decline, Pass, PassResult, Rewrite, Semantics
-from graphopt.ir import graph_meta, is_module, output_shape
+from graphopt import Decline, Option, Pass, PassResult, Rewrite, Semantics
+from graphopt.ir import graph_meta, is_module, name_matches, output_shape
 
 
 def _is_marker(node: fx.Node, fmt: torch.memory_format = torch.channels_last) -> bool:
@@ -40,13 +40,16 @@ def _owner(path: str, opaque: set[str]) -> str | None:
     return next((o for o in sorted(opaque) if path == o or path.startswith(o + ".")), None)
 
 
-def _convertible(gm: fx.GraphModule, opaque: set[str]) -> Iterator[tuple[str, nn.Conv2d, str | None]]:
+def _convertible(gm: fx.GraphModule, opaque: set[str],
+                 exclude: list[str] | None = None) -> Iterator[tuple[str, nn.Conv2d, str | None]]:
     """Every Conv2d of ``gm`` with the reason not to convert it (None: convert)."""
     for path, mod in gm.named_modules():
         if not isinstance(mod, nn.Conv2d):
             continue
         owner = _owner(path, opaque)
-        if owner is not None:
+        if exclude and name_matches(path, exclude):
+            yield path, mod, "excluded by the 'exclude' option (weights keep their layout)"
+        elif owner is not None:
             yield path, mod, (f"inside the opaque (untraced) module '{owner}': its layout is left as it was "
                               "(the pass cannot see how its code uses memory)")
         elif not isinstance(dict(mod.named_parameters(recurse=False)).get("weight"), nn.Parameter):
@@ -60,7 +63,8 @@ class ChannelsLast(Pass):
     semantics = Semantics.EXACT
     training = "same"
     summary = "NHWC memory format for 4-D activations and conv weights (faster conv kernels)"
-    options = {}
+    options = {"exclude": Option(list, [], "conv module paths (globs) whose weights keep the NCHW layout, "
+                                           "e.g. 'layer4.*' (a per-region layout decision)")}
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         convs = [n for n in gm.graph.nodes if is_module(gm, n, nn.Conv2d)]
@@ -99,7 +103,7 @@ class ChannelsLast(Pass):
                 rewrites.append(Rewrite(str(node.target), f"input {arg.name} made NCHW-contiguous for the opaque "
                                                           "module (it runs as it did before)"))
         converted = 0
-        for mod_name, mod, why in _convertible(gm, opaque):
+        for mod_name, mod, why in _convertible(gm, opaque, self.config["exclude"]):
             if why is not None:
                 declined.append(Decline(mod_name, why))
                 continue
@@ -110,13 +114,14 @@ class ChannelsLast(Pass):
                     rewrites.append(Rewrite(f"{mod_name}.{pname}", "weight stored channels_last"))
         if rewrites:
             graph_meta(gm)["memory_format"] = "channels_last"
-            graph_meta(gm)["memory_format_kept"] = sorted(opaque)  # emitters leave these NCHW
+            excluded = [d.target for d in declined if d.reason.startswith("excluded by")]
+            graph_meta(gm)["memory_format_kept"] = sorted(opaque | set(excluded))  # emitters leave these NCHW
             gm.recompile()
         return PassResult(gm, bool(rewrites), rewrites, declined,
                           notes={"inputs_converted": inputs_converted,
                                  "weights_converted": converted})
 
     def ensures(self, gm: fx.GraphModule) -> None:
-        for path, mod, why in _convertible(gm, set(graph_meta(gm).get("opaque", {}))):
+        for path, mod, why in _convertible(gm, set(graph_meta(gm).get("opaque", {})), self.config["exclude"]):
             if why is None:
                 assert mod.weight.is_contiguous(memory_format=torch.channels_last), f"{path}: conv weight not NHWC"

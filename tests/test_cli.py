@@ -6,6 +6,7 @@ import json
 import textwrap
 
 import pytest
+import torch
 
 from graphopt.cli import main
 
@@ -63,7 +64,9 @@ def test_optimize_with_toml_config_and_no_verify(model_file, tmp_path, capsys):
     (["optimize", "missing.py", "-p", "cleanup"], "missing.py: model file not found"),
     (["optimize", "{model}", "-p", "nope"], "unknown pass 'nope'"),
     (["optimize", "{model}", "-p", "cleanup:bad=1"], "unknown option 'bad'"),
-    (["optimize", "{model}"], "no passes given"),
+    pytest.param(["optimize", "{model}", "--device", "cuda"], "no CUDA device is available",  # auto mode
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+    (["optimize", "{model}", "-p", "cleanup", "--target-time", "0.5"], "belong to the automatic mode"),
     (["optimize", "{model}", "-p", "cleanup", "--emit", "zip"], "unknown --emit format 'zip'"),
     (["optimize", "{model}", "-p", "cleanup", "--config", "nope.toml"], "pipeline file not found"),
     (["inspect", "{model}", "--draw", "g.gif"], "cannot draw to '.gif'"),

@@ -196,8 +196,12 @@ def _same_training_step(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
         grads.append((y.detach(), {k: p.grad for k, p in m.named_parameters() if p.grad is not None}))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
     assert grads[0][1].keys() == grads[1][1].keys() and grads[0][1]
+    # element-wise relative error is meaningless on near-zero gradient elements: a train-mode BatchNorm
+    # backward over 2x32x32 inputs amplifies float32 rounding (a different conv algorithm for a different
+    # gradient layout is enough); each tensor is judged against its own scale
     for k in grads[0][1]:
-        torch.testing.assert_close(grads[0][1][k], grads[1][1][k], rtol=1e-4, atol=1e-6, msg=k)
+        g0, g1 = grads[0][1][k], grads[1][1][k]
+        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-4 * float(g0.abs().max()) + 1e-8, msg=k)
 
 
 def _case(name, kw=None, passes=(), slow=False):

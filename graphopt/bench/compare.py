@@ -15,7 +15,8 @@ How it is measured:
 3. Warm-up: ``warmup`` steps per variant (the first one, which includes compilation, is
    reported as ``first_step_s``).
 4. Timed steps in ``rounds``; in each round every variant runs its share of steps, the starting
-   variant rotating from round to round, so drifting machine load hits every variant alike.
+   variant rotating from round to round (:func:`graphopt.bench.measure.alternate`, the
+   engine's alternation), so drifting machine load hits every variant alike.
    Each step is timed on its own (CUDA events on a GPU); medians and quartiles are reported.
 5. Peak memory, separately from timing: a few more steps under a :class:`MemoryProbe`
    (CUDA allocator, or sampled RSS on CPU). ``peak_bytes`` = what persists between steps
@@ -36,7 +37,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from graphopt.bench.measure import (MemoryProbe, PeakFlops, StepTimer, count_flops, environment,
+from graphopt.bench.measure import (MemoryProbe, PeakFlops, StepTimer, alternate, count_flops, environment,
                                     measure_peak_flops, summarize, thread_settings)
 from graphopt.bench.torch_backend import TorchBackend, default_loss, resolve_device
 from graphopt.errors import GraphoptError
@@ -191,15 +192,15 @@ def compare(models: Mapping[str, nn.Module], inputs: tuple[torch.Tensor, ...] | 
                           "first": first_step, "compiled": comp, "timer": StepTimer(dev)}
         names = list(backends)
         last_loss: dict[str, torch.Tensor] = {}
-        for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for name in order:
-                if on_variant:
-                    on_variant(name, f"round {r + 1}/{rounds}")
-                be, (x, y), t = backends[name], data[name], info[name]["timer"]
-                for _ in range(per_round):
-                    with t.time():
-                        last_loss[name] = be.step(x, y)
+
+        def run_round(name: str) -> None:
+            be, (x, y), t = backends[name], data[name], info[name]["timer"]
+            for _ in range(per_round):
+                with t.time():
+                    last_loss[name] = be.step(x, y)
+
+        alternate({name: (lambda name=name: run_round(name)) for name in names}, rounds,
+                  on_run=(lambda name, r: on_variant(name, f"round {r + 1}/{rounds}")) if on_variant else None)
         mem: dict[str, dict[str, Any]] = {}
         for name in names:
             be, (x, y) = backends[name], data[name]

@@ -17,14 +17,15 @@ import platform
 import statistics
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["thread_settings", "environment", "StepTimer", "MemoryProbe", "count_flops", "measure_peak_flops",
-           "summarize", "rss_bytes", "trim_memory"]
+           "summarize", "rss_bytes", "trim_memory", "StepMeasurer", "Comparison", "noise_margin", "alternate",
+           "ModelTimer"]
 
 
 @contextlib.contextmanager
@@ -226,3 +227,158 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
             a @ b
     best = min(timer.samples())
     return PeakFlops(2 * n**3 / best, str(dtype).replace("torch.", ""), n, str(device))
+
+
+# ----------------------------------------------------------------------------- the measurement engine
+#
+# Noise model (also in the README, "How auto decides"):
+# - every variant is warmed up (``warmup`` steps: allocator, oneDNN/cuDNN kernel choice);
+# - timed rounds alternate the variants (the starting variant rotates each round), so drifting
+#   machine load hits every variant alike; a round runs ``steps`` steps per variant and records
+#   their mean;
+# - the decision uses the per-round *ratio* candidate/baseline (the two ran back to back, so slow
+#   drifts cancel), its median over the rounds, and a noise margin from its spread: the
+#   interquartile range of the ratios, at least ``min_margin`` (1%). A candidate counts as
+#   faster only when ``median ratio < 1 - margin``.
+# - GPU: CUDA events around each step and one synchronize per round (no host sync inside the
+#   timed region); CPU: perf_counter with one intra-op thread (see thread_settings).
+
+
+def alternate(runners: Mapping[str, Callable[[], Any]], rounds: int,
+              on_run: Callable[[str, int], None] | None = None) -> None:
+    """Run every runner once per round, the starting one rotating from round to round (the
+    alternation both :class:`StepMeasurer` and :func:`graphopt.bench.compare` time with)."""
+    names = list(runners)
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            if on_run is not None:
+                on_run(n, r)
+            runners[n]()
+
+
+@dataclass
+class Comparison:
+    """Candidate vs baseline, measured alternately in one process."""
+
+    candidate_ms: float
+    baseline_ms: float
+    ratio: float  # median over rounds of candidate/baseline (< 1: candidate faster)
+    margin: float  # relative noise margin derived from the spread of the per-round ratios
+    rounds: int
+    candidate_samples_ms: list[float] = field(default_factory=list)
+    baseline_samples_ms: list[float] = field(default_factory=list)
+
+    @property
+    def faster(self) -> bool:
+        return self.ratio < 1.0 - self.margin
+
+    @property
+    def slower(self) -> bool:
+        return self.ratio > 1.0 + self.margin
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"candidate_ms": self.candidate_ms, "baseline_ms": self.baseline_ms, "ratio": self.ratio,
+                "margin": self.margin, "rounds": self.rounds, "faster": self.faster}
+
+
+def noise_margin(ratios: list[float], min_margin: float = 0.01) -> float:
+    """The relative margin a ratio must beat: the interquartile range of the per-round ratios
+    (at least ``min_margin``)."""
+    if len(ratios) < 2:
+        return max(min_margin, 0.05)
+    q = statistics.quantiles(sorted(ratios), n=4, method="inclusive")
+    return max(min_margin, q[2] - q[0])
+
+
+ModelTimer = Callable[[Any], float]
+"""``timer(module) -> seconds`` of one training step of ``module`` (injectable for tests)."""
+
+
+class StepMeasurer:
+    """Times the training step (zero_grad, forward, loss, backward, optimizer step) of modules on one
+    device, alternating variants in one process (see the noise model above).
+
+    ``timer``: replaces running and timing a real step (tests inject a deterministic one); the
+    engine's alternation, medians and margins stay the same.
+    """
+
+    def __init__(self, inputs: tuple[torch.Tensor, ...], target: torch.Tensor | None = None, *,
+                 loss: Callable[..., torch.Tensor] | None = None, device: str | torch.device = "cpu",
+                 warmup: int = 2, rounds: int = 5, steps: int = 2, threads: int | None = 1,
+                 optimizer: str = "sgd", lr: float = 0.01, min_margin: float = 0.01,
+                 timer: ModelTimer | None = None) -> None:
+        self.inputs = tuple(inputs)
+        self.target = target
+        self.loss = loss
+        self.device = torch.device(device)
+        self.warmup, self.rounds, self.steps = warmup, max(1, rounds), max(1, steps)
+        self.threads, self.optimizer, self.lr, self.min_margin = threads, optimizer, lr, min_margin
+        self.timer = timer
+        self._backends: dict[int, tuple[Any, Any, tuple[Any, ...]]] = {}
+        self.measured_steps = 0
+
+    # -- one module --------------------------------------------------------------------------
+    def _backend(self, module: Any) -> tuple[Any, tuple[Any, ...]]:
+        hit = self._backends.get(id(module))
+        if hit is not None and hit[0] is module:
+            return hit[1], hit[2]
+        import copy
+
+        from graphopt.bench.compare import synthetic_target
+        from graphopt.bench.torch_backend import TorchBackend, default_loss
+
+        if self.target is None:
+            self.target = synthetic_target(copy.deepcopy(module), self.inputs)
+        be = TorchBackend(copy.deepcopy(module), loss=self.loss or default_loss, optimizer=self.optimizer,
+                          lr=self.lr, device=self.device)
+        data = be.prepare(self.inputs, self.target)
+        self._backends[id(module)] = (module, be, data)
+        return be, data
+
+    def release(self, module: Any) -> None:
+        """Drop the training copy of ``module`` (memory)."""
+        self._backends.pop(id(module), None)
+
+    def _run(self, module: Any, n: int) -> float:
+        """Mean seconds of ``n`` steps of ``module``."""
+        self.measured_steps += n
+        if self.timer is not None:
+            return sum(self.timer(module) for _ in range(n)) / n
+        be, (x, y) = self._backend(module)
+        t = StepTimer(self.device)
+        for _ in range(n):
+            with t.time():
+                be.step(x, y)
+        return statistics.fmean(t.samples())
+
+    def warm(self, module: Any) -> float:
+        """Warm ``module`` up (also proves its step runs on the device); returns the last step's seconds."""
+        last = float("nan")
+        with thread_settings(self.device, self.threads):
+            for _ in range(max(1, self.warmup)):
+                last = self._run(module, 1)
+        return last
+
+    # -- alternation ---------------------------------------------------------------------------
+    def measure(self, modules: Mapping[str, Any]) -> dict[str, list[float]]:
+        """Per-round mean step seconds of each module, the variants alternated round by round."""
+        names = list(modules)
+        out: dict[str, list[float]] = {n: [] for n in names}
+        with thread_settings(self.device, self.threads):
+            for n in names:
+                for _ in range(self.warmup):
+                    self._run(modules[n], 1)
+            alternate({n: (lambda n=n: out[n].append(self._run(modules[n], self.steps))) for n in names},
+                      self.rounds)
+        return out
+
+    def compare(self, candidate: Any, baseline: Any) -> Comparison:
+        """Candidate vs baseline: medians, per-round ratios and the noise margin."""
+        s = self.measure({"candidate": candidate, "baseline": baseline})
+        c, b = s["candidate"], s["baseline"]
+        ratios = [ci / bi for ci, bi in zip(c, b) if bi > 0]
+        return Comparison(statistics.median(c) * 1e3, statistics.median(b) * 1e3,
+                          statistics.median(ratios) if ratios else float("nan"),
+                          noise_margin(ratios, self.min_margin), len(ratios),
+                          [v * 1e3 for v in c], [v * 1e3 for v in b])

@@ -9,6 +9,7 @@ from graphopt.cli._console import make_console
 from rich.table import Table
 
 from graphopt.cli import cli
+from graphopt.cli.auto import auto_options
 from graphopt.emit.base import emitter_names
 from graphopt.errors import EmitError, PassConfigError
 from graphopt.serialize import dumps, read_json, write_json
@@ -34,16 +35,19 @@ console = make_console()
 @click.option("--force", is_flag=True, help="Replace an output folder graphopt wrote (never the model's folder or "
               "one above it, a repository, the current folder, home or /).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the pipeline report as JSON here.")
+@auto_options
 def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, out: str | None, emit_format: str,
              emit_options: tuple[str, ...], no_verify: bool, force: bool, report_path: str | None,
-             verify_extra: str | None = None, trust_code: bool = False) -> None:
+             verify_extra: str | None = None, trust_code: bool = False, **auto_kw: object) -> None:
     """Capture MODEL.py, run the passes with verification, and emit the optimised model.
+    Without -p/--config: automatic mode (candidates decided by measuring the training step).
 
     \b
     Example:
       graphopt optimize model.py -p channels_last -p cleanup -o out/
       graphopt optimize model.py -p prune:ratio=0.5,mode=structured --emit onnx -o out/
       graphopt optimize trained/model -p prune:macs=0.5,reconstruct=8 -o pruned/   (a folder from train -o)
+      graphopt optimize model.py --device cpu --time-budget 120 --report r.json -o out/
     """
     from graphopt.cli._paths import check_out_file, check_out_folder, made_parents, write_text
     from graphopt.emit.base import create_emitter
@@ -52,9 +56,18 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
     from graphopt.pass_infra import build_pipeline
     from graphopt.report import pass_table, print_coverage, summary_table
 
-    if not pass_specs and not config:
-        raise PassConfigError("no passes given", fix="add -p PASS (see `graphopt passes`) or --config FILE.toml")
-    passes = build_pipeline(pass_specs, config)
+    auto = not pass_specs and not config
+    if not auto and any(auto_kw.get(k) is not None for k in ("target_time", "max_error", "time_budget")):
+        raise PassConfigError("--target-time/--max-error/--time-budget belong to the automatic mode",
+                              fix="drop -p/--config to let graphopt choose, or drop these options")
+    passes = [] if auto else build_pipeline(pass_specs, config)
+    if auto:  # an unusable device is a user error before any work
+        import torch
+
+        from graphopt.bench.torch_backend import resolve_device
+
+        auto_kw["device"] = str(resolve_device(auto_kw.get("device") or ("cuda" if torch.cuda.is_available()
+                                                                          else "cpu")))
     options: dict[str, str] = {}
     for item in emit_options:
         key, sep, value = item.partition("=")
@@ -83,9 +96,16 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
         print_coverage(console, cost)
     if spec.data is not None:
         graph_meta(gm)["calibration_data"] = spec.calibration_batches()
-    verify: bool | str = False if no_verify else (verify_extra or True)
-    manager = PassManager(passes, verify=verify, on_pass=lambda rec: console.print(pass_table(rec)))
-    gm, report = manager.run(gm, spec.example_inputs)
+    auto_report = None
+    if auto:
+        from graphopt.cli.auto import run_auto
+
+        gm, report, auto_report = run_auto(console, spec, gm, report_path=report_path, out_path=out_path,
+                                           **auto_kw)  # type: ignore[arg-type]
+    else:
+        verify: bool | str = False if no_verify else (verify_extra or True)
+        manager = PassManager(passes, verify=verify, on_pass=lambda rec: console.print(pass_table(rec)))
+        gm, report = manager.run(gm, spec.example_inputs)
     console.print(summary_table(report))
     with console.status(f"emitting {emit_format}"), made_parents(out_path):
         result = emitter.emit(gm, out_path, report=report, force=force, spec=spec,
@@ -97,6 +117,8 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
     path = result.path
     if report_path:
         doc = report.as_dict()
+        if auto_report is not None:
+            doc["auto"] = auto_report.as_dict()
         if emit_check:
             doc["emit"] = {"format": emit_format, "check": emit_check}
         write_text(report_path, dumps(doc), "--report")

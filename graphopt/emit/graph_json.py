@@ -323,7 +323,8 @@ def describe(gm: fx.GraphModule, class_name: str, facts: dict[str, Any], ctor_kw
                       "kwargs": {k: encode(v) for k, v in n.kwargs.items()}})
     return {"format": "graphopt.graph", "format_version": GRAPH_FORMAT_VERSION, "class_name": class_name,
             "modules": modules, "tensors": tensors, "tied": facts["tied"], "frozen": facts["frozen"],
-            "dtypes": facts["dtypes"], "memory_format": facts["memory_format"], "nodes": nodes}
+            "dtypes": facts["dtypes"], "memory_format": facts["memory_format"],
+            "memory_format_kept": facts.get("memory_format_kept", []), "nodes": nodes}
 
 
 def _owner(root: nn.Module, path: str) -> nn.Module:
@@ -381,6 +382,8 @@ def rebuild(doc: dict[str, Any]) -> fx.GraphModule:
         root.get_parameter(_check_path(name, "frozen parameter")).requires_grad_(False)
     if doc.get("memory_format") == "channels_last":
         root.to(memory_format=torch.channels_last)
+        for path in doc.get("memory_format_kept") or []:  # modules that keep the layout they had
+            root.get_submodule(_check_path(path, "module")).to(memory_format=torch.contiguous_format)
 
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}

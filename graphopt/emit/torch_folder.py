@@ -271,7 +271,8 @@ def generate_source(gm: fx.GraphModule, class_name: str, header: str = "") -> tu
     out.append(body)
     out.append("")
     facts = {"tied": tied, "frozen": frozen, "dtypes": retype, "imports": sorted(imports.external),
-             "memory_format": "channels_last" if channels_last else "contiguous"}
+             "memory_format": "channels_last" if channels_last else "contiguous",
+             "memory_format_kept": list(meta.get("memory_format_kept", [])) if channels_last else []}
     return "\n".join(out), facts
 
 

@@ -1,0 +1,315 @@
+"""The search: candidates from the pass registry, each decided by a measured training step.
+
+1. Every registered EXACT pass whose training is "same" is a candidate, unless it cannot speed up
+   one device (``NOT_A_SPEEDUP``). Mixed precision is a candidate only on a device with fast half
+   kernels (CUDA); elsewhere it is declined with the known reason.
+2. Candidates are tried in order; each one is applied *on top of the current best pipeline* by
+   re-running the whole pipeline from the captured graph through the PassManager with
+   verification. If that combination fails verification, the candidate is tried *first* in the
+   pipeline (order matters: e.g. mixed precision before channels_last); if that fails too, it is
+   declined with the verifier's message: nothing is combined unverified.
+3. A verified combination is measured against the current best (alternated, median of rounds,
+   noise margin: :class:`graphopt.bench.measure.StepMeasurer`) and kept only when faster beyond the
+   margin.
+4. Per-layer: once channels_last is kept, each top-level region holding convolutions is tried in
+   NCHW (``channels_last:exclude=REGION.*``), kept when measured faster.
+5. ``target_time`` (accuracy-changing, opt-in): :mod:`graphopt.auto.halp` prunes by measured latency.
+6. Final: the result is compared with the original; when it is not faster beyond the margin, the
+   original is returned (never slower).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx
+
+from graphopt.bench.measure import StepMeasurer, environment
+from graphopt.errors import GraphoptError, VerificationError
+from graphopt.ir import copy_graph
+from graphopt.pass_infra import Semantics, available_passes, create_pass
+
+__all__ = ["auto_optimize", "AutoReport", "CandidateRecord", "exact_candidates", "NOT_A_SPEEDUP", "ORDER"]
+
+log = logging.getLogger(__name__)
+
+NOT_A_SPEEDUP = {
+    "partition": "splits the graph into pipeline stages for several devices; it does not speed up one device",
+}
+"""Exact passes that are never candidates on one device, with the reason (reported)."""
+
+ORDER = ("cleanup", "sdpa", "mixed_precision", "channels_last")
+"""Preferred order of the candidates (others follow by name): cheap graph cleanups first, layout last."""
+
+
+@dataclass
+class CandidateRecord:
+    """One decision: a pass (with options, per layer where it has that granularity) measured
+    against the best so far."""
+
+    pass_: str
+    options: dict[str, Any] = field(default_factory=dict)
+    layer: str | None = None
+    measured_ms: float | None = None
+    baseline_ms: float | None = None
+    kept: bool = False
+    reason: str = ""
+    margin: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pass": self.pass_, "options": self.options, "layer": self.layer, "measured_ms": self.measured_ms,
+                "baseline_ms": self.baseline_ms, "kept": self.kept, "reason": self.reason, "margin": self.margin}
+
+
+@dataclass
+class AutoReport:
+    candidates: list[CandidateRecord] = field(default_factory=list)
+    pipeline: list[str] = field(default_factory=list)  # the kept pass specs, in order
+    original_ms: float | None = None
+    final_ms: float | None = None
+    speedup: float = 1.0
+    final_margin: float | None = None
+    kept_original: bool = False
+    not_tried: list[str] = field(default_factory=list)
+    budget_s: float | None = None
+    search_s: float = 0.0
+    device: str = "cpu"
+    target_time: float | None = None
+    pruning: dict[str, Any] | None = None
+    env: dict[str, Any] = field(default_factory=dict)
+    pipeline_report: Any = None  # the PassManager report of the final pipeline
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "pipeline": self.pipeline, "original_ms": self.original_ms,
+                "final_ms": self.final_ms, "speedup": self.speedup, "final_margin": self.final_margin,
+                "kept_original": self.kept_original, "not_tried": self.not_tried, "budget_s": self.budget_s,
+                "search_s": self.search_s, "target_time": self.target_time, "pruning": self.pruning,
+                "candidates": [c.as_dict() for c in self.candidates], "env": self.env}
+
+
+def _fast_half(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, (f"no fast half-precision kernels on {device.type}: bf16/fp16 training steps measured "
+                       "9-13x slower than float32 on this kind of CPU (declined without measuring)")
+    return True, ""
+
+
+def exact_candidates(gm: fx.GraphModule, device: torch.device | str) -> tuple[list[tuple[str, dict[str, Any]]],
+                                                                               list[CandidateRecord]]:
+    """(name, options) of the candidates to measure, and records for those declined up front."""
+    device = torch.device(device)
+    todo: list[tuple[str, dict[str, Any]]] = []
+    declined: list[CandidateRecord] = []
+    passes = available_passes()
+    names = [n for n in ORDER if n in passes] + sorted(n for n in passes if n not in ORDER)
+    for name in names:
+        cls = passes[name]
+        if name == "mixed_precision":
+            ok, why = _fast_half(device)
+            if not ok:
+                declined.append(CandidateRecord(name, reason=why))
+                continue
+            for dtype in ("bfloat16", "float16"):
+                todo.append((name, {"dtype": dtype}))
+            continue
+        if cls.semantics is not Semantics.EXACT:
+            why = ("accuracy-changing: only with --target-time (pruning by measured time)" if name == "prune"
+                   else f"not exact ({cls.semantics.value}): never chosen automatically")
+            declined.append(CandidateRecord(name, reason=why))
+            continue
+        if cls.training != "same":
+            declined.append(CandidateRecord(name, reason=f"changes training ({cls.training_reason}): "
+                                                         "never chosen automatically"))
+            continue
+        if name in NOT_A_SPEEDUP:
+            declined.append(CandidateRecord(name, reason=NOT_A_SPEEDUP[name]))
+            continue
+        todo.append((name, {}))
+    return todo, declined
+
+
+def _spec(name: str, options: dict[str, Any]) -> str:
+    if not options:
+        return name
+    return name + ":" + ",".join(f"{k}={'|'.join(map(str, v)) if isinstance(v, list) else v}"
+                                 for k, v in options.items())
+
+
+def _regions(gm: fx.GraphModule) -> list[str]:
+    """Top-level child modules holding Conv2d layers (the per-region layout granularity)."""
+    out: list[str] = []
+    for name, child in gm.named_children():
+        if any(isinstance(m, torch.nn.Conv2d) for m in child.modules()):
+            out.append(name)
+    return out
+
+
+class _Search:
+    def __init__(self, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], measurer: StepMeasurer,
+                 budget: float | None, clock: Callable[[], float],
+                 progress: Callable[[CandidateRecord], None] | None) -> None:
+        self.original = gm
+        self.inputs = inputs
+        self.m = measurer
+        self.clock = clock
+        self.t0 = clock()
+        self.budget = budget
+        self.progress = progress
+        self.report = AutoReport()
+
+    def out_of_time(self) -> bool:
+        return self.budget is not None and self.clock() - self.t0 >= self.budget
+
+    def build(self, specs: Sequence[tuple[str, dict[str, Any]]]) -> tuple[fx.GraphModule, Any]:
+        from graphopt.manager import PassManager
+
+        passes = [create_pass(n, o) for n, o in specs]
+        return PassManager(passes, verify=True).run(copy_graph(self.original), self.inputs)
+
+    def record(self, rec: CandidateRecord) -> None:
+        self.report.candidates.append(rec)
+        if self.progress:
+            self.progress(rec)
+
+    def try_candidate(self, pipeline: list[tuple[str, dict[str, Any]]], best: fx.GraphModule,
+                      name: str, options: dict[str, Any], layer: str | None = None
+                      ) -> tuple[list[tuple[str, dict[str, Any]]], fx.GraphModule, Any] | None:
+        """Apply, verify and measure one candidate on top of ``pipeline``; the new state when kept."""
+        rec = CandidateRecord(name, dict(options), layer)
+        base = [(n, o) for n, o in pipeline if n != name]  # a per-layer variant replaces the pass's entry
+        tries = [base + [(name, options)]] + ([[(name, options)] + base] if base else [])
+        built = None
+        errors = []
+        for specs in tries:
+            try:
+                gm, rep = self.build(specs)
+            except VerificationError as exc:
+                errors.append(str(exc))
+                continue
+            except GraphoptError as exc:
+                errors.append(str(exc))
+                continue
+            rec_ = rep.records[[s[0] for s in specs].index(name)]
+            if not rec_.modified:
+                rec.reason = "nothing to rewrite in this model" + (
+                    f" ({rec_.declined[0]['reason']})" if rec_.declined else "")
+                self.record(rec)
+                return None
+            built = (specs, gm, rep)
+            break
+        if built is None:
+            rec.reason = "not verifiable in any order with the kept passes: " + errors[-1][:300]
+            self.record(rec)
+            return None
+        specs, gm, rep = built
+        try:
+            cmp = self.m.compare(gm, best)
+        except Exception as exc:  # the candidate's step does not run on the device
+            rec.reason = f"its training step failed on {self.m.device}: {type(exc).__name__}: {str(exc)[:200]}"
+            self.record(rec)
+            return None
+        rec.measured_ms, rec.baseline_ms, rec.margin = cmp.candidate_ms, cmp.baseline_ms, cmp.margin
+        order = "" if specs[-1][0] == name else " (placed first: the other order does not verify)"
+        if cmp.faster:
+            rec.kept = True
+            rec.reason = f"faster: {1 / cmp.ratio:.3f}x, beyond the noise margin {cmp.margin:.1%}{order}"
+        else:
+            rec.reason = (f"{'slower' if cmp.slower else 'within noise'}: {1 / cmp.ratio:.3f}x "
+                          f"(margin {cmp.margin:.1%})")
+        self.record(rec)
+        if rec.kept:
+            self.m.release(best)
+            return specs, gm, rep
+        self.m.release(gm)
+        return None
+
+
+def auto_optimize(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], *, device: str | torch.device | None = None,
+                  loss: Callable[..., torch.Tensor] | None = None, target: torch.Tensor | None = None,
+                  time_budget: float | None = None, target_time: float | None = None,
+                  max_error: float | None = None, measurer: StepMeasurer | None = None,
+                  candidates: Sequence[tuple[str, dict[str, Any]]] | None = None,
+                  per_layer: bool = True, cache_dir: str | None = None,
+                  clock: Callable[[], float] = time.monotonic,
+                  progress: Callable[[CandidateRecord], None] | None = None,
+                  ) -> tuple[fx.GraphModule, AutoReport]:
+    """Choose and apply the rewrites that make ``gm``'s training step faster on ``device``
+    (see the module docstring). Returns the (verified) graph and the decisions."""
+    inputs = tuple(inputs)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m = measurer or StepMeasurer(inputs, target, loss=loss, device=dev)
+    s = _Search(gm, inputs, m, time_budget, clock, progress)
+    s.report.device, s.report.budget_s, s.report.target_time = str(dev), time_budget, target_time
+    s.report.env = environment(dev)
+    # the original's step must run on the device: a user error otherwise (one line, exit 2)
+    try:
+        m.warm(gm)
+    except GraphoptError:
+        raise
+    except Exception as exc:
+        raise GraphoptError(f"the model's training step cannot run on {dev}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                            fix="choose another --device, or check the model file's loss()") from exc
+    todo, declined = exact_candidates(gm, dev) if candidates is None else (list(candidates), [])
+    for rec in declined:
+        s.record(rec)
+    pipeline: list[tuple[str, dict[str, Any]]] = []
+    best: fx.GraphModule = gm
+    best_rep = None
+    queue: list[tuple[str, dict[str, Any], str | None]] = [(n, o, None) for n, o in todo]
+    i = 0
+    while i < len(queue):
+        name, options, layer = queue[i]
+        i += 1
+        if s.out_of_time():
+            s.report.not_tried.extend(_spec(n, o) + (f" [{lay}]" if lay else "") for n, o, lay in queue[i - 1:])
+            break
+        got = s.try_candidate(pipeline, best, name, options, layer)
+        if got is None:
+            continue
+        pipeline, best, best_rep = got
+        if name == "channels_last" and per_layer and layer is None:
+            # per region: try each region's convs back in NCHW, right after the global decision
+            queue[i:i] = [("channels_last", {"exclude": [r, f"{r}.*"]}, r) for r in _regions(gm)]
+        elif name == "channels_last" and layer is not None:
+            # a kept region exclusion: later region candidates build on it
+            for j in range(i, len(queue)):
+                n2, o2, l2 = queue[j]
+                if n2 == "channels_last" and l2 is not None:
+                    queue[j] = (n2, {"exclude": list(options["exclude"]) + [l2, f"{l2}.*"]}, l2)
+    if target_time is not None and not s.out_of_time():
+        from graphopt.auto.halp import prune_to_time
+
+        best, best_rep, pipeline, info = prune_to_time(s, pipeline, best, target_time, max_error=max_error,
+                                                       cache_dir=cache_dir)
+        s.report.pruning = info
+    elif target_time is not None:
+        s.report.not_tried.append(f"pruning to --target-time {target_time}")
+    # final: measured against the original, never slower
+    s.report.search_s = clock() - s.t0
+    if best is gm:
+        cmp = m.compare(gm, gm)
+        s.report.kept_original = True
+    else:
+        cmp = m.compare(best, gm)
+        s.report.kept_original = not cmp.faster
+    s.report.original_ms, s.report.final_ms, s.report.final_margin = cmp.baseline_ms, cmp.candidate_ms, cmp.margin
+    if s.report.kept_original:
+        if best is not gm:
+            s.record(CandidateRecord("combined", {"pipeline": [_spec(n, o) for n, o in pipeline]},
+                                     measured_ms=cmp.candidate_ms, baseline_ms=cmp.baseline_ms, margin=cmp.margin,
+                                     reason=f"the combined result measured {1 / cmp.ratio:.3f}x vs the original, "
+                                            "not faster beyond the noise: the original is kept"))
+        best, pipeline, best_rep = gm, [], None
+        s.report.final_ms = cmp.baseline_ms
+        s.report.speedup = 1.0
+    else:
+        s.report.speedup = 1.0 / cmp.ratio
+    s.report.pipeline = [_spec(n, o) for n, o in pipeline]
+    s.report.pipeline_report = best_rep
+    return best, s.report
+

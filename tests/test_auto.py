@@ -1,0 +1,271 @@
+"""Automatic mode: decision logic with a deterministic injected timer (no wall-clock timing), the
+report, the CLI end to end, pruning to a (fake-)measured time target, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt.auto import auto_optimize
+from graphopt.auto.halp import LatencyTable, width_grid
+from graphopt.bench.measure import StepMeasurer, noise_margin
+from graphopt.cli import main
+from graphopt.serialize import dumps
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b2 = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.b3 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.b3(self.b2(self.b1(x))).mean((2, 3)))
+
+
+def _captured():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    return graphopt.capture(Net(), (x,)), (x,)
+
+
+def _nhwc(conv: nn.Conv2d) -> bool:
+    return conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+
+
+class FakeTimer:
+    """Deterministic step time of a module: per conv 10 ms in NCHW; channels_last makes b1 and b3 faster
+    (6 ms) and b2 slower (12 ms); conv cost scales with its weight size; +-0.2% seeded noise."""
+
+    def __init__(self, clock=None, per_call: float = 0.0, cl=(0.6, 1.2, 0.6)) -> None:
+        self.rng = random.Random(0)
+        self.calls = 0
+        self.clock = clock
+        self.per_call = per_call
+        self.cl = cl
+
+    def __call__(self, module) -> float:
+        self.calls += 1
+        if self.clock is not None:
+            self.clock.t += self.per_call
+        t = 0.002
+        for name, mod in module.named_modules():
+            if isinstance(mod, nn.Conv2d):
+                base = 0.010 * mod.weight.numel() / (32 * 32 * 9)
+                if _nhwc(mod):
+                    base *= self.cl[int(name[1]) - 1] if name[:1] == "b" else 1.0
+                t += base
+        return t * (1 + self.rng.uniform(-0.002, 0.002))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _measurer(inputs, timer):
+    return StepMeasurer(inputs, device="cpu", warmup=1, rounds=5, steps=1, timer=timer)
+
+
+def test_noise_margin_from_spread():
+    assert noise_margin([1.0, 1.0, 1.0, 1.0]) == 0.01  # the floor
+    assert noise_margin([0.9, 1.0, 1.1, 1.2, 0.8]) == pytest.approx(0.2)  # IQR of the ratios
+
+
+def test_keeps_faster_rejects_noise_and_decides_per_region():
+    gm, inputs = _captured()
+    timer = FakeTimer()
+    best, rep = auto_optimize(gm, inputs, device="cpu", measurer=_measurer(inputs, timer))
+    by = {(c.pass_, c.layer): c for c in rep.candidates}
+    assert by[("channels_last", None)].kept  # b1, b2, b3 all NHWC: 0.6+1.2+0.6 of the NCHW time on their convs
+    assert by[("channels_last", "b2")].kept  # b2 measured slower in NHWC: excluded again
+    assert not by[("channels_last", "b1")].kept and not by[("channels_last", "b3")].kept
+    assert not by[("cleanup", None)].kept and "nothing to rewrite" in by[("cleanup", None)].reason or \
+        "within noise" in by[("cleanup", None)].reason
+    assert "partition" in {c.pass_ for c in rep.candidates if not c.kept}
+    assert _nhwc(best.get_submodule("b1.0")) and not _nhwc(best.get_submodule("b2.0")) and _nhwc(best.get_submodule("b3.0"))
+    assert rep.pipeline[-1] == "channels_last:exclude=b2|b2.*"
+    assert rep.speedup > 1.05 and not rep.kept_original
+    torch.testing.assert_close(best(*inputs), gm(*inputs))  # exact
+    doc = json.loads(dumps({"auto": rep.as_dict()}))
+    assert {"candidates", "speedup"} <= set(doc["auto"])
+    for c in doc["auto"]["candidates"]:
+        assert {"pass", "options", "layer", "measured_ms", "baseline_ms", "kept", "reason"} <= set(c)
+
+
+def test_within_noise_is_rejected_and_original_kept():
+    gm, inputs = _captured()
+    timer = FakeTimer(cl=(0.999, 0.999, 0.999))  # 0.1% faster: inside the 1% floor of the margin
+    best, rep = auto_optimize(gm, inputs, device="cpu", measurer=_measurer(inputs, timer), per_layer=False)
+    cl = next(c for c in rep.candidates if c.pass_ == "channels_last")
+    assert not cl.kept and "within noise" in cl.reason
+    assert rep.kept_original and best is gm and rep.speedup == 1.0 and rep.pipeline == []
+
+
+def test_never_slower_final_comparison_keeps_original():
+    gm, inputs = _captured()
+
+    class Drifting(FakeTimer):
+        """channels_last pays while candidates are decided, then costs more (as if the load changed)."""
+
+        drift = False
+
+        def __call__(self, module):
+            t = super().__call__(module)
+            if self.drift and _nhwc(module.get_submodule("b1.0")):
+                t *= 2.0
+            return t
+
+    timer = Drifting()
+
+    def decided(rec):  # after the decision, the final comparison sees the drifted times
+        timer.drift = True
+
+    best, rep = auto_optimize(gm, inputs, device="cpu", measurer=_measurer(inputs, timer), per_layer=False,
+                              candidates=[("channels_last", {})], progress=decided)
+    assert rep.candidates[0].kept
+    assert rep.kept_original and best is gm and rep.speedup == 1.0
+    assert rep.candidates[-1].pass_ == "combined" and "original is kept" in rep.candidates[-1].reason
+
+
+def test_time_budget_stops_with_best_so_far():
+    gm, inputs = _captured()
+    clock = Clock()
+    timer = FakeTimer(clock=clock, per_call=1.0)  # every fake step "takes" one second of search time
+    best, rep = auto_optimize(gm, inputs, device="cpu", measurer=_measurer(inputs, timer), time_budget=5,
+                              clock=clock)
+    assert rep.not_tried  # the budget ran out: what was not tried is said
+    assert len([c for c in rep.candidates if c.measured_ms is not None]) <= 1
+    assert rep.budget_s == 5
+
+
+def test_mixed_precision_declined_on_cpu_with_reason():
+    gm, inputs = _captured()
+    _, rep = auto_optimize(gm, inputs, device="cpu", measurer=_measurer(inputs, FakeTimer()), per_layer=False)
+    mp = next(c for c in rep.candidates if c.pass_ == "mixed_precision")
+    assert not mp.kept and "no fast half-precision kernels on cpu" in mp.reason
+
+
+def test_target_time_prunes_until_fake_measured_target(tmp_path):
+    gm, inputs = _captured()
+    m = _measurer(inputs, FakeTimer(cl=(1.0, 1.0, 1.0)))
+
+    def layer_time(kind, s):  # fake latency table: proportional to MACs, and width 24 "measures" fast
+        fast = 0.5 if s["cout"] == 24 else 1.0
+        return 1e-6 * s["cin"] * s["cout"] * (9 if kind == "conv" else 1) * fast
+
+    m.latency_timer = layer_time
+    best, rep = auto_optimize(gm, inputs, device="cpu", measurer=m, per_layer=False, target_time=0.5,
+                              candidates=[], cache_dir=str(tmp_path))
+    info = rep.pruning
+    assert info["result"] == "pruned" and info["met"]
+    assert info["iterations"][-1]["ratio"] <= 0.5
+    assert rep.speedup >= 2.0 * 0.98
+    assert best(*inputs).shape == (2, 5)
+    widths = {k: v for k, v in info["widths"].items()}
+    assert widths and all(after < before for before, after in widths.values())
+    assert (tmp_path / "latency-cpu.json").exists()  # measured layer latencies cached on disk
+    cached = LatencyTable(torch.device("cpu"), tmp_path)
+    assert len(cached.data) == info["latency_table"]["entries"] > 0
+
+
+def test_target_time_respects_max_error():
+    gm, inputs = _captured()
+    m = _measurer(inputs, FakeTimer(cl=(1.0, 1.0, 1.0)))
+    m.latency_timer = lambda kind, s: 1e-6 * s["cin"] * s["cout"]
+    best, rep = auto_optimize(gm, inputs, device="cpu", measurer=m, per_layer=False, target_time=0.3,
+                              max_error=1e-9, candidates=[])
+    assert rep.pruning["result"] == "no pruned graph was accepted"
+    assert "above --max-error" in rep.pruning["iterations"][0]["stopped"]
+    assert best is gm and rep.kept_original
+
+
+def test_width_grid():
+    assert width_grid(64, 8) == [8, 16, 24, 32, 40, 48, 56, 64]
+    g = width_grid(2048, 205)
+    assert g[-1] == 2048 and all(w % 8 == 0 for w in g) and len(g) <= 13 and g[0] >= 205
+    assert width_grid(10, 1) == list(range(1, 11))
+
+
+MODEL = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.b1(x).mean((2, 3)))
+
+def model():
+    return Net()
+
+def example_inputs():
+    return (torch.randn(2, 3, 16, 16),)
+"""
+
+
+def test_cli_without_passes_end_to_end(tmp_path, capsys):
+    mf = tmp_path / "model.py"
+    mf.write_text(textwrap.dedent(MODEL))
+    report, out = tmp_path / "r.json", tmp_path / "out"
+    code = main(["optimize", str(mf), "--device", "cpu", "--rounds", "2", "--steps", "1", "--warmup", "1",
+                 "--report", str(report), "-o", str(out), "--cache-dir", str(tmp_path / "cache")])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "candidate channels_last" in text  # one progress line per candidate (not a TTY)
+    doc = json.loads(report.read_text())
+    assert {"candidates", "speedup", "pipeline", "original_ms", "final_ms"} <= set(doc["auto"])
+    assert doc["auto"]["speedup"] >= 1.0  # never slower: the original is kept otherwise
+    assert doc["verified"] is True
+    assert report.with_suffix(".png").stat().st_size > 1000
+    assert (out / "manifest.json").exists() or any(out.iterdir())
+    loaded = graphopt.load(out)
+    x = torch.randn(2, 3, 16, 16)
+    assert loaded(x).shape == (2, 4)
+
+
+def test_cli_bad_device_one_line_exit_2(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    mf = tmp_path / "model.py"
+    mf.write_text(textwrap.dedent(MODEL))
+    code = main(["optimize", str(mf), "--device", "cuda", "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_step_that_cannot_run_exit_2(tmp_path, capsys):
+    bad = MODEL.replace("def example_inputs():", "def loss(output, target):\n    raise RuntimeError('no loss here')\n\n"
+                                                  "def example_inputs():")
+    mf = tmp_path / "model.py"
+    mf.write_text(textwrap.dedent(bad))
+    code = main(["optimize", str(mf), "--device", "cpu", "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "training step cannot run on cpu" in err and err.count("\n") == 1
+
+
+def test_channels_last_exclude_keeps_region_nchw_exactly(tmp_path):
+    gm, inputs = _captured()
+    out, rep = graphopt.optimize(gm, inputs, ["channels_last:exclude=b2|b2.*"])
+    assert _nhwc(out.get_submodule("b1.0")) and not _nhwc(out.get_submodule("b2.0"))
+    assert any(d["target"] == "b2.0" and "exclude" in d["reason"] for d in rep.records[0].declined)
+    torch.testing.assert_close(out(*inputs), gm(*inputs))
+    graphopt.emit_torch_folder(out, tmp_path / "f", report=rep)
+    loaded = graphopt.load(tmp_path / "f")
+    assert not _nhwc(loaded.get_submodule("b2.0")) and _nhwc(loaded.get_submodule("b1.0"))
