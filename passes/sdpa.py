@@ -5,7 +5,8 @@ Matched, per softmax over the last axis (``F.softmax``, ``torch.softmax``, ``.so
 
     scores = q' @ kT                 q' = q, or q * s / q / s (the scale applied to q, timm style)
     scores = scores * s | / s        any number of scalar scales, right after the product
-    scores = scores + bias           additive masks (padding, ALiBi, relative position bias ...)
+    scores = scores + bias           additive masks (padding, ALiBi, relative position bias ...);
+                                     timm's maybe_add_mask(scores, mask) (mask may be None)
     scores = scores.masked_fill(m, -inf)   boolean masks (a lower-triangular buffer -> is_causal)
     p = softmax(scores, dim=-1)
     p = dropout(p)                   optional: nn.Dropout (attention-probability dropout)
@@ -239,6 +240,20 @@ def match(gm: fx.GraphModule, sm: fx.Node) -> Match:
             m.biases.append(bias)
             m.nodes.append(cur)
             cur = chain
+            continue
+        if cur.op == "call_function" and getattr(cur.target, "__name__", "") == "maybe_add_mask" \
+                and len(cur.args) == 2 and not cur.kwargs:
+            # timm: ``scores + mask if mask is not None else scores`` -- SDPA's attn_mask does the same
+            bias = cur.args[1]
+            if seen_scale:
+                raise NoMatch("a scale is applied after a mask (the mask would be scaled too)")
+            if isinstance(bias, fx.Node) and not (bias.op == "placeholder" or _broadcasts(
+                    output_shape(bias), output_shape(cur))):
+                raise NoMatch(f"the mask of maybe_add_mask {bias.name} does not broadcast to the scores")
+            if bias is not None:
+                m.biases.append(bias)
+            m.nodes.append(cur)
+            cur = cur.args[0]
             continue
         if _is(cur, {torch.masked_fill}, "masked_fill"):
             mask, value = _arg(cur, 1, "mask"), _arg(cur, 2, "value")

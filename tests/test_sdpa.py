@@ -143,24 +143,29 @@ def test_idempotent_and_emits_and_reloads(tmp_path):
 
 
 @pytest.mark.zoo
-def test_timm_vit_manual_attention(zoo):
-    timm = pytest.importorskip("timm")
-    from timm.layers import set_fused_attn
+def test_timm_vit_manual_attention():
+    import importlib.util
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed")
+    from tests.transformer_models import timm_vit
 
-    set_fused_attn(False)
-    try:
-        model = zoo("timm:vit_tiny_patch16_224", img_size=32, patch_size=8)
-    finally:
-        set_fused_attn(True)
+    model = timm_vit(fused=False)
     x = (torch.randn(2, 3, 32, 32),)
     gm, rec = run_pass("sdpa", model, x)
-    assert rec.modified and rec.notes["rewritten"] == 12 and _sdpa_calls(gm) == 12
-    assert_exact(gm, model, x)
+    # timm masks the scores with maybe_add_mask(scores, resolve_self_attn_mask(...)): a mask decided at run
+    # time by an opaque call, not provably a mask: each block is declined with that reason
+    assert not rec.modified and len(rec.declined) == 2
+    assert all("maybe_add_mask" in d["reason"] for d in rec.declined)
 
 
 @pytest.mark.zoo
 def test_torchvision_vit_and_swin_are_declined_with_reasons(zoo):
-    vit = zoo("vit_b_16", image_size=32, num_layers=2)
-    gm, rec = run_pass("sdpa", vit, (torch.randn(1, 3, 32, 32),))
+    from tests.transformer_models import small_vit
+
+    gm, rec = run_pass("sdpa", small_vit(), (torch.randn(1, 3, 32, 32),))
     assert not rec.modified and len(rec.declined) == 2
     assert all("MultiheadAttention" in d["reason"] for d in rec.declined)
+    swin = zoo("swin_t")
+    gm, rec = run_pass("sdpa", swin, (torch.randn(1, 3, 64, 64),), verify=False)
+    assert not rec.modified and len(rec.declined) == 12
+    assert all("shifted_window_attention" in d["reason"] for d in rec.declined)

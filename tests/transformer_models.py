@@ -11,7 +11,7 @@ attention (LLaMA style: key/value heads repeated with ``repeat_interleave``).
   a classifier on the first token.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: torch.fx keeps string annotations of forward as types
 
 import math
 
@@ -197,3 +197,30 @@ def bert_inputs(batch: int = 2, T: int = 16, vocab: int = 96, seed: int = 0) -> 
     mask = torch.ones(batch, T, dtype=torch.long)
     mask[0, T // 2:] = 0  # padding in the first sequence
     return ids, mask
+
+
+def small_vit(**kw):
+    """torchvision's VisionTransformer at 32x32, 2 layers (vit_b_16's code, small sizes)."""
+    from graphopt.zoo import import_torchvision
+
+    tv = import_torchvision()
+    torch.manual_seed(0)
+    cfg = dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10)
+    cfg.update(kw)
+    return tv.models.vision_transformer.VisionTransformer(**cfg).eval()
+
+
+def timm_vit(fused: bool = False):
+    """timm's vit_tiny at 32x32, its hand-written attention path (fused attention off)."""
+    from graphopt.zoo import import_torchvision
+
+    import_torchvision()
+    import timm
+    from timm.layers import set_fused_attn
+
+    set_fused_attn(fused)
+    try:
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    finally:
+        set_fused_attn(True)
