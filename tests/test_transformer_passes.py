@@ -5,6 +5,7 @@ apply and verify, or decline what they cannot handle with the reason (never cras
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def test_prune_attention_heads_and_mlp_width_gpt(tmp_path):
     merged = [n.args[-1] for n in gm.graph.nodes if n.op == "call_method" and n.target == "reshape"]
     assert merged == [32, 32]
     # the report names each group: q/k/v of a block is one group, MLP fc1 another
-    names = [r["target"] for r in rec.rewrites]
+    names = [r["detail"] for r in rec.rewrites]
     assert any("blocks.0.attn.q" in n and "blocks.0.attn.k" in n for n in names)
     assert any("blocks.1.mlp.fc1" in n for n in names)
     # residual stream and embeddings are not pruned (LayerNorm over the channels, the output)
@@ -116,7 +117,7 @@ def test_computed_head_count_declines_the_group_with_the_reason():
     gm, rec = run_pass("prune:ratio=0.5", model, x)
     reasons = " | ".join(d["reason"] for d in rec.declined)
     assert "head count" in reasons and "computed in the graph" in reasons
-    assert gm.get_submodule("attn.q").weight.shape == (64, 64)
+    assert gm.get_submodule("attn.q").weight.shape[0] == 64  # its heads stay (its input width may go)
 
 
 def test_prune_heads_after_sdpa_and_bert_padding():
@@ -143,7 +144,8 @@ def test_freeze_embeddings_blocks_and_globs():
     gm, rec = run_pass("freeze:mode=stages,stages=1", model, x)
     assert rec.verification.status == "passed"
     assert any(not p.requires_grad for p in gm.parameters())
-    assert _lm_loss_steps(gm, x)[-1] < _lm_loss_steps(gm, x, steps=1)[0]
+    losses = _lm_loss_steps(gm, x)
+    assert losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("build", ["gpt", "bert"])
@@ -193,7 +195,7 @@ def test_emit_onnx_and_ort_on_gpt(tmp_path):
     from graphopt.cli import main
 
     f = tmp_path / "gpt_model.py"
-    f.write_text(GPT_FILE)
+    f.write_text(GPT_FILE.format(root=str(Path(__file__).resolve().parents[1])))
     assert main(["optimize", str(f), "-p", "sdpa", "--emit", "onnx", "-o", str(tmp_path / "onnx")]) == 0
     assert list((tmp_path / "onnx").glob("*.onnx"))
 
