@@ -262,3 +262,25 @@ def test_causal_lm_two_stages_runs_under_launch(tmp_path, capfd):
     metrics = json.loads((save / "metrics.json").read_text())
     assert len(metrics["losses"]) == 2 and all(math.isfinite(v) for v in metrics["losses"])
     assert metrics["losses"][0] == pytest.approx(math.log(96), rel=0.2)  # random init: ~log(vocab)
+
+
+VISION_PASSES = ["sdpa", "prune:ratio=0.3", "prune:mode=2:4,exclude=heads.*|head", "freeze:mode=stages,stages=1",
+                 "drop_regularization", "mixed_precision:dtype=bfloat16", "partition:stages=2"]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("spec", VISION_PASSES)
+def test_every_pass_on_torchvision_vit_and_swin(spec, zoo):
+    """Each pass applies and verifies, or declines with reasons; none crashes."""
+    from tests.transformer_models import small_vit
+
+    for name, model, x in (("vit", small_vit(), (torch.randn(2, 3, 32, 32),)),
+                           ("swin_t", zoo("swin_t"), (torch.randn(1, 3, 64, 64),))):
+        gm, rec = run_pass(spec, model, x)
+        assert rec.verification.status in ("passed", "skipped"), (name, rec.verification.summary())
+        assert rec.modified or rec.declined or spec.startswith("drop_regularization"), (name, spec)
+        if spec == "sdpa":
+            assert not rec.modified  # attention is inside nn.MultiheadAttention / shifted_window_attention
+        if spec.startswith("prune:ratio") and name == "vit":
+            reasons = " | ".join(d["reason"] for d in rec.declined)
+            assert "MultiheadAttention" in reasons  # its heads cannot go without the residual width
