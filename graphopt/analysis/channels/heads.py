@@ -63,9 +63,9 @@ class Heads(ChanInfo):
 def split_heads(an: "ChannelAnalysis", node: fx.Node, x: ChanInfo, a: tuple[int, ...], b: tuple[int, ...],
                 sizes: list[Any], kind: str) -> Heads | None:
     """``x`` (channels on ``x.dim`` of shape ``a``) reshaped to ``b`` splitting them into [H, D]."""
-    if isinstance(x, Heads) or x.inner != 1 or len(sizes) != len(b):
-        return None
     d = x.dim
+    if isinstance(x, Heads) or x.inner != 1 or len(sizes) != len(b) or d != len(a) - 1 or len(b) != len(a) + 1:
+        return None  # heads split the last (feature) axis; a conv's channel shuffle stays declined
     prefix = math.prod(a[:d])
     for j in range(len(b) - 1):
         if math.prod(b[:j]) == prefix and b[j] * b[j + 1] == a[d] and math.prod(b[j + 2:]) == math.prod(a[d + 1:]):
