@@ -306,10 +306,9 @@ def _key(graph: fx.Graph, kt: fx.Node) -> Any:
 class Sdpa(Pass):
     name = "sdpa"
     semantics = Semantics.EXACT
-    training = "same"
-    training_reason = ("same in distribution: SDPA draws its own attention-dropout masks, so train mode is "
-                       "compared with dropout disabled in both graphs")
-    summary = "hand-written attention (q@k^T, scale, masks, softmax, dropout, @v) -> scaled_dot_product_attention"
+    training = "same"  # in distribution: SDPA draws its own dropout masks (train mode verified with dropout off)
+    summary = ("hand-written attention (q@k^T, scale, masks, softmax, dropout, @v) -> scaled_dot_product_attention; "
+               "training same in distribution (SDPA draws its own dropout masks: train mode checked with dropout off)")
     options = {"causal": Option(bool, True, "turn a lower-triangular mask buffer into is_causal=True")}
 
     def call(self, gm: fx.GraphModule) -> PassResult:
