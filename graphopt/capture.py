@@ -389,7 +389,7 @@ def capture(module: nn.Module, example_inputs: Iterable[torch.Tensor] | torch.Te
             if capture == "fx":
                 raise
             fx_error, fx_gm = exc, None
-            tried.append(f"fx: {exc.message if hasattr(exc, 'message') else exc}")
+            tried.append(f"fx: {getattr(exc, 'what', exc)}")
     if gm is None:
         from graphopt.capture_export import export_capture
 
@@ -403,8 +403,9 @@ def capture(module: nn.Module, example_inputs: Iterable[torch.Tensor] | torch.Te
             if capture == "export" or (fx_gm is None and fx_error is None):
                 raise
             if fx_gm is None:
-                raise CaptureError(f"no front end can capture {type(module).__name__}: {fx_error}; export: {exc}"[:400],
-                                   where=getattr(fx_error, "where", None),
+                fx_what = getattr(fx_error, "what", str(fx_error))
+                raise CaptureError(f"neither torch.fx nor torch.export can capture {type(module).__name__}: "
+                                   f"{fx_what}"[:300], where=getattr(fx_error, "where", None) or exc.where,
                                    fix="make forward()'s control flow independent of tensor values") from exc
             tried.append(f"export: {exc}")
             gm = fx_gm

@@ -51,7 +51,8 @@ ATEN_TO_TORCH: dict[Any, Any] = {
     aten.relu.default: torch.relu, aten.silu.default: F.silu, aten.cat.default: torch.cat,
     aten.sigmoid.default: torch.sigmoid, aten.rsqrt.default: torch.rsqrt, aten.neg.default: torch.neg,
     aten.mean.dim: torch.mean, aten.pow.Tensor_Scalar: torch.pow, aten.flatten.using_ints: torch.flatten,
-    aten.unsqueeze.default: torch.unsqueeze, aten.squeeze.dim: torch.squeeze, aten.where.self: torch.where,
+    aten.unsqueeze.default: torch.unsqueeze, aten.addmm.default: torch.addmm, aten.split.Tensor: torch.split,
+    aten.masked_fill.Scalar: torch.masked_fill, aten.baddbmm.default: torch.baddbmm, aten.squeeze.dim: torch.squeeze, aten.where.self: torch.where,
 }
 _METHODS = {aten.view.default: "view", aten.contiguous.default: "contiguous", aten.expand.default: "expand"}
 
@@ -136,13 +137,24 @@ def export_capture(src: nn.Module, inputs: tuple[Any, ...], names: tuple[str, ..
     from torch.utils._pytree import tree_unflatten
 
     args, kwargs = (inputs, {}) if names is None else ((), dict(zip(names, inputs)))
+    import contextlib
+    import io
+
+    sink = io.StringIO()  # on failure torch prints the partial graph; the error below says what matters
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
     try:
-        ep = torch.export.export(src, args, kwargs, strict=False)
+        torch_log.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            ep = torch.export.export(src, args, kwargs, strict=False)
     except Exception as exc:
+        log.debug("torch.export output:\n%s", sink.getvalue())
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(f"torch.export cannot capture {type(src).__name__}: {type(exc).__name__}: {msg[:200]}",
                            where=user_frame(exc),
                            fix="make forward()'s control flow independent of tensor values") from exc
+    finally:
+        torch_log.setLevel(level)
     sig = ep.graph_signature
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}

@@ -73,7 +73,8 @@ HF_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                    dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=128, max_position_embeddings=64)),
     "roberta": ("RobertaConfig", "RobertaForSequenceClassification",
                 dict(_SMALL, vocab_size=128, max_position_embeddings=66)),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=128)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=128,
+                                                      bos_token_id=0, eos_token_id=0)),
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_SMALL, num_key_value_heads=2, vocab_size=128,
                                                       max_position_embeddings=64)),
     "t5": ("T5Config", "T5ForConditionalGeneration", dict(d_model=64, d_kv=16, d_ff=128, num_layers=2,
@@ -82,7 +83,9 @@ HF_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "whisper": ("WhisperConfig", "WhisperForConditionalGeneration",
                 dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                      decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=128,
-                     num_mel_bins=16, max_source_positions=32, max_target_positions=32)),
+                     num_mel_bins=16, max_source_positions=32, max_target_positions=32, pad_token_id=1,
+                     bos_token_id=0, eos_token_id=2, decoder_start_token_id=0, suppress_tokens=None,
+                     begin_suppress_tokens=None)),
 }
 
 
