@@ -7,7 +7,7 @@ rewritten into the one IR every pass works on:
 - parameters and buffers are ``get_attr`` nodes with their original names, on a GraphModule rooted
   at (a copy of) the original module: ``gm.get_submodule("bert.encoder.layer.0.attention")`` works;
 - a standard layer (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.LayerNorm``, ``nn.Embedding``,
-  ``nn.Dropout``, ``nn.BatchNorm*``) whose ATen op was recorded inside that module's own forward
+  ``nn.Dropout``, ``nn.BatchNorm*``, activation modules) whose ATen op was recorded inside that module's own forward
   (``nn_module_stack``) on that module's own parameters becomes a ``call_module`` node again, so
   passes see Linear/LayerNorm/Embedding layers exactly as with fx. Nothing is decomposed: pre-dispatch
   export keeps ``aten.linear``/``aten.conv2d`` whole;
@@ -55,6 +55,10 @@ ATEN_TO_TORCH: dict[Any, Any] = {
     aten.masked_fill.Scalar: torch.masked_fill, aten.baddbmm.default: torch.baddbmm, aten.squeeze.dim: torch.squeeze, aten.where.self: torch.where,
 }
 _METHODS = {aten.view.default: "view", aten.contiguous.default: "contiguous", aten.expand.default: "expand"}
+
+
+_ACTIVATIONS = {nn.GELU: aten.gelu.default, nn.ReLU: aten.relu.default, nn.SiLU: aten.silu.default,
+                nn.Tanh: aten.tanh.default, nn.Sigmoid: aten.sigmoid.default}
 
 
 def _innermost(node: fx.Node) -> str | None:
@@ -114,6 +118,10 @@ def _as_module_call(root: nn.Module, node: fx.Node) -> tuple[str, tuple[Any, ...
             return path, (a[1],)
     if isinstance(mod, nn.Dropout) and t == aten.dropout.default and a[1] == mod.p and not mod.inplace:
         return path, (a[0],)
+    act = _ACTIVATIONS.get(type(mod))
+    if act is not None and t == act and len(a) == 1:
+        if not isinstance(mod, nn.GELU) or kw.get("approximate", "none") == mod.approximate:
+            return path, (a[0],)
     if (isinstance(mod, nn.modules.batchnorm._BatchNorm) and t == aten.batch_norm.default
             and _param_is(root, a[1], mod.weight) and _param_is(root, a[2], mod.bias)):
         return path, (a[0],)
