@@ -396,6 +396,14 @@ def capture(module: nn.Module, example_inputs: Iterable[torch.Tensor] | torch.Te
         try:
             gm = export_capture(src, inputs, names)
             _finish(gm, src, inputs, {}, fx_mode=False)
+            if check_eager and fx_gm is not None:  # auto: keep fx when export's graph is the one that differs
+                ex_check = _eager_check(src, gm, inputs, names)
+                if not ex_check["ok"]:
+                    fx_check = fx_check or _eager_check(src, fx_gm, inputs, names)
+                    if fx_check["ok"]:
+                        err = ex_check.get("rel_error")
+                        raise CaptureError("captured a graph that differs from the eager model"
+                                           + (f" by {err:.0%}" if err is not None else ""))
             reason = ("asked for (--capture export)" if capture == "export"
                       else "torch.fx " + ("left part of the model opaque" if fx_gm is not None else "failed")
                       + f" ({tried[-1][4:]}); torch.export captured it")
@@ -409,8 +417,7 @@ def capture(module: nn.Module, example_inputs: Iterable[torch.Tensor] | torch.Te
                                    fix="make forward()'s control flow independent of tensor values") from exc
             tried.append(f"export: {exc}")
             gm = fx_gm
-            fx_check = None
-            reason = f"torch.export failed ({str(exc)[:160]}); kept the fx capture with opaque modules"
+            reason = f"torch.export {getattr(exc, 'what', str(exc))[:160]}; kept the fx capture with opaque modules"
     assert gm is not None
     meta = gm.meta["graphopt"]
     meta["source_class"] = f"{type(module).__module__}.{type(module).__qualname__}"
