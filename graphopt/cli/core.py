@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from graphopt.cli import cli
+from graphopt.cli import capture_option, cli
 from graphopt.emit.base import emitter_names
 from graphopt.errors import EmitError, PassConfigError
 from graphopt.serialize import dumps, read_json, write_json
@@ -32,6 +32,7 @@ console = Console(highlight=False)
               help="Also run one optimizer step on original and rewrite and compare the parameters.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the pipeline report as JSON here.")
+@capture_option
 def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, out: str | None, emit_format: str,
              emit_options: tuple[str, ...], no_verify: bool, force: bool, report_path: str | None,
              verify_extra: str | None = None) -> None:
@@ -72,7 +73,8 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
     with console.status("capturing"):
         gm = capture(spec.module, spec.example_inputs)
     cost = graph_meta(gm)["cost"]
-    console.print(f"captured {type(spec.module).__name__}: {cost.nodes} nodes, {cost.macs / 1e9:.3f} GMACs, "
+    _print_capture(gm)
+    console.print(f"captured {graph_meta(gm)['source_class'].rsplit('.', 1)[-1]}: {cost.nodes} nodes, {cost.macs / 1e9:.3f} GMACs, "
                   f"{cost.params / 1e6:.3f} M params")
     if cost.coverage["opaque"]:
         print_coverage(console, cost)
@@ -92,6 +94,9 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
     path = result.path
     if report_path:
         doc = report.as_dict()
+        from graphopt.capture import capture_summary
+
+        doc["capture"] = capture_summary(gm) | {"coverage": cost.coverage["fraction"]}
         if emit_check:
             doc["emit"] = {"format": emit_format, "check": emit_check}
         write_json(report_path, doc)
@@ -99,14 +104,27 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
     console.print(f"[bold green]wrote[/] {path}/ ({emit_format}, {verdict})")
 
 
+def _print_capture(gm: Any) -> None:
+    """The front end used and why, notes (caches disabled), and the eager check (a mismatch loudly)."""
+    from graphopt.capture import capture_lines
+
+    for text, warn in capture_lines(gm):
+        if warn:
+            console.print(f"[bold red]{text}[/]")
+            click.echo(text, err=True)
+        else:
+            console.print(text)
+
+
 @cli.command()
 @click.argument("model_file", metavar="MODEL.py[:FACTORY]")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--all-nodes", is_flag=True, help="Table: also list nodes without MACs or parameters.")
 @click.option("--draw", type=click.Path(dir_okay=False), help="Draw the graph to FILE.svg / FILE.png / FILE.pdf.")
+@capture_option
 def inspect(model_file: str, fmt: str, all_nodes: bool, draw: str | None) -> None:
     """What a model costs: per-layer shapes, MACs, params, coverage of the capture."""
-    from graphopt.capture import capture
+    from graphopt.capture import capture, capture_summary
     from graphopt.modelfile import load_model_file
     from graphopt.report import draw_graph, layer_rows, layer_table, print_coverage
 
@@ -120,7 +138,7 @@ def inspect(model_file: str, fmt: str, all_nodes: bool, draw: str | None) -> Non
                "macs": cost.macs, "backward_macs_estimate": cost.backward_macs, "params": cost.params,
                "trainable_params": cost.trainable_params, "activation_bytes": cost.activation_bytes,
                "coverage": cost.coverage["fraction"], "coverage_detail": cost.coverage,
-               "nodes": layer_rows(gm)}
+               "capture": capture_summary(gm), "nodes": layer_rows(gm)}
         click.echo(dumps(doc))
     else:
         console.print(layer_table(gm, cost, all_nodes))
@@ -128,6 +146,7 @@ def inspect(model_file: str, fmt: str, all_nodes: bool, draw: str | None) -> Non
                       f"{cost.params / 1e6:.3f} M params ({cost.trainable_params / 1e6:.3f} M trainable), "
                       f"activations {cost.activation_bytes / 2**20:.1f} MiB")
         print_coverage(console, cost)
+        _print_capture(gm)
     if draw:
         draw_graph(gm, draw)
         if fmt == "table":

@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from graphopt.cli import cli
+from graphopt.cli import capture_option, cli
 from graphopt.cli.bench import _config, _out_folder, _train_options, load_data
 from graphopt.serialize import dumps
 
@@ -32,6 +32,7 @@ console = Console(highlight=False)
 @click.option("-o", "--out", type=click.Path(file_okay=False),
               help="Write prune.json, prune.md and the final model (model/, a torch folder) here.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@capture_option
 def prune_iterative_cmd(model_file: str, rounds: int, ratio_per_round: float, prune_opts: str, epochs_per_round: int,
                         batch_size: int, no_verify: bool, out: str | None, force: bool, **kw: Any) -> None:
     """Prune MODEL.py in rounds, fine-tuning on real data between rounds.
