@@ -1,6 +1,19 @@
 """Capture an ``nn.Module`` into the IR: a ``torch.fx.GraphModule`` with metadata.
 
-Tracing is ``torch.fx`` symbolic tracing. When a submodule cannot be traced (data-dependent
+Two front ends produce the one IR every pass works on:
+
+- ``fx``: ``torch.fx`` symbolic tracing (below);
+- ``export``: ``torch.export.export(strict=False)`` for what symbolic tracing cannot follow
+  (HuggingFace transformers: decorated forwards, shape checks as control flow, iterated proxies),
+  normalised into the same IR by :mod:`graphopt.capture_export` (standard layers become
+  ``call_module`` nodes again, parameters keep their names).
+
+``capture(..., capture="auto")`` tries fx first and uses export when fx fails or leaves part of the
+model opaque; ``gm.meta["graphopt"]["front_end"]`` says which and why. After capture the graph's eval
+outputs are compared with the eager model's (``gm.meta["graphopt"]["eager_check"]``): capture is a
+rewrite too, and a graph that differs from eager is reported loudly.
+
+fx details: When a submodule cannot be traced (data-dependent
 control flow, unsupported Python), the *smallest* submodule whose forward failed is retried
 as an opaque leaf, until the trace succeeds. Coverage (share of MACs and parameters inside
 the IR) and each opaque module with its reason are recorded in ``gm.meta["graphopt"]``.
@@ -22,9 +35,10 @@ from torch import fx, nn
 from graphopt.analysis.cost import GraphCost, annotate
 from graphopt.errors import CaptureError
 from graphopt.ir import tensor_specs
-from graphopt.modelfile import user_frame
+from graphopt.modelfile import KeywordInputs, plain_outputs, user_frame
 
-__all__ = ["capture", "GraphoptTracer", "MAX_LEAF_RETRIES"]
+__all__ = ["capture", "GraphoptTracer", "KeywordInputs", "plain_outputs", "MAX_LEAF_RETRIES", "FRONT_ENDS",
+           "EAGER_RTOL", "set_default_front_end", "capture_lines", "capture_summary"]
 
 log = logging.getLogger(__name__)
 MAX_LEAF_RETRIES = 32
@@ -188,37 +202,281 @@ def _make_mode_aware(gm: fx.GraphModule, module: nn.Module, opaque: dict[str, An
             "unresolved": unresolved}
 
 
-def capture(module: nn.Module, example_inputs: Iterable[torch.Tensor] | torch.Tensor, *,
-            copy_module: bool = True) -> fx.GraphModule:
+
+FRONT_ENDS = ("auto", "fx", "export")
+_DEFAULT_FRONT_END = "auto"
+
+
+def set_default_front_end(name: str) -> None:
+    """The front end ``capture()`` uses when none is passed (the CLI's ``--capture`` sets it for every
+    capture a command makes, including those inside benchmarks and training)."""
+    global _DEFAULT_FRONT_END
+    if name not in FRONT_ENDS:
+        raise CaptureError(f"unknown capture front end '{name}'", fix=f"use one of {', '.join(FRONT_ENDS)}")
+    _DEFAULT_FRONT_END = name
+
+# relative error (norm of the difference / norm of the eager outputs) above which the captured graph
+# is reported as differing from the eager model (float32 reordering stays far below it)
+EAGER_RTOL = 1e-3
+
+
+def _disable_cache(module: nn.Module) -> bool:
+    """``use_cache=False`` on a transformers config (training needs no KV cache, and a cache object in
+    the outputs is not a tensor). Returns whether anything was changed."""
+    changed = False
+    for m in module.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and getattr(cfg, "use_cache", False):
+            cfg.use_cache = False
+            changed = True
+    return changed
+
+
+def _fx_capture(src: nn.Module, names: tuple[str, ...] | None) -> tuple[fx.GraphModule, dict[str, Any]]:
+    opaque: dict[str, dict[str, str]] = {}
+    if names is None:
+        gm = _trace(src, opaque)
+    else:
+        gm = _trace_keywords(src, names, opaque)
+    return gm, opaque
+
+
+def _trace_keywords(src: nn.Module, names: tuple[str, ...], opaque: dict[str, Any]) -> fx.GraphModule:
+    """fx-trace ``src`` called with keyword inputs ``names``: other forward parameters keep their
+    defaults; placeholders are put in the order of ``names``."""
+    import inspect
+
+    sig = inspect.signature(src.forward)
+    concrete = {p.name: p.default for p in sig.parameters.values()
+                if p.name not in names and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and p.default is not inspect.Parameter.empty}
+    missing = [n for n in names if n not in sig.parameters]
+    if missing:
+        raise CaptureError(f"{type(src).__name__}.forward has no parameter {missing[0]!r}",
+                           fix="use forward()'s parameter names as example_inputs() keys")
+    for _ in range(MAX_LEAF_RETRIES + 1):
+        tracer = GraphoptTracer(opaque)
+        try:
+            graph = tracer.trace(src, concrete_args=concrete)
+        except Exception as exc:
+            failing = getattr(exc, "_graphopt_module", None)
+            if not failing or failing in opaque:
+                raise CaptureError(
+                    f"torch.fx cannot trace {type(src).__name__}.forward: {_reason(exc, False)}",
+                    where=user_frame(exc), fix="use --capture export, or make the code independent of tensor values",
+                ) from exc
+            sub = src.get_submodule(failing)
+            opaque[failing] = {"class": type(sub).__name__, "reason": _reason(exc)}
+            continue
+        # concrete args left placeholders behind that nothing uses; drop them, order the rest
+        phs = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+        for name, node in list(phs.items()):
+            if name not in names and not node.users:
+                graph.erase_node(node)
+        first = next(iter(graph.nodes))
+        for name in reversed(names):
+            node = phs[name]
+            if node is not first:
+                first.prepend(node)
+            first = node
+        return fx.GraphModule(tracer.root, graph, type(src).__name__)
+    raise CaptureError(f"more than {MAX_LEAF_RETRIES} submodules of {type(src).__name__} cannot be traced",
+                       fix="simplify the model's control flow")
+
+
+def _coverage_of(gm: fx.GraphModule) -> float:
+    return float(gm.meta["graphopt"]["cost"].coverage["fraction"])
+
+
+def _eager_check(src: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
+                 names: tuple[str, ...] | None) -> dict[str, Any]:
+    """Eval-mode outputs of the graph against the eager model's, on the example inputs."""
+    from torch.utils._pytree import tree_flatten
+
+    from graphopt.ir import eval_mode
+
+    try:
+        with torch.no_grad(), eval_mode(src), eval_mode(gm):
+            torch.manual_seed(0)
+            ref = src(**dict(zip(names, inputs))) if names is not None else src(*inputs)
+            torch.manual_seed(0)
+            got = gm(*inputs)
+    except Exception as exc:  # the graph does not run where eager does: the loudest mismatch
+        return {"checked": True, "ok": False, "rel_error": None,
+                "reason": f"the captured graph fails where the eager model runs: {_reason(exc)}"}
+    ref_flat = [t for t in tree_flatten(plain_outputs(ref))[0] if isinstance(t, torch.Tensor)]
+    got_flat = [t for t in tree_flatten(got)[0] if isinstance(t, torch.Tensor)]
+    if len(ref_flat) != len(got_flat) or any(a.shape != b.shape for a, b in zip(ref_flat, got_flat)):
+        return {"checked": True, "ok": False, "rel_error": None,
+                "reason": f"the captured graph returns {[tuple(t.shape) for t in got_flat]}, the eager model "
+                          f"{[tuple(t.shape) for t in ref_flat]}"}
+    diff = ref_norm = 0.0
+    for a, b in zip(ref_flat, got_flat):
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                return {"checked": True, "ok": False, "rel_error": None,
+                        "reason": "integer outputs of the captured graph differ from the eager model's"}
+            continue
+        a64, b64 = a.double(), b.double()
+        if not (torch.isfinite(a64).all() and torch.isfinite(b64).all()):
+            if not torch.equal(a64.nan_to_num(), b64.nan_to_num()):
+                return {"checked": True, "ok": False, "rel_error": None, "reason": "non-finite outputs differ"}
+            continue
+        diff += float((a64 - b64).pow(2).sum())
+        ref_norm += float(a64.pow(2).sum())
+    rel = (diff ** 0.5) / max(ref_norm ** 0.5, 1e-12)
+    ok = rel <= EAGER_RTOL
+    out = {"checked": True, "ok": ok, "rel_error": rel, "tolerance": EAGER_RTOL}
+    if not ok:
+        out["reason"] = (f"the captured graph differs from the eager model by {rel:.2%} (relative, eval mode): "
+                         "tracing froze Python control flow or state; exact passes will then fail against "
+                         "the graph, not the model")
+    return out
+
+
+def capture(module: nn.Module, example_inputs: Iterable[torch.Tensor] | torch.Tensor | dict[str, Any], *,
+            copy_module: bool = True, capture: str | None = None, check_eager: bool = True) -> fx.GraphModule:
     """Capture ``module`` into a GraphModule with shapes, dtypes and costs on every node.
 
-    The module is deep-copied first (``copy_module=False`` to skip), so rewrites never touch
-    the caller's model. ``gm.meta["graphopt"]`` holds ``opaque`` (module -> class, reason),
-    ``cost`` (a :class:`GraphCost`) and the example inputs' shapes.
+    ``example_inputs``: a tensor, a tuple of tensors, or a dict of keyword inputs (HuggingFace
+    style; the graph's placeholders are then named and ordered like the dict). ``capture``: the
+    front end, ``"fx"``, ``"export"`` or ``"auto"`` (fx first; export when fx fails or leaves part of
+    the model opaque; default: :func:`set_default_front_end`, "auto"). The module is deep-copied first (``copy_module=False`` to skip), so rewrites
+    never touch the caller's model. ``gm.meta["graphopt"]`` holds ``opaque`` (module -> class,
+    reason), ``cost`` (a :class:`GraphCost`), ``front_end`` (which and why), ``eager_check`` (the
+    graph's eval outputs against the eager model's) and the example inputs' shapes.
     """
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    inputs = tuple(example_inputs)
+    capture = capture or _DEFAULT_FRONT_END
+    if capture not in FRONT_ENDS:
+        raise CaptureError(f"unknown capture front end '{capture}'", fix=f"use one of {', '.join(FRONT_ENDS)}")
+    names: tuple[str, ...] | None = None
+    if isinstance(example_inputs, dict):
+        names = tuple(example_inputs)
+        inputs = tuple(example_inputs.values())
+    elif isinstance(example_inputs, torch.Tensor):
+        inputs = (example_inputs,)
+    else:
+        inputs = tuple(example_inputs)
     if isinstance(module, fx.GraphModule) and "graphopt" in module.meta:
         gm = copy.deepcopy(module) if copy_module else module
         gm.meta["graphopt"]["cost"] = annotate(gm, inputs)
         return gm
+    outer = module
+    if isinstance(module, KeywordInputs):
+        names, module = module.names, module.model
     src = copy.deepcopy(module) if copy_module else module
-    opaque: dict[str, dict[str, str]] = {}
-    gm = _trace(src, opaque)
-    mode_info = _make_mode_aware(gm, src, opaque)
+    notes: list[str] = []
+    if _disable_cache(src):
+        notes.append("use_cache=False set on the model config (training needs no KV cache)")
+    tried: list[str] = []
+    gm: fx.GraphModule | None = None
+    reason = ""
+    fx_error: CaptureError | None = None
+    fx_gm: fx.GraphModule | None = None
+    fx_check: dict[str, Any] | None = None
+    if capture in ("auto", "fx"):
+        try:
+            gm, opaque = _fx_capture(src, names)
+            _finish(gm, src, inputs, opaque, fx_mode=True)
+            cov = _coverage_of(gm)
+            reason = "asked for (--capture fx)" if capture == "fx" else "torch.fx traced the whole model"
+            if check_eager and cov >= 1.0:
+                fx_check = _eager_check(src, gm, inputs, names)
+            if capture == "auto" and (cov < 1.0 or (fx_check is not None and not fx_check["ok"])):
+                tried.append(f"fx: coverage {cov:.0%}" if cov < 1.0 else "fx: graph differs from eager")
+                fx_gm, gm = gm, None
+        except CaptureError as exc:
+            if capture == "fx":
+                raise
+            fx_error, fx_gm = exc, None
+            tried.append(f"fx: {getattr(exc, 'what', exc)}")
+    if gm is None:
+        from graphopt.capture_export import export_capture
+
+        try:
+            gm = export_capture(src, inputs, names)
+            _finish(gm, src, inputs, {}, fx_mode=False)
+            if check_eager and fx_gm is not None:  # auto: keep fx when export's graph is the one that differs
+                ex_check = _eager_check(src, gm, inputs, names)
+                if not ex_check["ok"]:
+                    fx_check = fx_check or _eager_check(src, fx_gm, inputs, names)
+                    if fx_check["ok"]:
+                        err = ex_check.get("rel_error")
+                        raise CaptureError("captured a graph that differs from the eager model"
+                                           + (f" by {err:.0%}" if err is not None else ""))
+            reason = ("asked for (--capture export)" if capture == "export"
+                      else "torch.fx " + ("left part of the model opaque" if fx_gm is not None else "failed")
+                      + f" ({tried[-1][4:]}); torch.export captured it")
+        except CaptureError as exc:
+            if capture == "export" or (fx_gm is None and fx_error is None):
+                raise
+            if fx_gm is None:
+                fx_what = getattr(fx_error, "what", str(fx_error))
+                raise CaptureError(f"neither torch.fx nor torch.export can capture {type(module).__name__}: "
+                                   f"{fx_what}"[:300], where=getattr(fx_error, "where", None) or exc.where,
+                                   fix="make forward()'s control flow independent of tensor values") from exc
+            tried.append(f"export: {exc}")
+            gm = fx_gm
+            reason = f"torch.export {getattr(exc, 'what', str(exc))[:160]}; kept the fx capture with opaque modules"
+    assert gm is not None
+    meta = gm.meta["graphopt"]
+    meta["source_class"] = f"{type(module).__module__}.{type(module).__qualname__}"
+    meta["inputs"] = tensor_specs(inputs)
+    if names is not None:
+        meta["input_names"] = list(names)
+    meta["front_end"] = {"used": meta.pop("_front_end"), "asked": capture, "reason": reason, "tried": tried}
+    if notes:
+        meta["capture_notes"] = notes
+    if not check_eager:
+        check: dict[str, Any] = {"checked": False}
+    elif meta["front_end"]["used"] == "fx" and fx_check is not None:
+        check = fx_check
+    else:
+        check = _eager_check(src, gm, inputs, names)
+    meta["eager_check"] = check
+    if check.get("checked") and not check["ok"]:
+        log.warning("capture of %s does not match the eager model: %s", type(module).__name__, check["reason"])
+    del outer
+    return gm
+
+
+def capture_summary(gm: fx.GraphModule) -> dict[str, Any]:
+    """What a report says about the capture: front end and why, notes, the eager check."""
+    meta = gm.meta.get("graphopt", {})
+    out = {k: meta[k] for k in ("front_end", "eager_check", "capture_notes", "input_names") if k in meta}
+    return out
+
+
+def capture_lines(gm: fx.GraphModule) -> list[tuple[str, bool]]:
+    """Human lines about the capture, ``(text, is_warning)``: front end and why, notes, eager check."""
+    meta = gm.meta.get("graphopt", {})
+    lines: list[tuple[str, bool]] = []
+    fe = meta.get("front_end")
+    if fe:
+        lines.append((f"capture: {fe['used']} ({fe['reason']})", False))
+    for note in meta.get("capture_notes", []):
+        lines.append((f"capture: {note}", False))
+    check = meta.get("eager_check", {})
+    if check.get("checked"):
+        if check["ok"]:
+            lines.append((f"capture matches the eager model (relative error {check['rel_error']:.1e})", False))
+        else:
+            lines.append((f"WARNING: {check['reason']}", True))
+    return lines
+
+
+def _finish(gm: fx.GraphModule, src: nn.Module, inputs: tuple[Any, ...], opaque: dict[str, Any],
+            fx_mode: bool) -> None:
+    mode_info = _make_mode_aware(gm, src, opaque) if fx_mode else {"checked": True, "captured_mode":
+                                                                    "train" if src.training else "eval",
+                                                                    "made_mode_aware": "dropout"}
     gm.train(src.training)
-    gm.meta["graphopt"] = {
-        "opaque": opaque,
-        "source_class": f"{type(module).__module__}.{type(module).__qualname__}",
-        "inputs": tensor_specs(inputs),
-        "training_mode": mode_info,
-    }
+    gm.meta["graphopt"] = {"opaque": opaque, "training_mode": mode_info,
+                           "_front_end": "fx" if fx_mode else "export"}
     extra = mode_info.get("only_in_train_mode") or mode_info.get("only_in_eval_mode")
     if extra or mode_info.get("unresolved"):
         log.warning("%s has code that runs only in %s mode (%s); it was captured in that mode and also runs "
-                    "in the other", type(module).__name__, mode_info["captured_mode"],
+                    "in the other", type(src).__name__, mode_info["captured_mode"],
                     ", ".join((extra or []) + mode_info.get("unresolved", []))[:300])
     cost: GraphCost = annotate(gm, inputs)
     gm.meta["graphopt"]["cost"] = cost
-    return gm

@@ -49,6 +49,7 @@ __all__ = [
     "graph_meta", "example_inputs", "calibration_batches", "copy_graph", "eval_mode", "train_mode", "module_of",
     "is_module", "add_module", "replace_module", "name_matches", "glob_decline", "Site", "candidate_sites",
     "output_shape", "output_dtype", "unique_attr_name", "run_calibration", "node_values", "tensor_specs",
+    "ScaledDotProductAttention",
 ]
 
 _SHARED_META = ("example_inputs", "calibration_data")
@@ -277,3 +278,22 @@ def tensor_specs(value: Any) -> list[dict[str, Any]]:
     flat, _ = tree_flatten(value)
     return [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
             for t in flat if isinstance(t, torch.Tensor)]
+
+
+class ScaledDotProductAttention(nn.Module):
+    """``F.scaled_dot_product_attention`` as a layer whose attention-probability dropout follows the
+    module's training flag (``dropout_p`` in train mode, none in eval mode), as ``nn.Dropout`` does;
+    rewrites that replace hand-written attention with dropout use it (``passes/sdpa.py``)."""
+
+    def __init__(self, dropout_p: float = 0.0, scale: float | None = None, is_causal: bool = False):
+        super().__init__()
+        self.dropout_p, self.scale, self.is_causal = float(dropout_p), scale, bool(is_causal)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=self.is_causal, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return f"dropout_p={self.dropout_p}, scale={self.scale}, is_causal={self.is_causal}"

@@ -3,7 +3,9 @@
 A model file is a Python file that defines
 
 - ``model()`` returning an ``nn.Module`` (``FILE.py:NAME`` picks another factory),
-- ``example_inputs()`` returning a tensor or a tuple of tensors,
+- ``example_inputs()`` returning a tensor, a tuple of tensors, or a dict of keyword inputs
+  (HuggingFace style: ``{"input_ids": ..., "attention_mask": ...}``; the model is then called as
+  ``model(**inputs)`` and seen positionally in the dict's order, see :class:`KeywordInputs`),
 - optionally ``loss(output, target)`` and ``data()`` returning ``(train_dataset, test_dataset)``
   for the training benchmarks.
 
@@ -24,7 +26,7 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -32,8 +34,8 @@ from torch import nn
 from graphopt.errors import ModelFileError
 from graphopt.ir import eval_mode
 
-__all__ = ["ModelSpec", "load_model_file", "load_model_or_folder", "remember_source", "user_frame",
-           "model_file_context"]
+__all__ = ["ModelSpec", "KeywordInputs", "plain_outputs", "load_model_file", "load_model_or_folder",
+           "remember_source", "user_frame", "model_file_context"]
 
 _IMPORTS_TORCHVISION = re.compile(r"^[ \t]*(?:import|from)[ \t]+[^\n#]*\b(?:torchvision|timm)\b", re.MULTILINE)
 
@@ -76,6 +78,34 @@ def _exit_error(exc: SystemExit, path: Path, what: str) -> ModelFileError:
                           fix="a model file must define functions, not end the program: remove the exit")
 
 
+
+def plain_outputs(value: Any) -> Any:
+    """Outputs with HuggingFace ``ModelOutput`` (and other dict subclasses) as plain dicts of their
+    non-None fields, recursively: the documented output structure of a captured graph."""
+    if isinstance(value, dict):
+        return {k: plain_outputs(v) for k, v in value.items() if v is not None}
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(plain_outputs(v) for v in value)
+    if isinstance(value, list):
+        return [plain_outputs(v) for v in value]
+    return value
+
+
+class KeywordInputs(nn.Module):
+    """A model called with keyword inputs (``model(**example_inputs())``), seen positionally in the
+    order of ``names`` (what the rest of graphopt passes around), outputs as :func:`plain_outputs`.
+    Capture unwraps it: the graph is rooted at ``model`` (original parameter names) and its
+    placeholders are named after the keywords."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str]):
+        super().__init__()
+        self.model = model
+        self.names = tuple(names)
+
+    def forward(self, *args: Any) -> Any:
+        return plain_outputs(self.model(**dict(zip(self.names, args))))
+
+
 @dataclass
 class ModelSpec:
     """What a model file provides."""
@@ -89,6 +119,7 @@ class ModelSpec:
     sha256: str | None = None
     namespace: dict[str, Any] = field(default_factory=dict, repr=False)
     folder: Path | None = None  # set when loaded from a graphopt folder (load_model_or_folder)
+    input_names: tuple[str, ...] | None = None  # keyword inputs: module is a KeywordInputs wrapper
 
     def calibration_batches(self) -> "CalibrationData":
         """Input batches (inputs only, no targets) from ``data()``'s training set, lazily."""
@@ -147,12 +178,18 @@ def _describe(exc: BaseException) -> str:
 
 
 def _as_inputs(value: Any, where: str) -> tuple[torch.Tensor, ...]:
+    if isinstance(value, dict) and value and all(isinstance(k, str) and k.isidentifier() for k in value):
+        bad = [k for k, v in value.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ModelFileError(f"example_inputs()['{bad[0]}'] is {type(value[bad[0]]).__name__}, not a tensor",
+                                 where=where, fix="return only tensors (leave optional inputs out of the dict)")
+        return tuple(value.values())
     if isinstance(value, torch.Tensor):
         return (value,)
     if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
         return tuple(value)
     raise ModelFileError(
-        f"example_inputs() returned {type(value).__name__}, not a tensor or a tuple of tensors",
+        f"example_inputs() returned {type(value).__name__}, not a tensor, a tuple of tensors or a dict of them",
         where=where,
         fix="return e.g. (torch.randn(8, 3, 224, 224),)",
     )
@@ -223,13 +260,17 @@ def load_model_file(spec: str | Path, *, check_forward: bool = True) -> ModelSpe
     if not callable(ex):
         raise ModelFileError("no function 'example_inputs()' defined", where=str(path),
                              fix="define example_inputs() returning a tuple of input tensors")
-    inputs = _as_inputs(_call(ex, path, "example_inputs()"), str(path))
+    raw = _call(ex, path, "example_inputs()")
+    inputs = _as_inputs(raw, str(path))
+    names = tuple(raw) if isinstance(raw, dict) else None
+    if names is not None:
+        net = KeywordInputs(net, names)
     loss = ns.get("loss")
     data_fn = ns.get("data")
     result = ModelSpec(
         module=net, example_inputs=inputs, path=path.resolve(), factory=factory,
         loss=loss if callable(loss) else None, data=data_fn if callable(data_fn) else None,
-        sha256=digest, namespace=ns,
+        sha256=digest, namespace=ns, input_names=names,
     )
     if check_forward:
         check_runs(net, inputs, where=f"{path.name}:{factory}()")

@@ -338,7 +338,7 @@ class _Run:
 
 
 _RANDOM_MODULES = ("Dropout", "AlphaDropout", "FeatureAlphaDropout", "DropPath", "StochasticDepth",
-                   "DropBlock")
+                   "DropBlock", "ScaledDotProductAttention")  # the last: its attention dropout
 _RANDOM_FUNCTIONS = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
                      "drop_path", "stochastic_depth", "drop_block2d", "drop_block3d", "bernoulli", "rand",
                      "rand_like", "randn", "randn_like", "randint", "randperm", "native_dropout")

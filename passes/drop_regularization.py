@@ -15,7 +15,8 @@ Removed (each reported with what it was):
   ``torchvision.ops.drop_block2d/3d``;
 - traced drop-path: ``x * new_empty(shape).bernoulli_(keep)[.div_(keep)]`` (timm's
   ``drop_path`` traced in training mode) together with the mask's computation;
-- ``nn.MultiheadAttention(dropout=p)``: its attention dropout is set to 0.
+- ``nn.MultiheadAttention(dropout=p)`` and the ``sdpa`` pass's ``ScaledDotProductAttention``: its
+  attention dropout is set to 0.
 
 Traced-through code bakes ``self.training`` in at capture time. A graph captured in train mode
 therefore applies stochastic depth even in eval mode; such ops are reported as
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from graphopt import Decline, Pass, PassResult, Rewrite, Semantics
-from graphopt.ir import copy_graph, module_of
+from graphopt.ir import ScaledDotProductAttention, copy_graph, module_of
 
 __all__ = ["DropRegularization"]
 
@@ -223,6 +224,12 @@ class DropRegularization(Pass):
                         rewrites.append(Rewrite(str(node.target), f"attention dropout {p} set to 0",
                                                 {"kind": "MultiheadAttention.dropout", "p": p}))
                         note("MultiheadAttention.dropout")
+                elif isinstance(mod, ScaledDotProductAttention):  # written by the sdpa pass
+                    if mod.dropout_p > 0:
+                        p, mod.dropout_p = mod.dropout_p, 0.0
+                        rewrites.append(Rewrite(str(node.target), f"attention dropout {p} set to 0",
+                                                {"kind": "ScaledDotProductAttention.dropout_p", "p": p}))
+                        note("ScaledDotProductAttention.dropout_p")
                 else:
                     inner = _leaf_dropouts(mod)
                     if inner:

@@ -145,15 +145,17 @@ def graph_cost(gm: fx.GraphModule) -> GraphCost:
     params = {id(p): p for p in gm.parameters()}
     n_params = sum(p.numel() for p in params.values())
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
-    opaque_params = 0
+    # over what exists: each parameter once (tied or inside nested opaque modules), fractions in [0, 1]
+    opaque_ids: dict[int, int] = {}
     for name in opaque:
         try:
-            opaque_params += sum(p.numel() for p in gm.get_submodule(name).parameters())
+            opaque_ids.update((id(p), p.numel()) for p in gm.get_submodule(name).parameters() if id(p) in params)
         except AttributeError:
             pass
+    opaque_params = sum(opaque_ids.values())
     coverage = {
-        "macs": 1.0 - (opaque_macs / macs if macs else 0.0),
-        "params": 1.0 - (opaque_params / n_params if n_params else 0.0),
+        "macs": min(1.0, max(0.0, 1.0 - (opaque_macs / macs if macs else 0.0))),
+        "params": min(1.0, max(0.0, 1.0 - (opaque_params / n_params if n_params else 0.0))),
         "opaque": [{"module": k, **v} for k, v in opaque.items()],
     }
     coverage["fraction"] = min(coverage["macs"], coverage["params"])

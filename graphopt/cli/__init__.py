@@ -17,7 +17,7 @@ import click
 
 from graphopt.errors import GraphoptError
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "main", "capture_option"]
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -32,6 +32,22 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug or os.environ.get("GRAPHOPT_DEBUG") == "1"
     logging.basicConfig(level=logging.DEBUG if ctx.obj["debug"] else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+
+
+def _set_front_end(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from graphopt.capture import set_default_front_end
+
+    set_default_front_end(value)
+    return value
+
+
+def capture_option(fn):  # type: ignore[no-untyped-def]
+    """``--capture auto|fx|export`` on a command that captures a model: sets the front end of every
+    capture the command makes (see :func:`graphopt.capture.capture`)."""
+    return click.option("--capture", type=click.Choice(["auto", "fx", "export"]), default="auto",
+                        show_default=True, expose_value=False, callback=_set_front_end,
+                        help="Capture front end: torch.fx tracing, torch.export, or auto (fx first, export "
+                             "when fx fails or leaves modules opaque).")(fn)
 
 
 # command modules register themselves on `cli`

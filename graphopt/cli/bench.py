@@ -10,6 +10,7 @@ from graphopt.cli import cli
 from rich.console import Console
 
 from graphopt.cli._console import make_console
+from graphopt.cli import capture_option
 from graphopt.bench.backend import backend_names
 from graphopt.errors import GraphoptError, PassConfigError
 from graphopt.serialize import dumps
@@ -208,6 +209,7 @@ def _bench_batch(spec: Any, batch_size: int | None):
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="Terminal output (files are always written).")
+@capture_option
 def bench(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | None, batch_size: int | None,
           steps: int, warmup: int, rounds: int | None, train_mode: bool, no_verify: bool, out: str | None,
           force: bool, fmt: str, trust_code: bool = False, **kw: Any) -> None:
@@ -331,6 +333,7 @@ def _bench_train(spec: Any, variants: dict[str, Any], kw: dict[str, Any], batch_
 @click.option("-o", "--out", type=click.Path(file_okay=False),
               help="Also write train.json, train.md, train.png and the trained model (model/, a torch folder; + model.onnx with --backend ort) here.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@capture_option
 def train(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | None, batch_size: int,
           backend: str, no_verify: bool, out: str | None, force: bool, trust_code: bool = False,
           distill: bool = False, temperature: float = 4.0, alpha: float = 0.9, distill_features: str = "",
@@ -468,6 +471,7 @@ def _sweep_out(res: Any, out_path: Path, force: bool, desc: str, model: str) -> 
 @_train_options
 @click.option("-o", "--out", type=click.Path(file_okay=False), help="Output folder [default: MODEL_sweep_depth/].")
 @click.option("--force", is_flag=True)
+@capture_option
 def sweep_depth_cmd(model_file: str, deltas: str, blocks: tuple[str, ...], init: str, batch_size: int,
                     out: str | None, force: bool, **kw: Any) -> None:
     """Depth sweep: shape-preserving blocks removed or repeated (a graph rewrite), each variant trained."""
@@ -495,6 +499,7 @@ def sweep_depth_cmd(model_file: str, deltas: str, blocks: tuple[str, ...], init:
 @_train_options
 @click.option("-o", "--out", type=click.Path(file_okay=False), help="Output folder [default: MODEL_sweep_batch/].")
 @click.option("--force", is_flag=True)
+@capture_option
 def sweep_batch_cmd(model_file: str, sizes: str, lr_scaling: str, batch_size: int, out: str | None, force: bool,
                     **kw: Any) -> None:
     """Batch-size sweep: the same model trained with each batch size (throughput and accuracy)."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from graphopt.cli._console import make_console
 from rich.table import Table
 
-from graphopt.cli import cli
+from graphopt.cli import capture_option, cli
 from graphopt.cli.auto import auto_options
 from graphopt.emit.base import emitter_names
 from graphopt.errors import EmitError, PassConfigError
@@ -36,6 +37,7 @@ console = make_console()
               "one above it, a repository, the current folder, home or /).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the pipeline report as JSON here.")
 @auto_options
+@capture_option
 def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, out: str | None, emit_format: str,
              emit_options: tuple[str, ...], no_verify: bool, force: bool, report_path: str | None,
              verify_extra: str | None = None, trust_code: bool = False, **auto_kw: object) -> None:
@@ -90,7 +92,8 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
     with console.status("capturing"):
         gm = capture(spec.module, spec.example_inputs)
     cost = graph_meta(gm)["cost"]
-    console.print(f"captured {type(spec.module).__name__}: {cost.nodes} nodes, {cost.macs / 1e9:.3f} GMACs, "
+    _print_capture(gm)
+    console.print(f"captured {graph_meta(gm)['source_class'].rsplit('.', 1)[-1]}: {cost.nodes} nodes, {cost.macs / 1e9:.3f} GMACs, "
                   f"{cost.params / 1e6:.3f} M params")
     if cost.coverage["opaque"]:
         print_coverage(console, cost)
@@ -119,6 +122,9 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
         doc = report.as_dict()
         if auto_report is not None:
             doc["auto"] = auto_report.as_dict()
+        from graphopt.capture import capture_summary
+
+        doc["capture"] = capture_summary(gm) | {"coverage": cost.coverage["fraction"]}
         if emit_check:
             doc["emit"] = {"format": emit_format, "check": emit_check}
         write_text(report_path, dumps(doc), "--report")
@@ -126,14 +132,27 @@ def optimize(model_file: str, pass_specs: tuple[str, ...], config: str | None, o
     console.print(f"[bold green]wrote[/] {path}/ ({emit_format}, {verdict})")
 
 
+def _print_capture(gm: Any) -> None:
+    """The front end used and why, notes (caches disabled), and the eager check (a mismatch loudly)."""
+    from graphopt.capture import capture_lines
+
+    for text, warn in capture_lines(gm):
+        if warn:
+            console.print(f"[bold red]{text}[/]")
+            click.echo(text, err=True)
+        else:
+            console.print(text)
+
+
 @cli.command()
 @click.argument("model_file", metavar="MODEL.py[:FACTORY]")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--all-nodes", is_flag=True, help="Table: also list nodes without MACs or parameters.")
 @click.option("--draw", type=click.Path(dir_okay=False), help="Draw the graph to FILE.svg / FILE.png / FILE.pdf.")
+@capture_option
 def inspect(model_file: str, fmt: str, all_nodes: bool, draw: str | None) -> None:
     """What a model costs: per-layer shapes, MACs, params, coverage of the capture."""
-    from graphopt.capture import capture
+    from graphopt.capture import capture, capture_summary
     from graphopt.modelfile import load_model_file
     from graphopt.report import draw_graph, layer_rows, layer_table, print_coverage
 
@@ -151,7 +170,7 @@ def inspect(model_file: str, fmt: str, all_nodes: bool, draw: str | None) -> Non
                "macs": cost.macs, "backward_macs_estimate": cost.backward_macs, "params": cost.params,
                "trainable_params": cost.trainable_params, "activation_bytes": cost.activation_bytes,
                "coverage": cost.coverage["fraction"], "coverage_detail": cost.coverage,
-               "nodes": layer_rows(gm)}
+               "capture": capture_summary(gm), "nodes": layer_rows(gm)}
         click.echo(dumps(doc))
     else:
         console.print(layer_table(gm, cost, all_nodes))
@@ -159,6 +178,7 @@ def inspect(model_file: str, fmt: str, all_nodes: bool, draw: str | None) -> Non
                       f"{cost.params / 1e6:.3f} M params ({cost.trainable_params / 1e6:.3f} M trainable), "
                       f"activations {cost.activation_bytes / 2**20:.1f} MiB")
         print_coverage(console, cost)
+        _print_capture(gm)
     if draw:
         draw_graph(gm, draw)
         if fmt == "table":

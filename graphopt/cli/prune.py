@@ -9,7 +9,7 @@ import click
 from graphopt.cli._console import make_console
 from rich.table import Table
 
-from graphopt.cli import cli
+from graphopt.cli import capture_option, cli
 from graphopt.cli.bench import _check_float_outputs, _config, _out_folder, _train_options, load_data
 from graphopt.serialize import dumps
 
@@ -38,6 +38,7 @@ console = make_console()
 @click.option("-o", "--out", type=click.Path(file_okay=False),
               help="Write prune.json, prune.md and the final model (model/, a torch folder) here.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@capture_option
 def prune_iterative_cmd(model_file: str, rounds: int, ratio_per_round: float, prune_opts: str, epochs_per_round: int,
                         batch_size: int, no_verify: bool, out: str | None, force: bool, distill: bool = False,
                         temperature: float = 4.0, alpha: float = 0.9, trust_code: bool = False, **kw: Any) -> None:

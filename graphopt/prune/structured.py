@@ -298,7 +298,7 @@ def _slice_bn_f(gm: fx.GraphModule, nodes: dict[str, fx.Node], m: Member, keep: 
 
 def _rewrite_reshape(gm: fx.GraphModule, nodes: dict[str, fx.Node], m: Member, keep: np.ndarray) -> None:
     node = nodes[m.node]
-    new_size = len(keep) * m.inner
+    new_size = len(keep) * m.inner // m.extra.get("per", 1)  # per: features per head (a head-count literal)
     args = list(node.args)
     if m.extra["kind"] == "method" and not (len(args) == 2 and isinstance(args[1], (list, tuple))):
         args[1 + m.axis] = new_size

@@ -39,6 +39,7 @@ from graphopt.analysis.channels.ops import (
     REDUCE_METHODS, UNARY_FUNCTIONS, UNARY_METHODS, UNARY_NAMES, arg as _arg, describe as _describe,
     norm_dim as _norm_dim, shape_of as _shape,
 )
+from graphopt.analysis.channels.heads import Heads, head_constraints, split_heads, visit_heads
 from graphopt.analysis.channels.rules import ChannelRule, Relation, channel_rule_for
 from graphopt.analysis.channels.unionfind import UnionFind
 
@@ -76,6 +77,7 @@ class ChannelAnalysis:
         self.mod_coupled: dict[str, Any] = {}
         self.param_members: dict[tuple[str, int], Member] = {}
         self.atom_node: dict[str, np.ndarray] = {}  # node name -> atoms (for group node lists)
+        self.head_splits: list[tuple[np.ndarray, str]] = []  # [H, D] atoms of each head split
 
     # -- helpers
     def block(self, atoms: np.ndarray, reason: str) -> None:
@@ -142,6 +144,8 @@ class ChannelAnalysis:
                 self.block(info.atoms, "reaches the model output (the classifier/output layer is never pruned)")
             return None
         tracked = self.tracked(node)
+        if any(isinstance(v, Heads) for v in tracked):
+            return visit_heads(self, node)
         if node.op == "call_module":
             return self.visit_module(node, tracked)
         if not tracked:
@@ -488,6 +492,9 @@ class ChannelAnalysis:
             if new_d is not None:
                 break
         if new_d is None:
+            heads = split_heads(self, node, x, a, b, self._sizes(node, kind), "method" if kind == "method" else kind)
+            if heads is not None:
+                return heads
             return self.unknown(node, f"reshape {a} -> {b} splits the channel axis")
         # the size at new_d must be a literal (rewritten when pruning) or -1
         if kind == "method":
@@ -506,6 +513,14 @@ class ChannelAnalysis:
             self.members.append(Member("reshape", node.name, node.name, x.atoms, inner=new_inner,
                                        axis=new_d, extra={"kind": kind}))
         return x.moved(new_d, len(b), new_inner)
+
+    @staticmethod
+    def _sizes(node: fx.Node, kind: str) -> list[Any]:
+        if kind == "method":
+            if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+                return list(node.args[1])
+            return list(node.args[1:]) or list(node.kwargs.get("shape", node.kwargs.get("size", [])))
+        return list(_arg(node, 1, "shape", []))
 
     def permute(self, node: fx.Node, x: Any, dims: list[Any]) -> Any:
         if not isinstance(x, ChanInfo) or not all(isinstance(d, int) for d in dims) or len(dims) != x.ndim:
@@ -628,4 +643,5 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelGraph:
     """Channel groups of ``gm`` (annotated with shapes, e.g. by :func:`graphopt.capture`)."""
     an = ChannelAnalysis(gm)
     an.run()
+    head_constraints(an)
     return build_channel_graph(gm, an.uf.roots(), an.members, an.constraints, an.blocks, an.macs, an.atom_node)

@@ -1,0 +1,224 @@
+"""Attention heads in the channel analysis: whole heads of q/k/v/o are pruned together.
+
+A ``view``/``reshape`` that splits a channel axis of width ``H*D`` into ``[H, D]`` (the usual
+``q.view(B, T, H, D)``) turns the tensor into :class:`Heads`: ``rows[h, j]`` is the atom of head
+``h``, feature ``j``. Heads keeps its meaning through transposes, scalar scales, masks that do
+not vary over heads, softmax over another axis, dropout, ``repeat_interleave`` over the head axis
+(grouped-query attention: each key/value head feeds ``rep`` query heads) and:
+
+- ``q @ k^T``: ``q.rows[h, j]`` and ``k.rows[h, j]`` are unified (the scores keep the head axis);
+- ``scores @ v`` and ``scaled_dot_product_attention(q, k, v)``: the head rows of the scores (or
+  of q) are unified with those of v, so a head is one set of classes across q, k, v;
+- a reshape that merges ``[H, D]`` back into one axis gives ordinary channels again (o's input).
+
+Every split adds a *heads* constraint (channels go in whole heads); after the analysis the rows
+of each split are reduced to distinct heads (with GQA, the query heads of a group share their
+key/value head's classes), so key/value heads are removed by group with their query heads. The
+literal head count of each split is rewritten when heads go (``Member`` ``reshape`` with
+``extra["per"] = D``); a head count computed in the graph blocks the group, with the reason.
+Anything else that touches a Heads tensor blocks its channels (the op is named).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from graphopt.analysis.channels.graph import ChanInfo, Constraint, Member
+from graphopt.analysis.channels.ops import arg as _arg, norm_dim as _norm_dim, shape_of as _shape
+
+if TYPE_CHECKING:
+    from graphopt.analysis.channels.analyzer import ChannelAnalysis
+
+__all__ = ["Heads", "split_heads", "visit_heads", "head_constraints"]
+
+_MATMUL = {operator.matmul, torch.matmul}
+_SCALE_FNS = {operator.mul, operator.truediv, torch.mul, torch.div}
+_PASS_METHODS = {"contiguous", "float", "to", "type_as", "half", "bfloat16", "clone", "detach"}
+
+
+@dataclass
+class Heads(ChanInfo):
+    """A tensor with a head axis ``dim`` (``atoms`` = ``rows`` flattened, for blocking) and, for
+    q/k/v and attention outputs, a feature axis ``ddim`` (None for scores/probabilities)."""
+
+    ddim: int | None = None
+    rows: np.ndarray | None = None
+
+    @classmethod
+    def make(cls, hdim: int, ddim: int | None, rows: np.ndarray, ndim: int) -> "Heads":
+        return cls(hdim, rows.reshape(-1), ndim, 1, ddim, rows)
+
+    def moved2(self, hdim: int, ddim: int | None, ndim: int | None = None) -> "Heads":
+        return Heads.make(hdim, ddim, self.rows, self.ndim if ndim is None else ndim)
+
+
+def split_heads(an: "ChannelAnalysis", node: fx.Node, x: ChanInfo, a: tuple[int, ...], b: tuple[int, ...],
+                sizes: list[Any], kind: str) -> Heads | None:
+    """``x`` (channels on ``x.dim`` of shape ``a``) reshaped to ``b`` splitting them into [H, D]."""
+    d = x.dim
+    if isinstance(x, Heads) or x.inner != 1 or len(sizes) != len(b) or d != len(a) - 1 or len(b) != len(a) + 1:
+        return None  # heads split the last (feature) axis; a conv's channel shuffle stays declined
+    prefix = math.prod(a[:d])
+    for j in range(len(b) - 1):
+        if math.prod(b[:j]) == prefix and b[j] * b[j + 1] == a[d] and math.prod(b[j + 2:]) == math.prod(a[d + 1:]):
+            H, D = b[j], b[j + 1]
+            lit = sizes[j]
+            if isinstance(lit, fx.Node) or not isinstance(lit, int):
+                an.block(x.atoms, f"the head count of view/reshape (node {node.name}) is computed in the graph; "
+                                  "it cannot be rewritten when heads are pruned")
+                return None
+            if lit != -1:
+                an.members.append(Member("reshape", node.name, node.name, x.atoms, axis=j,
+                                         extra={"kind": kind, "per": D}))
+            rows = x.atoms.reshape(H, D)
+            an.head_splits.append((rows, f"heads of view/reshape (node {node.name})"))
+            return Heads.make(j, j + 1, rows, len(b))
+    return None
+
+
+def _block(an: "ChannelAnalysis", node: fx.Node, why: str) -> None:
+    an.unknown(node, why)
+
+
+def visit_heads(an: "ChannelAnalysis", node: fx.Node) -> Any:
+    """Analyse a node reading a :class:`Heads` tensor; unknown ops block its channels."""
+    heads = [v for v in (an.val(a) for a in node.all_input_nodes) if isinstance(v, Heads)]
+    x = an.val(node.args[0]) if node.args else None
+    out = _shape(node)
+    tgt = node.target
+    if node.op == "call_module":
+        mod = an.gm.get_submodule(str(tgt))
+        if type(mod) in (nn.Dropout, nn.Identity) and isinstance(x, Heads) and len(heads) == 1:
+            return x
+        if isinstance(mod, nn.Softmax) and isinstance(x, Heads) and len(heads) == 1 and mod.dim is not None \
+                and _norm_dim(mod.dim, x.ndim) not in (x.dim, x.ddim):
+            return x
+        return _block(an, node, "an attention-head tensor reaches a layer the head analysis does not follow")
+    if not isinstance(x, Heads):
+        if node.op == "call_function" and tgt in _MATMUL | {F.scaled_dot_product_attention}:
+            return _block(an, node, "heads as the right operand only")
+        return _block(an, node, "attention heads in an argument position the analysis does not follow")
+    name = tgt if node.op == "call_method" else getattr(tgt, "__name__", "")
+    if (node.op == "call_function" and tgt in (F.softmax, torch.softmax)) or name == "softmax":
+        d = _arg(node, 1, "dim")
+        if len(heads) == 1 and isinstance(d, int) and _norm_dim(d, x.ndim) not in (x.dim, x.ddim):
+            return x
+        return _block(an, node, "softmax over the head or head-feature axis")
+    if node.op == "call_function" and tgt is F.dropout or name in _PASS_METHODS:
+        return x if len(heads) == 1 else _block(an, node)
+    if (node.op == "call_function" and tgt in _SCALE_FNS) or name in ("mul", "div", "add", "masked_fill"):
+        return _elementwise(an, node, x, heads, out)
+    if node.op == "call_function" and tgt in (operator.add, torch.add):
+        return _elementwise(an, node, x, heads, out)
+    if name in ("transpose",) or (node.op == "call_function" and tgt is torch.transpose):
+        d0, d1 = _arg(node, 1, "dim0"), _arg(node, 2, "dim1")
+        if not isinstance(d0, int) or not isinstance(d1, int):
+            return _block(an, node)
+        d0, d1 = _norm_dim(d0, x.ndim), _norm_dim(d1, x.ndim)
+        swap = {d0: d1, d1: d0}
+        return x.moved2(swap.get(x.dim, x.dim), None if x.ddim is None else swap.get(x.ddim, x.ddim))
+    if name == "permute":
+        rest = node.args[1:]
+        dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+        if len(dims) != x.ndim or not all(isinstance(d, int) for d in dims):
+            return _block(an, node)
+        dims = [_norm_dim(d, x.ndim) for d in dims]
+        return x.moved2(dims.index(x.dim), None if x.ddim is None else dims.index(x.ddim))
+    if name == "repeat_interleave":
+        rep, dim = _arg(node, 1, "repeats"), _arg(node, 2, "dim")
+        if isinstance(rep, int) and isinstance(dim, int) and _norm_dim(dim, x.ndim) == x.dim:
+            return Heads.make(x.dim, x.ddim, np.repeat(x.rows, rep, axis=0), x.ndim)
+        return _block(an, node, "repeat_interleave not over the head axis")
+    if node.op == "call_function" and tgt in _MATMUL:
+        return _matmul(an, node, x, an.val(node.args[1]))
+    if node.op == "call_function" and tgt is F.scaled_dot_product_attention:
+        q, k, v = (an.val(a) for a in node.args[:3])
+        mask = _arg(node, 3, "attn_mask")
+        ms = _shape(mask) if isinstance(mask, fx.Node) else None
+        if not all(isinstance(t, Heads) and t.ddim == t.ndim - 1 and t.dim == q.dim for t in (q, k, v)) \
+                or q.rows.shape != k.rows.shape or q.rows.shape[0] != v.rows.shape[0] or isinstance(
+                    an.val(mask), ChanInfo) or (ms is not None and _varies_over(ms, x.dim, x.ndim)):
+            return _block(an, node, "scaled_dot_product_attention with inputs the head analysis does not follow")
+        an.uf.union(q.rows.reshape(-1), k.rows.reshape(-1))
+        if q.rows.shape == v.rows.shape:
+            an.uf.union(q.rows.reshape(-1), v.rows.reshape(-1))
+        else:
+            return _block(an, node, "value heads of another width than the query heads")
+        return v
+    if name in ("view", "reshape") or (node.op == "call_function" and tgt is torch.reshape):
+        return _merge(an, node, x, name if node.op == "call_method" else "fn")
+    return _block(an, node, "on attention heads")
+
+
+def _varies_over(shape: tuple[int, ...], dim: int, ndim: int) -> bool:
+    d = dim - (ndim - len(shape))
+    return d >= 0 and shape[d] != 1
+
+
+def _elementwise(an: "ChannelAnalysis", node: fx.Node, x: Heads, heads: list[Heads], out: Any) -> Any:
+    if len(heads) != 1 or out is None or len(out) != x.ndim:
+        return _block(an, node, "combines two attention-head tensors")
+    for a in list(node.args[1:]) + list(node.kwargs.values()):
+        if isinstance(a, fx.Node):
+            s = _shape(a)
+            if isinstance(an.val(a), ChanInfo) or s is None or _varies_over(s, x.dim, x.ndim):
+                return _block(an, node, "a per-head operand (it would need slicing with the heads)")
+    return x
+
+
+def _matmul(an: "ChannelAnalysis", node: fx.Node, a: Heads, b: Any) -> Any:
+    n = a.ndim
+    if not isinstance(b, Heads) or b.ndim != n or b.dim != a.dim or a.dim >= n - 2:
+        return _block(an, node, "matmul of attention heads with something the head analysis does not follow")
+    if a.ddim == n - 1 and b.ddim == n - 2 and a.rows.shape == b.rows.shape:  # q @ k^T
+        an.uf.union(a.rows.reshape(-1), b.rows.reshape(-1))
+        return Heads.make(a.dim, None, a.rows, n)
+    if a.ddim is None and b.ddim == n - 1 and a.rows.shape == b.rows.shape:  # p @ v
+        an.uf.union(a.rows.reshape(-1), b.rows.reshape(-1))
+        return b
+    return _block(an, node, "matmul over the head axis or of heads of different widths")
+
+
+def _merge(an: "ChannelAnalysis", node: fx.Node, x: Heads, kind: str) -> Any:
+    a, b = _shape(node.args[0]), _shape(node)
+    if a is None or b is None or x.ddim != x.dim + 1:
+        return _block(an, node, "reshape of attention heads the analysis does not follow")
+    if kind in ("view", "reshape"):
+        sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+            else list(node.args[1:])
+        kind = "method"
+    else:
+        sizes = list(_arg(node, 1, "shape", []))
+    H, D = a[x.dim], a[x.ddim]
+    prefix = math.prod(a[:x.dim])
+    for j in range(len(b)):
+        if math.prod(b[:j]) == prefix and b[j] == H * D:
+            if len(sizes) != len(b):
+                break
+            lit = sizes[j]
+            if isinstance(lit, fx.Node) or not isinstance(lit, int):
+                return _block(an, node, "the merged head width is computed in the graph")
+            atoms = x.rows.reshape(-1)
+            if lit != -1:
+                an.members.append(Member("reshape", node.name, node.name, atoms, axis=j, extra={"kind": kind}))
+            return ChanInfo(j, atoms, len(b))
+    return _block(an, node, f"reshape {a} -> {b} of attention heads")
+
+
+def head_constraints(an: "ChannelAnalysis") -> None:
+    """One ``units`` constraint per head split, over its distinct heads (after all unions)."""
+    roots = an.uf.roots()
+    for rows, where in an.head_splits:
+        seen: dict[tuple[int, ...], int] = {}
+        for h in range(rows.shape[0]):
+            seen.setdefault(tuple(roots[rows[h]].tolist()), h)
+        keep = rows[sorted(seen.values())]
+        an.constraints.append(Constraint("units", keep.reshape(-1), keep.shape[0], where))

@@ -1,0 +1,251 @@
+"""The ``torch.export`` front end, normalised into the IR torch.fx symbolic tracing produces.
+
+``torch.export.export(strict=False)`` runs the model's Python (so decorated forwards, shape checks
+used as control flow and iterated tensors all work) and records ATen ops. Its graph is then
+rewritten into the one IR every pass works on:
+
+- parameters and buffers are ``get_attr`` nodes with their original names, on a GraphModule rooted
+  at (a copy of) the original module: ``gm.get_submodule("bert.encoder.layer.0.attention")`` works;
+- a standard layer (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.LayerNorm``, ``nn.Embedding``,
+  ``nn.Dropout``, ``nn.BatchNorm*``, activation modules) whose ATen op was recorded inside that module's own forward
+  (``nn_module_stack``) on that module's own parameters becomes a ``call_module`` node again, so
+  passes see Linear/LayerNorm/Embedding layers exactly as with fx. Nothing is decomposed: pre-dispatch
+  export keeps ``aten.linear``/``aten.conv2d`` whole;
+- ATen ops with a torch function of the same signature become that function (``aten.matmul`` ->
+  ``torch.matmul``, ``aten.softmax.int`` -> ``torch.softmax``, ...), so pattern-matching passes see the
+  same targets as in a symbolically traced graph; other ops stay ``torch.ops.aten.*`` calls;
+- functional dropout reads the graph module's ``training`` flag instead of the value baked at export;
+- user inputs are placeholders named after the keyword (or forward parameter) they came from, in
+  the order given; outputs keep their structure, with ``ModelOutput`` as a plain dict of its
+  non-None fields (what :func:`graphopt.capture.plain_outputs` documents).
+
+Why this rather than ``torch.export.unflatten``: unflatten rebuilds the module *tree* but every leaf
+layer becomes an ``InterpreterModule`` running ATen ops (``nn.Linear`` is no longer an ``nn.Linear``)
+and the graph is split per module, so passes would need a second code path. Re-mapping the flat
+graph keeps one flat GraphModule with real layer modules, which is what every pass expects.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from graphopt.errors import CaptureError
+from graphopt.modelfile import user_frame
+
+__all__ = ["export_capture", "ATEN_TO_TORCH"]
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+# same argument names and order: a straight swap
+ATEN_TO_TORCH: dict[Any, Any] = {
+    aten.matmul.default: torch.matmul, aten.bmm.default: torch.bmm, aten.softmax.int: torch.softmax,
+    aten.add.Tensor: torch.add, aten.sub.Tensor: torch.sub, aten.mul.Tensor: torch.mul,
+    aten.div.Tensor: torch.div, aten.transpose.int: torch.transpose, aten.permute.default: torch.permute,
+    aten.reshape.default: torch.reshape, aten.gelu.default: F.gelu, aten.tanh.default: torch.tanh,
+    aten.relu.default: torch.relu, aten.silu.default: F.silu, aten.cat.default: torch.cat,
+    aten.sigmoid.default: torch.sigmoid, aten.rsqrt.default: torch.rsqrt, aten.neg.default: torch.neg,
+    aten.mean.dim: torch.mean, aten.pow.Tensor_Scalar: torch.pow, aten.flatten.using_ints: torch.flatten,
+    aten.unsqueeze.default: torch.unsqueeze, aten.addmm.default: torch.addmm, aten.split.Tensor: torch.split,
+    aten.masked_fill.Scalar: torch.masked_fill, aten.baddbmm.default: torch.baddbmm, aten.squeeze.dim: torch.squeeze, aten.where.self: torch.where,
+}
+_METHODS = {aten.view.default: "view", aten.contiguous.default: "contiguous", aten.expand.default: "expand"}
+
+
+_ACTIVATIONS = {nn.GELU: aten.gelu.default, nn.ReLU: aten.relu.default, nn.SiLU: aten.silu.default,
+                nn.Tanh: aten.tanh.default, nn.Sigmoid: aten.sigmoid.default}
+
+
+def _innermost(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    # non-strict export names the root "" and children by their FQN; strict uses L['self'].a.b
+    if path.startswith("L['self']"):
+        path = path[len("L['self']"):].lstrip(".")
+    return path
+
+
+def _param_is(root: nn.Module, node: Any, target: Any) -> bool:
+    if target is None:
+        return node is None
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return False
+    try:
+        obj = root.get_parameter(node.target)
+    except AttributeError:
+        try:
+            obj = root.get_buffer(node.target)
+        except AttributeError:
+            return False
+    return obj is target
+
+
+def _as_module_call(root: nn.Module, node: fx.Node) -> tuple[str, tuple[Any, ...]] | None:
+    """``(module path, args)`` when ``node`` is exactly a standard layer's forward."""
+    path = _innermost(node)
+    if not path:
+        return None
+    try:
+        mod = root.get_submodule(path)
+    except AttributeError:
+        return None
+    t, a = node.target, node.args
+    kw = node.kwargs
+    if isinstance(mod, nn.Linear) and t == aten.linear.default and not kw:
+        if _param_is(root, a[1], mod.weight) and _param_is(root, a[2] if len(a) > 2 else None, mod.bias):
+            return path, (a[0],)
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and t in (aten.conv1d.default, aten.conv2d.default,
+                                                                      aten.conv3d.default) and not kw:
+        if (mod.padding_mode == "zeros" and _param_is(root, a[1], mod.weight)
+                and _param_is(root, a[2] if len(a) > 2 else None, mod.bias)):
+            return path, (a[0],)
+    if isinstance(mod, nn.LayerNorm) and t == aten.layer_norm.default and not kw:
+        if (_param_is(root, a[2] if len(a) > 2 else None, mod.weight)
+                and _param_is(root, a[3] if len(a) > 3 else None, mod.bias)
+                and list(a[1]) == list(mod.normalized_shape) and (a[4] if len(a) > 4 else 1e-5) == mod.eps):
+            return path, (a[0],)
+    if isinstance(mod, nn.Embedding) and t == aten.embedding.default and not kw:
+        pad = a[2] if len(a) > 2 else -1
+        if (_param_is(root, a[0], mod.weight) and pad == (-1 if mod.padding_idx is None else mod.padding_idx)
+                and mod.max_norm is None and not (len(a) > 4 and a[4])):
+            return path, (a[1],)
+    if isinstance(mod, nn.Dropout) and t == aten.dropout.default and a[1] == mod.p and not mod.inplace:
+        return path, (a[0],)
+    act = _ACTIVATIONS.get(type(mod))
+    if act is not None and t == act and len(a) == 1:
+        if not isinstance(mod, nn.GELU) or kw.get("approximate", "none") == mod.approximate:
+            return path, (a[0],)
+    if (isinstance(mod, nn.modules.batchnorm._BatchNorm) and t == aten.batch_norm.default
+            and _param_is(root, a[1], mod.weight) and _param_is(root, a[2], mod.bias)):
+        return path, (a[0],)
+    return None
+
+
+def _structure(value: Any) -> Any:
+    """Unflattened outputs (fx Nodes inside) with dict-like containers as plain dicts."""
+    if isinstance(value, dict):
+        return {k: _structure(v) for k, v in value.items() if v is not None}
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_structure(v) for v in value)
+    if isinstance(value, list):
+        return [_structure(v) for v in value]
+    return value
+
+
+def export_capture(src: nn.Module, inputs: tuple[Any, ...], names: tuple[str, ...] | None) -> fx.GraphModule:
+    """``torch.export`` ``src`` on ``inputs`` (keywords ``names`` when given) and normalise the graph."""
+    from torch.export.graph_signature import InputKind, OutputKind
+    from torch.utils._pytree import tree_unflatten
+
+    args, kwargs = (inputs, {}) if names is None else ((), dict(zip(names, inputs)))
+    import contextlib
+    import io
+
+    sink = io.StringIO()  # on failure torch prints the partial graph; the error below says what matters
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    try:
+        torch_log.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            ep = torch.export.export(src, args, kwargs, strict=False)
+    except Exception as exc:
+        log.debug("torch.export output:\n%s", sink.getvalue())
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(f"torch.export cannot capture {type(src).__name__}: {type(exc).__name__}: {msg[:200]}",
+                           where=user_frame(exc),
+                           fix="make forward()'s control flow independent of tensor values") from exc
+    finally:
+        torch_log.setLevel(level)
+    sig = ep.graph_signature
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    spec_of = {s.arg.name: s for s in sig.input_specs if hasattr(s.arg, "name")}
+    user_names = list(names) if names is not None else []
+    placeholders: list[fx.Node] = []
+    n_user = 0
+    constants: dict[str, torch.Tensor] = {}
+
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            spec = spec_of[node.name]
+            if spec.kind == InputKind.USER_INPUT:
+                name = user_names[n_user] if n_user < len(user_names) else node.name
+                n_user += 1
+                new = graph.placeholder(name)
+                placeholders.append(new)
+            elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+                new = graph.get_attr(spec.target)
+            elif spec.kind in (InputKind.CONSTANT_TENSOR,):
+                attr = "_graphopt_const_" + "".join(c if c.isalnum() else "_" for c in str(spec.target))
+                constants[attr] = ep.constants[spec.target]
+                new = graph.get_attr(attr)
+            else:
+                raise CaptureError(f"torch.export produced an input of kind {spec.kind.name} graphopt cannot map",
+                                   fix="use --capture fx")
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            env[node] = new
+            continue
+        if node.op == "output":
+            flat = list(node.args[0])
+            user = [env[a] if isinstance(a, fx.Node) else a for a, s in zip(flat, sig.output_specs)
+                    if s.kind == OutputKind.USER_OUTPUT]
+            for a, s in zip(flat, sig.output_specs):
+                if s.kind == OutputKind.BUFFER_MUTATION:  # BatchNorm statistics and the like: write back
+                    graph.call_function(torch.Tensor.copy_, (graph.get_attr(s.target), env[a]))
+                elif s.kind not in (OutputKind.USER_OUTPUT,):
+                    raise CaptureError(f"torch.export produced an output of kind {s.kind.name} graphopt cannot map",
+                                       fix="use --capture fx")
+            out = tree_unflatten(user, ep.call_spec.out_spec)
+            graph.output(_structure(out))
+            continue
+        new = graph.node_copy(node, lambda n: env[n])
+        env[node] = new
+    for name, t in constants.items():
+        src.register_buffer(name, t, persistent=True)
+    _normalise(graph, src)
+    gm = fx.GraphModule(src, graph, type(src).__name__)
+    gm.graph.lint()
+    return gm
+
+
+def _normalise(graph: fx.Graph, root: nn.Module) -> None:
+    modules: dict[str, int] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        hit = _as_module_call(root, node)
+        if hit is not None:
+            path, args = hit
+            with graph.inserting_before(node):
+                new = graph.call_module(path, args)
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            modules[path] = modules.get(path, 0) + 1
+            continue
+        if node.target == aten.dropout.default:
+            with graph.inserting_before(node):
+                flag = graph.create_node("get_attr", "training")
+            node.args = (node.args[0], node.args[1], flag)
+            continue
+        if node.target in ATEN_TO_TORCH:
+            node.target = ATEN_TO_TORCH[node.target]
+        elif node.target in _METHODS:
+            node.op, node.target = "call_method", _METHODS[node.target]
+    for node in list(graph.nodes):  # export's own dtype/device asserts on its inputs
+        if node.op == "call_function" and node.target == aten._assert_tensor_metadata.default and not node.users:
+            graph.erase_node(node)
+    # get_attr nodes for parameters now read by call_module nodes are dead; stray unused get_attrs too
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    called = [p for p, n in modules.items() if n > 1]
+    if called:
+        log.info("modules called more than once: %s", ", ".join(called[:5]))
