@@ -247,6 +247,21 @@ def run_graphopt(args: list[str], folder: Path, line: int, capfd, *, slow: bool)
                        f"{captured.err[-3000:]}\n{captured.out[-3000:]}")
 
 
+def _check_installed(cmd: list[str], line: int) -> None:
+    """`pip install -e PATH`: PATH is a package of this repository and is installed (editable) here."""
+    import tomllib
+    from importlib import metadata
+
+    paths = [cmd[i + 1] for i, t in enumerate(cmd[:-1]) if t == "-e"]
+    assert paths, f"README line {line}: only `pip install -e PATH` lines are checked"
+    for p in paths:
+        project = tomllib.loads((ROOT / p / "pyproject.toml").read_text())["project"]["name"]
+        try:
+            metadata.distribution(project)
+        except metadata.PackageNotFoundError:
+            raise AssertionError(f"README line {line}: {project} ({p}) is not installed: `make setup` installs it")
+
+
 def _bash_cases() -> list:
     cases = []
     for first, text in blocks("bash"):
@@ -260,6 +275,8 @@ def _bash_cases() -> list:
 @pytest.fixture
 def session(tmp_path, monkeypatch):
     (tmp_path / "model.py").write_text(MODEL_FILE)  # an earlier line's outputs are removed by run_graphopt
+    # the README's example model files (examples/*.py), as a user's checkout has them
+    shutil.copytree(ROOT / "examples", tmp_path / "examples", ignore=shutil.ignore_patterns("fold_bn", "__pycache__"))
     tomls = blocks("toml")
     if tomls:
         (tmp_path / "pipeline.toml").write_text(tomls[0][1])
@@ -287,6 +304,14 @@ def _run_block(cmds, session, capfd, slow: bool) -> int:
             if cmd[0] == "make":
                 r = subprocess.run(["make", "-n", *cmd[1:]], cwd=ROOT, capture_output=True, text=True)
                 assert r.returncode == 0, f"README line {line}: `make -n {' '.join(cmd[1:])}`: {r.stderr}"
+                continue
+            if cmd[:2] == ["pip", "install"]:  # an editable install `make setup` already made: check it is there
+                _check_installed(cmd, line)
+                continue
+            if cmd[:3] == ["python", "-m", "pytest"]:  # a plugin's own tests, run for real in this venv
+                r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *cmd[3:]], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=600)
+                assert r.returncode == 0, f"README line {line}: `{shlex.join(cmd)}`:\n{r.stdout[-3000:]}"
                 continue
             assert cmd[0] == "graphopt", f"README line {line}: unknown command `{shlex.join(cmd)}` (teach " \
                                          "tests/test_readme.py how to run it)"
@@ -393,8 +418,22 @@ def test_readme_python_block(snippet, session, capfd):
 # -- toml and inline -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text", [pytest.param(t, id=f"L{n}") for n, t in blocks("toml")])
 def test_readme_toml_block_is_a_pipeline(text, tmp_path):
+    """A pipeline file builds; a pyproject excerpt (a plugin's entry points) names objects that load."""
+    import tomllib
+    from importlib import metadata
+
     from graphopt.pass_infra import build_pipeline
 
+    doc = tomllib.loads(text)
+    if "project" in doc:
+        eps = doc["project"]["entry-points"]
+        assert eps
+        for group, items in eps.items():
+            installed = {ep.name: ep for ep in metadata.entry_points(group=group)}
+            for name, value in items.items():
+                assert name in installed and installed[name].value == value, (group, name)
+                installed[name].load()
+        return
     f = tmp_path / "p.toml"
     f.write_text(text)
     assert [p.name for p in build_pipeline((), f)]
