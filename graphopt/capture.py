@@ -304,7 +304,7 @@ def _eager_check(src: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
     from graphopt.ir import eval_mode
 
     try:
-        with torch.no_grad(), eval_mode(src), eval_mode(gm):
+        with torch.random.fork_rng(), torch.no_grad(), eval_mode(src), eval_mode(gm):  # caller's RNG untouched
             torch.manual_seed(0)
             ref = src(**dict(zip(names, inputs))) if names is not None else src(*inputs)
             torch.manual_seed(0)
