@@ -284,6 +284,14 @@ def _trace_keywords(src: nn.Module, names: tuple[str, ...], opaque: dict[str, An
                        fix="simplify the model's control flow")
 
 
+def _described(src: nn.Module, opaque: dict[str, Any]) -> bool:
+    """Every opaque module has a registered channel rule: the user described it to the passes as a
+    layer, so auto keeps it as one (fx) instead of tracing through it (export)."""
+    from graphopt.analysis.channels.rules import channel_rule_for
+
+    return bool(opaque) and all(channel_rule_for(src.get_submodule(name)) is not None for name in opaque)
+
+
 def _coverage_of(gm: fx.GraphModule) -> float:
     return float(gm.meta["graphopt"]["cost"].coverage["fraction"])
 
@@ -296,7 +304,7 @@ def _eager_check(src: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
     from graphopt.ir import eval_mode
 
     try:
-        with torch.no_grad(), eval_mode(src), eval_mode(gm):
+        with torch.random.fork_rng(), torch.no_grad(), eval_mode(src), eval_mode(gm):  # caller's RNG untouched
             torch.manual_seed(0)
             ref = src(**dict(zip(names, inputs))) if names is not None else src(*inputs)
             torch.manual_seed(0)
@@ -382,7 +390,8 @@ def capture(module: nn.Module, example_inputs: Iterable[torch.Tensor] | torch.Te
             reason = "asked for (--capture fx)" if capture == "fx" else "torch.fx traced the whole model"
             if check_eager and cov >= 1.0:
                 fx_check = _eager_check(src, gm, inputs, names)
-            if capture == "auto" and (cov < 1.0 or (fx_check is not None and not fx_check["ok"])):
+            if capture == "auto" and ((cov < 1.0 and not _described(src, opaque))
+                                      or (fx_check is not None and not fx_check["ok"])):
                 tried.append(f"fx: coverage {cov:.0%}" if cov < 1.0 else "fx: graph differs from eager")
                 fx_gm, gm = gm, None
         except CaptureError as exc:
