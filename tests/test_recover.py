@@ -14,7 +14,7 @@ from torch import nn
 
 import graphopt
 from graphopt.errors import PassConfigError
-from tests.helpers import run_pass, write_model_file
+from graphopt.testing import run_pass, write_model_file
 
 pytest.importorskip("sklearn")
 
