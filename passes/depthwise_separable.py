@@ -128,7 +128,7 @@ class DepthwiseSeparable(Pass):
         original = None
         if self.config["reconstruct"]:
             from graphopt.ir import copy_graph
-            from graphopt.recover.reconstruct import require_data
+            from graphopt.recover import require_data
 
             require_data(gm, self.name)
             original = copy_graph(gm)
@@ -215,7 +215,7 @@ class DepthwiseSeparable(Pass):
                 notes["reconstruction"] = f"not done: reconstruct needs between=none (got {between})"
             else:
                 from graphopt.ir import calibration_batches
-                from graphopt.recover.reconstruct import reconstruct_separable
+                from graphopt.recover import reconstruct_separable
 
                 batches = list(calibration_batches(gm, self.config["reconstruct"]))
                 fits = reconstruct_separable(original, gm, [(d["path"], f"{d['path']}.dw", f"{d['path']}.pw")

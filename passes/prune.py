@@ -91,7 +91,7 @@ class Prune(Pass):
         calib = original = None
         if rec:
             from graphopt.ir import copy_graph
-            from graphopt.recover.reconstruct import require_data
+            from graphopt.recover import require_data
 
             require_data(gm, self.name)
             calib = list(calibration_batches(gm, rec))
@@ -108,7 +108,7 @@ class Prune(Pass):
             declined = [Decline(t, why) for t, why in r.declined]
             reference = r.reference
             if rec and r.pruned:
-                from graphopt.recover.reconstruct import reconstruct_structured
+                from graphopt.recover import reconstruct_structured
 
                 fits = reconstruct_structured(original, r.gm, r, calib)
                 r.notes["reconstruction"] = [f.as_dict() for f in fits]
@@ -119,7 +119,7 @@ class Prune(Pass):
         fits = None
         if rec:
             from graphopt.ir import copy_graph
-            from graphopt.recover.reconstruct import sparsegpt
+            from graphopt.recover import sparsegpt
 
             probe = prune_sparse(copy_graph(gm), mode=c["mode"], ratio=c["ratio"], criterion="l1",
                                  scope="per_layer", exclude=c["exclude"], keep_zero=False)

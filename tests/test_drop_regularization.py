@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import textwrap
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,7 +182,9 @@ def test_cli(tmp_path):
     ("densenet121", {}, False, {}),
     ("resnet18", {}, False, {}),
 ])
-def test_real_architectures(zoo, spec, kwargs, train, expect):
+def test_real_architectures(zoo, spec, kwargs, train, expect, monkeypatch):
+    # the traced (fx) forms of torchvision stochastic depth and timm drop_path are what this covers
+    monkeypatch.setattr(sys.modules["graphopt.capture"], "_DEFAULT_FRONT_END", "fx")
     model = zoo(spec, **kwargs).train(train)
     x = (torch.randn(2, 3, 64, 64),)
     gm, rec = run_pass(DropRegularization(), model, x)

@@ -95,7 +95,8 @@ def test_node_values_records_every_node():
     assert values["x"] is x
 
 
-PUBLIC = ("graphopt", "graphopt.ir", "graphopt.errors", "graphopt.verify", "graphopt.precision", "graphopt.analysis")
+PUBLIC = ("graphopt", "graphopt.ir", "graphopt.errors", "graphopt.verify", "graphopt.precision", "graphopt.analysis",
+          "graphopt.recover")
 
 
 def test_builtin_passes_are_written_as_plugins():

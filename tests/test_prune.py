@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import operator
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -467,7 +469,9 @@ def affine_rule():
     unregister_channel_rule(ChannelAffine)
 
 
-def test_custom_layer_without_rule_is_declined_with_reason():
+def test_custom_layer_without_rule_is_declined_with_reason(monkeypatch):
+    # the fx front end keeps the untraceable layer as a module (auto would inline it with torch.export)
+    monkeypatch.setattr(sys.modules["graphopt.capture"], "_DEFAULT_FRONT_END", "fx")
     model, x = AffineNet().eval(), _inputs()
     gm, rec = run_pass("prune:ratio=0.5", model, x)
     assert isinstance(gm.get_submodule("affine"), ChannelAffine)      # kept whole by capture
