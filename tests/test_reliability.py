@@ -21,27 +21,7 @@ from graphopt.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 GRAPHOPT = str(Path(sys.executable).parent / "graphopt")
 
-MODEL = """
-import torch
-from torch import nn
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-def model():
-    torch.manual_seed(0)
-    return Net()
-
-def example_inputs():
-    return (torch.randn(2, 3, 16, 16),)
-"""
+from graphopt.testing import SMALL_CNN_MODEL as MODEL  # noqa: E402  (the shipped model-file fixture)
 
 # a small classifier with its own data: 4 classes that a linear model separates
 DATA_MODEL = """
