@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import torch
 from torch import fx, nn
 
-from graphopt.analysis.cost import GraphCost, annotate
+from graphopt.analysis.cost import GraphCost, annotate, annotated_outputs
 from graphopt.errors import CaptureError
 from graphopt.ir import tensor_specs
 from graphopt.modelfile import KeywordInputs, plain_outputs, user_frame
@@ -307,8 +307,10 @@ def _eager_check(src: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
         with torch.random.fork_rng(), torch.no_grad(), eval_mode(src), eval_mode(gm):  # caller's RNG untouched
             torch.manual_seed(0)
             ref = src(**dict(zip(names, inputs))) if names is not None else src(*inputs)
-            torch.manual_seed(0)
-            got = gm(*inputs)
+            got = annotated_outputs(gm, inputs)  # the annotation run's (same seed), when still valid
+            if got is None:
+                torch.manual_seed(0)
+                got = gm(*inputs)
     except Exception as exc:  # the graph does not run where eager does: the loudest mismatch
         return {"checked": True, "ok": False, "rel_error": None,
                 "reason": f"the captured graph fails where the eager model runs: {_reason(exc)}"}

@@ -4,15 +4,15 @@ A pass declares what its **eval function** does (``semantics``) and what **train
 (``training = "same"`` or ``"changes"`` with a reason). What is checked:
 
 ================  ==============================================================================
-EXACT, same       eval mode, the model's own weights, the example batch: outputs and gradients
-                  wrt the inputs; eval mode at a *randomized state* (random BatchNorm statistics
-                  and affine parameters, random weights at their own scale) on one sample of a
-                  second, random batch: outputs (an exact rewrite holds for all weights); train
-                  mode at the randomized state on the example batch (fixed RNG, random
-                  regularisers disabled): outputs, input and parameter gradients, BatchNorm
-                  running statistics after the step.
-EXACT, changes    eval mode at own weights (example batch) and at the randomized state (second
-                  batch): outputs and input gradients.
+EXACT, same       eval mode, the model's own weights, the example batch: outputs; eval mode at a
+                  *randomized state* (random BatchNorm statistics and affine parameters, random
+                  weights at their own scale) on one sample of a second, random batch: outputs and
+                  gradients wrt the inputs (an exact rewrite holds for all weights); train mode at
+                  the randomized state on that sample (fixed RNG, random regularisers disabled):
+                  outputs, input and parameter gradients, BatchNorm running statistics after the
+                  step.
+EXACT, changes    eval mode at own weights (example batch): outputs; at the randomized state
+                  (second batch): outputs and input gradients.
 PRESERVING        eval-mode outputs at the given weights; training "same": train-mode outputs
 _AT_INIT          and running statistics at the given weights.
 APPROXIMATE       relative L2 error of the eval-mode outputs within the pass's ``budget``;
@@ -21,9 +21,15 @@ APPROXIMATE       relative L2 error of the eval-mode outputs within the pass's `
 
 How it stays cheap: every configuration is one run per graph, forward and backward only where
 gradients are compared (outputs, input and parameter gradients come from one backward; in eval
-mode the backward skips weight gradients); the randomized state is drawn once and, when the
-pass did not change any values, carried into the rewrite by name (else the pass is re-run on
-the randomized original). Float32 results are compared as norms over whole tensors and tensor
+mode the backward skips weight gradients). The own-weights outputs are those of the annotation
+runs that capture and the pass manager make anyway (same seed; reused only while the graph's
+code, tensors and the inputs are unchanged, and only for float32/64 graphs). An image model's
+second batch is cropped to a quarter of each spatial side (not below 32): a sixteenth of the
+work; only where the original cannot run at that size, or a check fails there, are the
+randomized-state checks re-run at the example's size, and that result stands (a rewrite may
+specialise to the example's shapes). The randomized state is drawn once and, when the pass did
+not change any values, carried into the rewrite by name (else the pass is re-run on the
+randomized original). Float32 results are compared as norms over whole tensors and tensor
 sets (element-wise relative error is meaningless on near-zero quantities such as fresh running
 means or bias gradients); only a mismatch is re-run in float64 to confirm it (graphs that
 compute in half precision are lifted to float64 for that, casts included, so an exact rewrite
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -449,6 +456,22 @@ def run_with_grads(module: nn.Module, inputs: Sequence[torch.Tensor], grads: boo
     return r.outputs, r.input_grads
 
 
+def _recalled(module: nn.Module, inputs: Sequence[Any]) -> _Run | None:
+    """The eval-mode outputs of ``module``'s last annotation run on ``inputs`` as a run without
+    gradients (see :func:`graphopt.analysis.cost.annotated_outputs`), for graphs that compute in
+    float32/64 (the annotation's counter runs some ops decomposed: fine at float32 rounding, not
+    what a half-precision graph's kernels compute)."""
+    from graphopt.analysis.cost import annotated_outputs
+
+    out = annotated_outputs(module, inputs)
+    if out is None:
+        return None
+    flat = [o.detach() for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+    if _compute_dtype(module, module, _floats(flat)) not in (torch.float32, torch.float64):
+        return None
+    return _Run(flat, [], {}, {})
+
+
 def _to_float64(module: nn.Module) -> nn.Module:
     """A float64 copy; half-precision dtypes named in its graph (casts) become float64 too."""
     m = copy.deepcopy(module).double()
@@ -745,11 +768,13 @@ def _verify_against(pass_: "Pass", before: nn.Module, after: nn.Module, inputs: 
     same = training == "same"
     floating_in = any(isinstance(x, torch.Tensor) and x.is_floating_point() for x in inputs)
 
-    # 1. eval mode, own weights, example batch (the primary figure of the record)
-    # parameter gradients: in train mode (training "same"), where training uses them; here the
-    # backward then needs no weight gradients (a third of a ResNet's forward+backward)
-    ref = _run(before, inputs, train=False, grads=exact and floating_in, params=False)
-    new = _run(after, inputs, train=False, grads=exact and floating_in, params=False)
+    # 1. eval mode, own weights, example batch (the primary figure of the record): outputs. They are
+    # the annotation runs' (capture, after the pass) when those are still valid and both graphs
+    # compute in float32/64; gradients are compared at the randomized state (2.) and in train mode (3.)
+    ref, new = _recalled(before, inputs), _recalled(after, inputs)
+    if ref is None or new is None:
+        ref = _run(before, inputs, train=False, grads=False, params=False)
+        new = _run(after, inputs, train=False, grads=False, params=False)
     mismatch = compare_outputs(new.outputs, ref.outputs)
     if mismatch:
         ver.fail(mismatch)
@@ -767,19 +792,19 @@ def _verify_against(pass_: "Pass", before: nn.Module, after: nn.Module, inputs: 
         metric, limit = "max_rel_error", tolerance_for(_compute_dtype(before, after, ref_f))
     n0 = len(ver.checks)
     checker.compare("eval, own weights, example batch", before, after, inputs, train=False,
-                    grads=exact and floating_in, params=False,
-                    out_metric=metric, out_limit=limit, ref=ref, new=new)
+                    grads=False, params=False, out_metric=metric, out_limit=limit, ref=ref, new=new)
     first = ver.checks[n0] if len(ver.checks) > n0 else None
     ver.metric, ver.limit = metric, limit
     ver.value = first["value"] if first and "value" in first else None
-    for c in ver.checks[n0:]:
-        if c["check"].endswith("input gradients"):
-            ver.details["input_grad_error"] = c["value"]
-            ver.details["input_grad_metric"] = c["metric"]
 
-    # 2. exact: eval mode at a randomized state on (one sample of) a second batch
+    # 2. exact: eval mode at a randomized state on (one sample of) a second batch: outputs, input gradients
     if exact:
-        _randomized_check(pass_, checker, before, after, inputs, mapping, rerun, floating_in, same, metric, limit)
+        n1 = len(ver.checks)
+        _randomized_check(pass_, checker, before, after, inputs, mapping, rerun, floating_in, metric, limit)
+        for c in ver.checks[n1:]:
+            if c["check"].endswith("input gradients") and "value" in c:
+                ver.details["input_grad_error"] = c["value"]
+                ver.details["input_grad_metric"] = c["metric"]
 
     # 3. training "same": train mode (fixed RNG, random regularisers disabled)
     if same:
@@ -805,18 +830,92 @@ def _verify_against(pass_: "Pass", before: nn.Module, after: nn.Module, inputs: 
 
 def _randomized_check(pass_: "Pass", checker: _Checker, before: nn.Module, after: nn.Module,
                       inputs: Sequence[Any], mapping: dict[str, str | None],
-                      rerun: Callable[[nn.Module], nn.Module] | None, floating_in: bool, same: bool,
+                      rerun: Callable[[nn.Module], nn.Module] | None, floating_in: bool,
                       metric: str, limit: float) -> None:
-    label = "eval, randomized state, second batch"
     batch = second_batch(inputs)
     batch = _slice1(batch) or batch
-    with _randomized_pair(checker, before, after, mapping, rerun, label) as pair:
-        if pair is None:
-            return
-        b, a = pair
-        # training "same": the train-mode check takes gradients at this state; here outputs only
-        checker.compare(label, b, a, batch, train=False, grads=floating_in and not same, params=False,
-                        out_metric=metric, out_limit=limit)
+
+    def check(b_in: Sequence[Any], label: str) -> None:
+        with _randomized_pair(checker, before, after, mapping, rerun, label) as pair:
+            if pair is not None:
+                checker.compare(label, pair[0], pair[1], b_in, train=False, grads=floating_in, params=False,
+                                out_metric=metric, out_limit=limit)
+
+    _small_first(checker, batch, "eval, randomized state, second batch", check, batch)
+
+
+SHRINK = 4  # the randomized-state checks run image models at a quarter of each spatial side ...
+SMALL_SIDE = 32  # ... but not below this
+
+
+def _shrunk(batch: Sequence[Any], factor: float = 1 / SHRINK) -> tuple[Any, ...] | None:
+    """``batch`` cropped to ``factor`` of each spatial side (not below :data:`SMALL_SIDE`) when it is
+    an image batch: every tensor floating, 4-D or 5-D, one spatial size. Else None."""
+    tensors = [x for x in batch if isinstance(x, torch.Tensor)]
+    if factor >= 1 or not tensors or any(not x.is_floating_point() or x.dim() not in (4, 5) for x in tensors):
+        return None
+    sides = {tuple(x.shape[2:]) for x in tensors}
+    if len(sides) != 1:
+        return None
+    old = next(iter(sides))
+    new = tuple(min(d, max(SMALL_SIDE, math.ceil(d * factor))) for d in old)
+    if new == old:
+        return None
+    crop = (slice(None), slice(None)) + tuple(slice(0, d) for d in new)
+    out = []
+    for x in batch:
+        if isinstance(x, torch.Tensor):
+            fmt = (torch.channels_last if x.dim() == 4 else torch.channels_last_3d) if (
+                not x.is_contiguous() and x.is_contiguous(
+                    memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)) \
+                else torch.contiguous_format
+            x = x[crop].contiguous(memory_format=fmt)
+        out.append(x)
+    return tuple(out)
+
+
+def _shape_text(batch: Sequence[Any]) -> str:
+    return ", ".join("x".join(map(str, x.shape)) for x in batch if isinstance(x, torch.Tensor))
+
+
+def _train_shrink(before: nn.Module, inputs: Sequence[Any]) -> float:
+    """The spatial factor for the train-mode check on one sample: a quarter of each side, or more
+    where a BatchNorm would then normalise over fewer than :data:`MIN_BATCH_VALUES` values per
+    channel (batch statistics over so few values turn float32 rounding into large differences)."""
+    few = _fewest_batch_values(before)
+    if few is None:
+        return 1 / SHRINK
+    batch = next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() >= 1), 1) or 1
+    per_sample = few[1] / batch
+    return max(1 / SHRINK, math.sqrt(MIN_BATCH_VALUES / per_sample)) if per_sample > 0 else 1.0
+
+
+def _small_first(checker: _Checker, batch: Sequence[Any], label: str,
+                 check: Callable[[Sequence[Any], str], None], fallback: Sequence[Any],
+                 fallback_label: str | None = None, factor: float = 1 / SHRINK) -> None:
+    """Run ``check`` on ``batch`` shrunk (:func:`_shrunk`: a sixteenth of an image model's work) and,
+    only when the original cannot run there or a check fails there, again on ``fallback`` (whose
+    result then stands: a rewrite may specialise to the example's shapes). Without a shrunk batch,
+    ``check`` runs on ``fallback``."""
+    small = _shrunk(batch, factor)
+    fallback_label = fallback_label or label
+    if small is None:
+        check(fallback, fallback_label)
+        return
+    ver = checker.ver
+    n0, failures, status, message = len(ver.checks), list(ver.failures), ver.status, ver.message
+    check(small, f"{label} ({_shape_text(small)})")
+    added = ver.checks[n0:]
+    cannot = [c for c in added if c.get("status") == "skipped" and "the original cannot run" in c.get("note", "")]
+    if len(ver.failures) == len(failures) and not cannot:
+        return
+    why = (ver.failures[len(failures):] or [c["note"] for c in cannot])[0]
+    del ver.checks[n0:]
+    ver.failures[:] = failures
+    ver.status, ver.message = status, message
+    check(fallback, fallback_label)
+    for c in ver.checks[n0:]:
+        c["note"] = "; ".join(filter(None, [c.get("note", ""), f"at {_shape_text(small)}: {why}"[:240]]))
 
 
 class _randomized_pair:
@@ -862,7 +961,7 @@ class _randomized_pair:
         _swap_state(self.after, self.old_a)
 
 
-MIN_BATCH_VALUES = 16  # an approximate pass's train-mode check needs BatchNorm statistics over more
+MIN_BATCH_VALUES = 16  # train-mode BatchNorm statistics over fewer values per channel are ill-conditioned
 
 
 def _fewest_batch_values(module: nn.Module) -> tuple[str, int] | None:
@@ -912,13 +1011,22 @@ def _train_check(checker: _Checker, before: nn.Module, after: nn.Module, inputs:
         checker.compare("train, own weights, example batch", b, a, inputs, train=True, grads=False, params=False,
                         out_metric=metric, out_limit=limit, stats=metric == "max_rel_error")
         return
-    label = "train, randomized state, example batch"
-    with _randomized_pair(checker, b, a, mapping, rerun if (b is before and a is after) else None, label) as pair:
-        if pair is None:
-            return
-        rb, ra = pair
-        checker.compare(label, rb, ra, inputs, train=True, grads=True, params=True,
-                        out_metric=metric, out_limit=limit)
+    def check(batch: Sequence[Any], label: str) -> None:
+        with _randomized_pair(checker, b, a, mapping, rerun if (b is before and a is after) else None,
+                              label) as pair:
+            if pair is not None:
+                checker.compare(label, pair[0], pair[1], batch, train=True, grads=True, params=True,
+                                out_metric=metric, out_limit=limit)
+
+    # one sample of the second batch, shrunk (image models, as far as BatchNorm allows); else the example batch
+    second = second_batch(inputs)
+    second = _slice1(second) or second
+    factor = _train_shrink(before, inputs)
+    if _shrunk(second, factor) is not None:
+        _small_first(checker, second, "train, randomized state, second batch", check, inputs,
+                     "train, randomized state, example batch", factor)
+    else:
+        check(inputs, "train, randomized state, example batch")
 
 
 def train_step_check(before: nn.Module, after: nn.Module, inputs: Sequence[Any],

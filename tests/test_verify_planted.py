@@ -305,7 +305,7 @@ def test_every_failed_check_is_listed():
     failed = [c["check"] for c in ver.checks if c["status"] == "failed"]
     assert len(failed) >= 4 and len(ver.failures) == len(failed)
     assert "eval, own weights, example batch: outputs" in failed
-    assert "eval, own weights, example batch: input gradients" in failed
+    assert "eval, randomized state, second batch: input gradients" in failed
     assert "train, randomized state, example batch: parameter gradients" in failed
     for f in failed:
         assert f in str(info.value)
@@ -477,3 +477,111 @@ def test_cli_lists_both_axes_and_runs_train_step(tmp_path, capsys):
     ver = json.loads(report.read_text())["passes"][0]["verification"]
     assert ver["training"] == "same" and ver["details"]["train_step"]["rel_l2_error"] < 1e-5
     assert any(c["check"].startswith("train, randomized state") for c in ver["checks"])
+
+
+# ----------------------------------------------------------------------------- the shrunk second batch
+
+
+class Strided(nn.Module):
+    """Image model: three stride-2 conv+BN stages, global pooling (an 8x8 final map at 64 px)."""
+
+    def __init__(self, pool: nn.Module | None = None, c: int = 8):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(3 if i == 0 else c, c, 3, stride=2, padding=1) for i in range(3))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(3))
+        self.pool = pool or nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        for conv, bn in zip(self.convs, self.bns):
+            x = torch.relu(bn(conv(x)))
+        return self.head(self.pool(x).flatten(1))
+
+
+class FlatHead(nn.Module):
+    """Image model that only runs at its example size (flatten into a fixed-width Linear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 16 * 16, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+class PoolToFixed(_ModuleRewrite):
+    """Correct at the example's size only: AdaptiveAvgPool2d(1) -> AvgPool2d over the 8x8 map it sees."""
+
+    name = "planted_pool_fixed"
+    kind = nn.AdaptiveAvgPool2d
+
+    def rewrite(self, gm, node, mod):
+        side = node.args[0].meta["tensor_meta"].shape[-1]
+        replace_module(gm, str(node.target), nn.AvgPool2d(side))
+        return True
+
+
+def _image(cls=Strided, *args):
+    torch.manual_seed(0)
+    return cls(*args).eval(), (torch.randn(2, 3, 64, 64),)
+
+
+def _checks(ver):
+    return {c["check"]: c for c in ver.checks}
+
+
+def test_image_models_are_checked_on_a_shrunk_second_batch():
+    """The randomized-state checks of an image model run on one 32x32 sample (a quarter of the
+    work of 64x64; the train check only shrinks as far as every BatchNorm keeps >= 16 values)."""
+    module, x = _image()
+    _, report = graphopt.optimize(module, x, [LinearAsFunction()])
+    checks = _checks(report.records[0].verification)
+    assert checks["eval, own weights, example batch: outputs"]["status"] == "passed"
+    assert checks["eval, randomized state, second batch (1x3x32x32): input gradients"]["status"] == "passed"
+    assert checks["train, randomized state, second batch (1x3x32x32): parameter gradients"]["status"] == "passed"
+    assert checks["train, randomized state, second batch (1x3x32x32): running statistics"]["status"] == "passed"
+
+
+@pytest.mark.parametrize("stride, train_batch", [(4, "second batch (1x3x32x32)"), (8, "example batch")])
+def test_the_train_check_keeps_batchnorm_statistics_well_conditioned(stride, train_batch):
+    """At 64 px the last BatchNorm sees 8x8 (stride 4) or 4x4 (stride 8) values per sample: the
+    first may shrink to 32 px (4x4 = 16 values), the second not at all (16 values already)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=stride, padding=1), nn.BatchNorm2d(8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    _, report = graphopt.optimize(model, (torch.randn(2, 3, 64, 64),), [LinearAsFunction()])
+    checks = _checks(report.records[0].verification)
+    assert checks[f"train, randomized state, {train_batch}: running statistics"]["status"] == "passed"
+    assert "eval, randomized state, second batch (1x3x32x32): outputs" in checks  # eval mode: no limit
+
+
+@pytest.mark.parametrize("bug", ["wrong_channel_slice"])
+def test_a_bug_seen_at_the_shrunk_size_is_judged_at_the_example_size(bug):
+    module, x = _image()
+    with pytest.raises(VerificationError) as info:
+        graphopt.optimize(module, x, [_variant(ConvSplit, bug)()])
+    checks = _checks(info.value.report.records[-1].verification)
+    failed = checks["eval, randomized state, second batch: outputs"]
+    assert failed["status"] == "failed" and "at 1x3x32x32" in failed["note"]
+
+
+def test_a_rewrite_specialised_to_the_example_shapes_passes_at_the_example_size():
+    module, x = _image()
+    gm, report = graphopt.optimize(module, x, [PoolToFixed()])
+    assert any(isinstance(m, nn.AvgPool2d) for m in gm.modules())
+    ver = report.records[0].verification
+    assert ver.ok, ver.message
+    checks = _checks(ver)
+    rand = checks["eval, randomized state, second batch: outputs"]
+    assert rand["status"] == "passed" and "at 1x3x32x32" in rand["note"]  # failed there, passed at full size
+
+
+def test_a_model_that_runs_only_at_its_example_size_is_checked_there():
+    module, x = _image(FlatHead)
+    _, report = graphopt.optimize(module, x, [LinearAsFunction()])
+    checks = _checks(report.records[0].verification)
+    rand = checks["eval, randomized state, second batch: outputs"]
+    assert rand["status"] == "passed" and "the original cannot run" in rand["note"]
