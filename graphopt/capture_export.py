@@ -258,6 +258,9 @@ def _collapse_leaves(graph: fx.Graph, paths: list[str]) -> list[str]:
         for n in sorted(region, key=order.__getitem__, reverse=True):
             graph.erase_node(n)
         graph.erase_node(start)
+        for n in sorted(anc - region, key=order.__getitem__, reverse=True):  # e.g. views of its parameters
+            if not n.users and n.op in ("call_function", "call_method", "get_attr") and not n.is_impure():
+                graph.erase_node(n)
         kept.append(path)
     for node in list(graph.nodes):  # a region left open (should not happen): identity
         if node.op == "call_function" and node.target in (enter, exit_):

@@ -495,6 +495,7 @@ def test_export_keeps_a_layer_with_a_registered_rule_whole(affine_rule):
     assert isinstance(captured.get_submodule("affine"), ChannelAffine)
     assert [n.target for n in captured.graph.nodes if n.op == "call_module"] == ["conv1", "affine", "conv2", "fc"]
     assert not any("graphopt" in str(n.target) for n in captured.graph.nodes)  # no marker left behind
+    assert len(captured.graph.nodes) == 9  # nor the layer's inlined parameter views
     gm, rec = run_pass("prune:ratio=0.5", captured, x)
     assert rec.modified and rec.verification.status == "passed", rec.verification.message
     assert gm.conv1.out_channels == 4 and gm.affine.c == 4 and gm.affine.scale.shape == (4,)
