@@ -27,6 +27,7 @@ import copy
 import difflib
 import logging
 import operator
+import re
 from typing import Any, Iterable
 
 import torch
@@ -104,6 +105,110 @@ def _trace(module: nn.Module, opaque: dict[str, dict[str, str]]) -> fx.GraphModu
         return gm
     raise CaptureError(f"more than {MAX_LEAF_RETRIES} submodules of {type(module).__name__} "
                        "cannot be traced", fix="simplify the model's control flow")
+
+
+# ----------------------------------------------------------------------------- in-place ops on inputs
+
+# ops whose result may share memory with their (first) input: an in-place op on the result writes the input
+_VIEW_NAMES = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "swapaxes",
+               "swapdims", "permute", "movedim", "moveaxis", "t", "squeeze", "unsqueeze", "expand", "expand_as",
+               "narrow", "select", "split", "split_with_sizes", "chunk", "unbind", "tensor_split", "contiguous",
+               "detach", "as_strided", "diagonal", "unfold", "real", "imag", "view_as_real", "view_as_complex",
+               "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "alias",
+               "getitem", "_unsafe_view", "slice", "flatten_dense_tensors"}
+_NOT_MUTATING = {"requires_grad_", "share_memory_", "retain_grad", "record_stream"}
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                      operator.irshift, operator.imatmul}
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op in ("call_method", "call_module"):
+        return str(node.target)
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return schema.name.split("::")[-1]
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _written_args(gm: fx.GraphModule, node: fx.Node) -> list[Any]:
+    """The arguments ``node`` writes in place (empty for a functional op)."""
+    args = list(node.args)
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target)) if isinstance(node.target, str) else None
+        return args[:1] if getattr(mod, "inplace", False) is True else []
+    if node.op == "call_method":
+        name = str(node.target)
+        return args[:1] if name.endswith("_") and not name.startswith("_") and name not in _NOT_MUTATING else []
+    if node.op != "call_function":
+        return []
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:  # an ATen overload says which arguments it writes
+        written = []
+        for i, a in enumerate(schema.arguments):
+            if a.alias_info is not None and a.alias_info.is_write:
+                written.append(args[i] if i < len(args) else node.kwargs.get(a.name))
+        return written
+    if node.target in _INPLACE_OPERATORS or node.target is operator.setitem:
+        return args[:1]
+    if node.kwargs.get("inplace") is True or node.kwargs.get("out") is not None:
+        return [node.kwargs["out"]] if node.kwargs.get("out") is not None else args[:1]
+    name = getattr(node.target, "__name__", "")
+    if name.endswith("_") and not name.startswith("_") and name not in _NOT_MUTATING:
+        return args[:1]
+    return []
+
+
+def _view_source(node: fx.Node) -> fx.Node | None:
+    """The tensor ``node`` may be a view of, or None when its result is a fresh tensor."""
+    if node.op not in ("call_method", "call_function") or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None and node.op == "call_function":
+        return node.args[0] if any(r.alias_info is not None for r in schema.returns) else None
+    return node.args[0] if _op_name(node) in _VIEW_NAMES else None
+
+
+def _source_line(node: fx.Node) -> str | None:
+    trace = node.meta.get("stack_trace") or ""
+    frames = [m for m in re.finditer(r'File "([^"]+)", line (\d+)', trace)]
+    user = [m for m in frames if "/torch/" not in m.group(1)] or frames  # the model's line, not torch's
+    return f"{user[-1].group(1).rsplit('/', 1)[-1]}:{user[-1].group(2)}" if user else None
+
+
+def _copy_mutated_inputs(gm: fx.GraphModule) -> list[str]:
+    """Graph inputs that the forward writes in place (``x.add_(1)``, ``x.relu_()``, ``x[:, 0] = 0``, an
+    inplace activation module on the input, directly or through a view) are copied at the start of the
+    graph and the in-place ops act on the copy: the outputs are those of the eager model, the graph can
+    run any number of times on the same tensors (verification, training with inputs that require grad)
+    and the caller's tensor is no longer modified. Returns one note per copied input."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    writes: dict[fx.Node, list[str]] = {}
+    for node in graph.nodes:
+        for arg in _written_args(gm, node):
+            base = arg
+            while isinstance(base, fx.Node) and base.op != "placeholder":
+                base = _view_source(base)
+            if isinstance(base, fx.Node) and base.op == "placeholder":
+                where = _source_line(node)
+                writes.setdefault(base, []).append(_op_name(node) + (f" at {where}" if where else ""))
+    notes = []
+    if not writes:
+        return notes
+    with graph.inserting_after(placeholders[-1]):
+        for ph in reversed(placeholders):
+            if ph not in writes:
+                continue
+            copy_ = graph.call_method("clone", (ph,))
+            ph.replace_all_uses_with(copy_, delete_user_cb=lambda user: user is not copy_)
+            ops = writes[ph]
+            notes.append(f"input '{ph.target}' is modified in place by the model ({', '.join(ops[:3])}"
+                         f"{', ...' if len(ops) > 3 else ''}): the graph works on a copy of it, so outputs "
+                         "are the same and the caller's tensor is left unchanged")
+    graph.lint()
+    gm.recompile()
+    return list(reversed(notes))
 
 
 def _signature(node: fx.Node) -> tuple[str, str]:
@@ -296,6 +401,11 @@ def _coverage_of(gm: fx.GraphModule) -> float:
     return float(gm.meta["graphopt"]["cost"].coverage["fraction"])
 
 
+def _fresh(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Copies of the tensor inputs: a model that writes its inputs in place must not change the next run's."""
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
+
+
 def _eager_check(src: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
                  names: tuple[str, ...] | None) -> dict[str, Any]:
     """Eval-mode outputs of the graph against the eager model's, on the example inputs."""
@@ -306,11 +416,11 @@ def _eager_check(src: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
     try:
         with torch.random.fork_rng(), torch.no_grad(), eval_mode(src), eval_mode(gm):  # caller's RNG untouched
             torch.manual_seed(0)
-            ref = src(**dict(zip(names, inputs))) if names is not None else src(*inputs)
+            ref = src(**dict(zip(names, _fresh(inputs)))) if names is not None else src(*_fresh(inputs))
             got = annotated_outputs(gm, inputs)  # the annotation run's (same seed), when still valid
             if got is None:
                 torch.manual_seed(0)
-                got = gm(*inputs)
+                got = gm(*_fresh(inputs))
     except Exception as exc:  # the graph does not run where eager does: the loudest mismatch
         return {"checked": True, "ok": False, "rel_error": None,
                 "reason": f"the captured graph fails where the eager model runs: {_reason(exc)}"}
@@ -436,6 +546,7 @@ def capture(module: nn.Module, example_inputs: Iterable[torch.Tensor] | torch.Te
     if names is not None:
         meta["input_names"] = list(names)
     meta["front_end"] = {"used": meta.pop("_front_end"), "asked": capture, "reason": reason, "tried": tried}
+    notes += meta.pop("_input_copies", [])
     if notes:
         meta["capture_notes"] = notes
     if not check_eager:
@@ -482,8 +593,9 @@ def _finish(gm: fx.GraphModule, src: nn.Module, inputs: tuple[Any, ...], opaque:
                                                                     "train" if src.training else "eval",
                                                                     "made_mode_aware": "dropout"}
     gm.train(src.training)
+    input_copies = _copy_mutated_inputs(gm)
     gm.meta["graphopt"] = {"opaque": opaque, "training_mode": mode_info,
-                           "_front_end": "fx" if fx_mode else "export"}
+                           "_front_end": "fx" if fx_mode else "export", "_input_copies": input_copies}
     extra = mode_info.get("only_in_train_mode") or mode_info.get("only_in_eval_mode")
     if extra or mode_info.get("unresolved"):
         log.warning("%s has code that runs only in %s mode (%s); it was captured in that mode and also runs "

@@ -14,6 +14,12 @@ rewritten into the one IR every pass works on:
 - ATen ops with a torch function of the same signature become that function (``aten.matmul`` ->
   ``torch.matmul``, ``aten.softmax.int`` -> ``torch.softmax``, ...), so pattern-matching passes see the
   same targets as in a symbolically traced graph; other ops stay ``torch.ops.aten.*`` calls;
+- modules kept whole (:func:`leaf_paths`): drop-path / stochastic-depth / drop-block modules (timm,
+  torchvision, user code: their forward depends on ``self.training``, which export would bake in) and
+  layers of the user's own with a registered channel rule (``register_channel_rule``: the user
+  described them to the passes as layers) become ``call_module`` nodes, as with fx. Their forward is
+  bracketed at export by two identity marker ops; the ops between the markers are replaced by the
+  module call (a module whose ops escape the bracket, e.g. a buffer it writes, is left inlined);
 - functional dropout reads the graph module's ``training`` flag instead of the value baked at export;
 - user inputs are placeholders named after the keyword (or forward parameter) they came from, in
   the order given; outputs keep their structure, with ``ModelOutput`` as a plain dict of its
@@ -27,8 +33,9 @@ graph keeps one flat GraphModule with real layer modules, which is what every pa
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +44,7 @@ from torch import fx, nn
 from graphopt.errors import CaptureError
 from graphopt.modelfile import user_frame
 
-__all__ = ["export_capture", "ATEN_TO_TORCH"]
+__all__ = ["export_capture", "ATEN_TO_TORCH", "leaf_paths"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -128,6 +135,149 @@ def _as_module_call(root: nn.Module, node: fx.Node) -> tuple[str, tuple[Any, ...
     return None
 
 
+# ----------------------------------------------------------------------------- modules kept whole
+
+_LEAF_CLASS_NAMES = {"DropPath", "StochasticDepth", "DropBlock2d", "DropBlock3d", "DropBlock"}
+_MARKERS: dict[str, Any] = {}
+
+
+def _markers() -> tuple[Any, Any]:
+    """Identity ops (a copy: custom ops may not return an alias) that bracket a kept module at export."""
+    if not _MARKERS:
+        for name in ("leaf_enter", "leaf_exit"):
+            @torch.library.custom_op(f"graphopt::{name}", mutates_args=())
+            def marker(x: torch.Tensor, leaf: int) -> torch.Tensor:
+                return x.clone()
+
+            @marker.register_fake
+            def _(x: torch.Tensor, leaf: int) -> torch.Tensor:
+                return torch.empty_like(x)
+
+            _MARKERS[name] = getattr(torch.ops.graphopt, name).default
+    return _MARKERS["leaf_enter"], _MARKERS["leaf_exit"]
+
+
+def leaf_paths(root: nn.Module) -> list[str]:
+    """Submodules the export front end keeps as ``call_module`` nodes (outermost first; none nested)."""
+    from graphopt.analysis.channels.rules import channel_rules
+
+    rules = channel_rules()
+
+    def own_rule(cls: type) -> bool:  # the rule was registered for a class outside torch (not via nn.Conv2d...)
+        base = next((b for b in cls.__mro__ if b in rules), None)
+        return base is not None and not base.__module__.startswith("torch.")
+
+    out: list[str] = []
+    for path, mod in root.named_modules():
+        if not path or any(path.startswith(p + ".") for p in out):
+            continue
+        if type(mod).__name__ in _LEAF_CLASS_NAMES or own_rule(type(mod)):
+            out.append(path)
+    return out
+
+
+@contextlib.contextmanager
+def _bracketed(root: nn.Module, paths: list[str]) -> Iterator[None]:
+    """Bracket each kept module's forward (one tensor in, one tensor out) with the marker ops."""
+    enter, exit_ = _markers()
+    patched: list[nn.Module] = []
+
+    def wrap(mod: nn.Module, index: int) -> Any:
+        forward = mod.forward
+
+        def bracketed(*args: Any, **kwargs: Any) -> Any:
+            if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+                return forward(*args, **kwargs)  # not a one-tensor call: traced through
+            out = forward(enter(args[0], index))
+            return exit_(out, index) if isinstance(out, torch.Tensor) else out
+        return bracketed
+
+    try:
+        for i, path in enumerate(paths):
+            mod = root.get_submodule(path)
+            mod.forward = wrap(mod, i)
+            patched.append(mod)
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
+
+
+def _collapse_leaves(graph: fx.Graph, paths: list[str]) -> list[str]:
+    """Replace each bracketed region by a call of its module; returns the paths kept as modules."""
+    enter, exit_ = _markers()
+    kept: list[str] = []
+    open_: dict[int, list[fx.Node]] = {}
+    pairs: list[tuple[fx.Node, fx.Node]] = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is enter:
+            open_.setdefault(node.args[1], []).append(node)
+        elif node.op == "call_function" and node.target is exit_ and open_.get(node.args[1]):
+            pairs.append((open_[node.args[1]].pop(), node))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for start, end in pairs:
+        # the module's ops: those that depend on its input and feed its output
+        desc: set[fx.Node] = set()
+        stack = [start]
+        while stack:
+            for u in stack.pop().users:
+                if u not in desc and u is not end and order[u] < order[end]:
+                    desc.add(u)
+                    stack.append(u)
+        anc: set[fx.Node] = set()
+        stack = [end.args[0]] if isinstance(end.args[0], fx.Node) else []
+        while stack:
+            n = stack.pop()
+            if n in anc or order[n] <= order[start]:
+                continue
+            anc.add(n)
+            stack.extend(n.all_input_nodes)
+        region = desc & anc
+        # in-place ops on the module's tensors (bernoulli_, div_) act on the output through what they write
+        grown = True
+        while grown:
+            grown = False
+            for n in list(region) + [start]:
+                for u in n.users:
+                    if u in desc and u not in region and _writes_first_arg(u) and u.args[0] is n:
+                        region.add(u)
+                        grown = True
+        escapes = any(u not in region and u is not end for n in region | {start} for u in n.users)
+        path = paths[start.args[1]]
+        if escapes:
+            log.info("export: %s is not kept as a module (its ops are used outside it)", path)
+            for marker in (end, start):
+                marker.replace_all_uses_with(marker.args[0])
+                graph.erase_node(marker)
+            continue
+        with graph.inserting_before(end):
+            call = graph.call_module(path, (start.args[0],))
+        call.meta.update({k: v for k, v in start.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        end.replace_all_uses_with(call)
+        graph.erase_node(end)
+        for n in sorted(region, key=order.__getitem__, reverse=True):
+            graph.erase_node(n)
+        graph.erase_node(start)
+        for n in sorted(anc - region, key=order.__getitem__, reverse=True):  # e.g. views of its parameters
+            if not n.users and n.op in ("call_function", "call_method", "get_attr") and not n.is_impure():
+                graph.erase_node(n)
+        kept.append(path)
+    for node in list(graph.nodes):  # a region left open (should not happen): identity
+        if node.op == "call_function" and node.target in (enter, exit_):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    return kept
+
+
+def _writes_first_arg(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return bool(schema.arguments) and schema.arguments[0].alias_info is not None \
+            and schema.arguments[0].alias_info.is_write
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
+
+
 def _structure(value: Any) -> Any:
     """Unflattened outputs (fx Nodes inside) with dict-like containers as plain dicts."""
     if isinstance(value, dict):
@@ -148,12 +298,13 @@ def export_capture(src: nn.Module, inputs: tuple[Any, ...], names: tuple[str, ..
     import contextlib
     import io
 
+    leaves = leaf_paths(src)
     sink = io.StringIO()  # on failure torch prints the partial graph; the error below says what matters
     torch_log = logging.getLogger("torch")
     level = torch_log.level
     try:
         torch_log.setLevel(logging.ERROR)
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), _bracketed(src, leaves):
             ep = torch.export.export(src, args, kwargs, strict=False)
     except Exception as exc:
         log.debug("torch.export output:\n%s", sink.getvalue())
@@ -209,6 +360,8 @@ def export_capture(src: nn.Module, inputs: tuple[Any, ...], names: tuple[str, ..
         env[node] = new
     for name, t in constants.items():
         src.register_buffer(name, t, persistent=True)
+    if leaves:
+        _collapse_leaves(graph, leaves)
     _normalise(graph, src)
     gm = fx.GraphModule(src, graph, type(src).__name__)
     gm.graph.lint()

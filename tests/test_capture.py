@@ -152,3 +152,54 @@ def test_real_model_stochastic_depth_follows_eval(zoo):
     gm.eval()
     model.eval()
     torch.testing.assert_close(gm(x), model(x))
+
+
+class _WritesItsInput(nn.Module):
+    """Writes its input in place four ways, then a conv: what issue 12 reported failing under channels_last."""
+
+    def __init__(self, setitem: bool):
+        super().__init__()
+        self.setitem = setitem
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x.add_(1)
+        x.mul_(0.5)
+        x += 0.25
+        if self.setitem:  # torch.fx cannot trace item assignment: export only
+            x[:, 0] = 0.5
+        x = self.act(x)
+        return self.bn(self.conv(x)).flatten(1)
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+def test_inplace_ops_on_inputs_are_captured_on_a_copy(front_end):
+    torch.manual_seed(0)
+    model = _WritesItsInput(setitem=front_end == "export")
+    x = torch.randn(2, 3, 8, 8)
+    x_before = x.clone()
+    gm = graphopt.capture(model, (x,), capture=front_end)
+    assert torch.equal(x, x_before)  # capture leaves the caller's tensor alone
+    meta = gm.meta["graphopt"]
+    assert meta["eager_check"]["ok"], meta["eager_check"]
+    note = " ".join(meta["capture_notes"])
+    assert "input 'x' is modified in place" in note and "add_" in note and "mul_" in note
+    if front_end == "export":
+        assert "test_capture.py:" in note  # the model's source line
+    model.eval()
+    expected = model(x.clone())
+    for passes in (["channels_last"], ["mixed_precision"], ["cleanup"], ["channels_last", "cleanup"]):
+        out, report = graphopt.optimize(gm, (x,), passes)
+        assert report.verified and (passes == ["cleanup"] or report.records[0].modified)  # a failure raises
+        out.eval()
+        got = out(x)
+        assert torch.equal(x, x_before)
+        tol = 1e-2 if passes == ["mixed_precision"] else 1e-5
+        torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+    # trains with inputs that require grad (the verifier's input gradients)
+    xg = x.clone().requires_grad_(True)
+    out.train()
+    out(xg).sum().backward()
+    assert xg.grad is not None and torch.equal(xg.detach(), x_before)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import textwrap
 
-import sys
 
 import pytest
 import torch
@@ -173,21 +172,25 @@ def test_cli(tmp_path):
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("spec,kwargs,train,expect", [
-    pytest.param("vgg11", {}, False, {"Dropout": 2}, marks=pytest.mark.slow),  # 130 M params
-    ("mobilenet_v2", {}, False, {"Dropout": 1}),
-    ("efficientnet_b0", {}, True, {"stochastic_depth": 9, "Dropout": 1}),   # captured in train mode
-    pytest.param("convnext_tiny", {}, False, {"stochastic_depth": 18}, marks=pytest.mark.slow),
-    ("timm:efficientnet_b0", {"drop_path_rate": 0.1}, True, {"drop_path": 9}),  # traced timm drop_path
-    ("densenet121", {}, False, {}),
-    ("resnet18", {}, False, {}),
+@pytest.mark.parametrize("spec,kwargs,train,front_end,expect", [
+    pytest.param("vgg11", {}, False, "auto", {"Dropout": 2}, marks=pytest.mark.slow),  # 130 M params
+    ("mobilenet_v2", {}, False, "auto", {"Dropout": 1}),
+    ("efficientnet_b0", {}, True, "auto", {"stochastic_depth": 9, "Dropout": 1}),   # captured in train mode
+    pytest.param("convnext_tiny", {}, False, "auto", {"stochastic_depth": 18}, marks=pytest.mark.slow),
+    # timm's DropPath: fx traces it in train mode (its eval output then differs from eager), so auto
+    # captures with torch.export, which keeps DropPath modules whole; the traced form through fx
+    ("timm:efficientnet_b0", {"drop_path_rate": 0.1}, True, "auto", {"DropPath": 9}),
+    ("timm:efficientnet_b0", {"drop_path_rate": 0.1}, True, "fx", {"drop_path": 9}),
+    ("densenet121", {}, False, "auto", {}),
+    ("resnet18", {}, False, "auto", {}),
 ])
-def test_real_architectures(zoo, spec, kwargs, train, expect, monkeypatch):
-    # the traced (fx) forms of torchvision stochastic depth and timm drop_path are what this covers
-    monkeypatch.setattr(sys.modules["graphopt.capture"], "_DEFAULT_FRONT_END", "fx")
+def test_real_architectures(zoo, spec, kwargs, train, front_end, expect):
     model = zoo(spec, **kwargs).train(train)
     x = (torch.randn(2, 3, 64, 64),)
-    gm, rec = run_pass(DropRegularization(), model, x)
+    captured = graphopt.capture(model, x, capture=front_end)
+    if spec.startswith("timm:"):
+        assert captured.meta["graphopt"]["front_end"]["used"] == ("export" if front_end == "auto" else "fx")
+    gm, rec = run_pass(DropRegularization(), captured, x)
     assert rec.notes["removed"] == expect
     assert rec.modified == bool(expect)
     if expect:
@@ -195,7 +198,7 @@ def test_real_architectures(zoo, spec, kwargs, train, expect, monkeypatch):
         assert rec.verification.value < 1e-5
         gm.graph.lint()
         assert _deterministic_in_train_mode(gm, x)
-        assert not any(n.op == "call_method" and "bernoulli" in str(n.target) for n in gm.graph.nodes)
+        assert not any("bernoulli" in str(n.target) for n in gm.graph.nodes)  # method (fx) or ATen (export)
 
 
 @pytest.mark.zoo
@@ -207,3 +210,46 @@ def test_vit_b_16(zoo):
     assert rec.notes["removed"]["Dropout"] == 3 * 12 + 1  # per encoder block: after attention + 2 in the MLP; + input
     assert rec.notes["removed"]["MultiheadAttention.dropout"] == 12
     assert rec.verification.status == "passed"
+
+
+class DropPath(nn.Module):
+    """A user's own drop-path (timm's form): acts only in training mode."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1 - self.p
+        return x * x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep).div_(keep)
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.drop = DropPath(0.5)
+
+    def forward(self, x):
+        return x + self.drop(self.conv(x))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_export_keeps_drop_path_modules_whole_in_either_mode(train):
+    """Captured in eval mode, drop-path leaves no op to trace, and in train mode export would bake the
+    mask in: the export front end keeps the module as a call_module node, which follows the mode."""
+    torch.manual_seed(0)
+    model, x = _Residual().train(train), (torch.randn(8, 4, 6, 6),)
+    gm = graphopt.capture(model, x, capture="export")
+    assert count_modules(gm, DropPath) == 1 and gm.meta["graphopt"]["eager_check"]["ok"]
+    for mode in (True, False):
+        model.train(mode)
+        gm.train(mode)
+        torch.manual_seed(1)
+        expected = model(*x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(gm(*x), expected)
+    out, rec = run_pass(DropRegularization(), gm, x)
+    assert rec.notes["removed"] == {"DropPath": 1} and rec.verification.status == "passed"

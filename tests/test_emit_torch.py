@@ -167,3 +167,43 @@ def test_not_a_folder(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ArtifactError, match="not a folder"):
         graphopt.load(tmp_path / "f")
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cls, bidirectional):
+        super().__init__()
+        self.rnn = cls(6, 8, num_layers=2, batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(8 * (2 if bidirectional else 1), 3)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.head(y[:, -1])
+
+
+@pytest.mark.parametrize("cls,bidirectional,pass_name", [
+    (nn.LSTM, False, "cleanup"), (nn.LSTM, True, "mixed_precision"),
+    (nn.GRU, True, "freeze"), (nn.GRU, False, "cleanup")])
+def test_recurrent_modules_emit_reload_and_train(tmp_path, cls, bidirectional, pass_name):
+    torch.manual_seed(0)
+    module, inputs = _Recurrent(cls, bidirectional), (torch.randn(3, 5, 6),)
+    gm, out = emit(module, inputs, tmp_path / "out", passes=(pass_name,))
+    src = (out / "module.py").read_text()
+    assert f"nn.{cls.__name__}(input_size=6, hidden_size=8, num_layers=2, batch_first=True" in src
+    gm.eval()
+    expected = gm(*inputs).detach()
+    for trust_code in (False, True):
+        loaded = graphopt.load(out, trust_code=trust_code)
+        rnn = loaded.get_submodule("rnn")
+        assert type(rnn) is cls and rnn.bidirectional is bidirectional and rnn.num_layers == 2
+        loaded.eval()
+        torch.testing.assert_close(loaded(*inputs), expected, rtol=1e-5, atol=1e-6)
+        before = {n: p.detach().clone() for n, p in loaded.named_parameters()}
+        train_steps(loaded, inputs, torch.tensor([0, 1, 2]), steps=1, lr=0.5)
+        changed = [n for n, p in loaded.named_parameters() if not torch.equal(p, before[n])]
+        assert "head.weight" in changed
+        if pass_name != "freeze":  # freeze keeps only the head trainable
+            assert "rnn.weight_hh_l1" in changed
+        # the recurrent kernel reads the updated weights (its flat weight list is the parameters)
+        assert all(w is p for w, p in zip(rnn._flat_weights, [getattr(rnn, n) for n in rnn._flat_weights_names]))
+        loaded.eval()
+        assert not torch.allclose(loaded(*inputs), expected)

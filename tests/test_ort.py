@@ -600,3 +600,86 @@ def test_ort_that_trains_a_graph_wrongly_is_refused_in_one_line(tmp_path):
     else:  # an onnxruntime that trains it correctly
         manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
         assert manifest["check"]["passed"]
+
+
+# ----------------------------------------------------------------------------- transformers (LayerNorm)
+
+TRANSFORMER_MODEL = '''
+import torch
+from torch import nn
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(32, 16)
+        self.ln1 = nn.LayerNorm(16)
+        self.qkv = nn.Linear(16, 48)
+        self.ln2 = nn.LayerNorm(16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        x = self.tok(ids)
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
+        x = x + torch.softmax(q @ k.transpose(1, 2) / 4.0, dim=-1) @ v
+        x = x + self.mlp(self.ln2(x))
+        return self.head(x.mean(1))
+
+def model():
+    torch.manual_seed(0)
+    return Tiny()
+
+def example_inputs():
+    return (torch.randint(0, 32, (4, 6), generator=torch.Generator().manual_seed(0)),)
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 32, (64, 6), generator=g)
+    y = (ids[:, 0] % 3).long()
+    ds = torch.utils.data.TensorDataset(ids, y)
+    return ds, ds
+'''
+
+
+def test_transformer_with_layernorm_trains_in_ort(tmp_path):
+    """onnxruntime-training 1.19's LayerNormalization gradient needs the node's Mean/InvStdDev outputs,
+    which torch.onnx leaves out: the artifacts give the nodes those outputs, and the emit-time check
+    compares ORT's training step with PyTorch's."""
+    from tests.transformer_models import bert, bert_inputs
+
+    inputs = bert_inputs()
+    gm, report = graphopt.optimize(bert(dropout=0.0), inputs, ["cleanup"])  # no dropout: gradients compared
+    out = go.emit_ort_artifacts(gm, tmp_path / "ort", inputs=inputs, report=report)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["check"]["passed"] and manifest["check"]["train_check"] == "compared"
+    model = onnx.load(str(out / "training_model.onnx"))
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    assert len(norms) == 5 and all(len(n.output) == 3 for n in norms)
+
+
+def test_cli_train_backend_ort_on_a_transformer(tmp_path):
+    from graphopt.cli import main
+
+    mf = tmp_path / "m.py"
+    mf.write_text(TRANSFORMER_MODEL)
+    out = tmp_path / "run"
+    assert main(["train", str(mf), "--backend", "ort", "--optimizer", "adamw", "--lr", "0.01", "--data", "model",
+                 "--epochs", "2", "--batch-size", "16", "--progress", "none", "-o", str(out)]) == 0
+    history = json.loads((out / "train.json").read_text())["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_ort_gradient_that_needs_missing_outputs_names_the_op(tmp_path, monkeypatch):
+    """Without the statistics outputs, onnxruntime-training fails with an assertion that names no node
+    (``GradientBuilderBase::O ... i < node_->OutputDefs().size() was false``): the error names it."""
+    import graphopt.ort.artifacts as artifacts
+
+    monkeypatch.setattr(artifacts, "_expose_norm_statistics", lambda model: [])
+    ns: dict = {}
+    exec(TRANSFORMER_MODEL, ns)
+    with pytest.raises(EmitError) as info:
+        go.emit_ort_artifacts(ns["model"](), tmp_path / "ort", inputs=ns["example_inputs"]())
+    msg = str(info.value)
+    assert "\n" not in msg and "cannot differentiate LayerNormalization" in msg
+    assert "(op at node /ln1/LayerNormalization)" in msg and "torch backend" in msg
+    assert list(tmp_path.iterdir()) == []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import operator
 
-import sys
 
 import pytest
 import torch
@@ -469,16 +468,37 @@ def affine_rule():
     unregister_channel_rule(ChannelAffine)
 
 
-def test_custom_layer_without_rule_is_declined_with_reason(monkeypatch):
-    # the fx front end keeps the untraceable layer as a module (auto would inline it with torch.export)
-    monkeypatch.setattr(sys.modules["graphopt.capture"], "_DEFAULT_FRONT_END", "fx")
+def test_custom_layer_without_rule_is_declined_with_reason():
     model, x = AffineNet().eval(), _inputs()
-    gm, rec = run_pass("prune:ratio=0.5", model, x)
+    # fx keeps the layer whole (its shape check is control flow on a traced value): an opaque leaf
+    gm, rec = run_pass("prune:ratio=0.5", graphopt.capture(model, x, capture="fx"), x)
     assert isinstance(gm.get_submodule("affine"), ChannelAffine)      # kept whole by capture
     declined = {d["target"]: d["reason"] for d in rec.declined}
     assert "no channel rule for ChannelAffine" in declined["conv1"]
     assert "register_channel_rule" in declined["conv1"]
     assert gm.conv1.out_channels == 8 and gm.affine.c == 8 and gm.conv2.out_channels == 4  # the rest is pruned
+    # auto: fx leaves part of the model opaque and the layer has no rule, so torch.export captures it
+    # whole and inlines the layer: its parameter product keeps conv1's channels, the rest is pruned
+    gm, rec = run_pass("prune:ratio=0.5", model, x)
+    assert gm.meta["graphopt"]["front_end"]["used"] == "export"
+    assert not isinstance(gm.get_submodule("affine"), ChannelAffine)
+    declined = {d["target"]: d["reason"] for d in rec.declined}
+    assert "not prunable" in declined["conv1"] and rec.verification.status == "passed"
+    assert gm.conv1.out_channels == 8 and gm.conv2.out_channels == 4
+
+
+def test_export_keeps_a_layer_with_a_registered_rule_whole(affine_rule):
+    """torch.export (auto's fallback, or asked for) brackets a layer with a registered channel rule and
+    keeps it a call_module node, so prune slices it through its rule as with fx."""
+    model, x = AffineNet().eval(), _inputs()
+    captured = graphopt.capture(model, x, capture="export")
+    assert isinstance(captured.get_submodule("affine"), ChannelAffine)
+    assert [n.target for n in captured.graph.nodes if n.op == "call_module"] == ["conv1", "affine", "conv2", "fc"]
+    assert not any("graphopt" in str(n.target) for n in captured.graph.nodes)  # no marker left behind
+    assert len(captured.graph.nodes) == 9  # nor the layer's inlined parameter views
+    gm, rec = run_pass("prune:ratio=0.5", captured, x)
+    assert rec.modified and rec.verification.status == "passed", rec.verification.message
+    assert gm.conv1.out_channels == 4 and gm.affine.c == 4 and gm.affine.scale.shape == (4,)
 
 
 def test_custom_layer_with_registered_rule_is_pruned(affine_rule):

@@ -59,7 +59,23 @@ def _mha_kwargs(m: nn.MultiheadAttention) -> dict[str, Any]:
             "add_zero_attn": m.add_zero_attn, "kdim": m.kdim, "vdim": m.vdim, "batch_first": m.batch_first}
 
 
-_SPECIAL_KWARGS = {nn.MultiheadAttention: _mha_kwargs}
+def _rnn_kwargs(m: nn.RNNBase) -> dict[str, Any]:
+    """nn.LSTM / nn.GRU / nn.RNN take ``*args, **kwargs``: their arguments are the module's own attributes."""
+    kwargs: dict[str, Any] = {"input_size": m.input_size, "hidden_size": m.hidden_size}
+    defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0, "bidirectional": False}
+    if isinstance(m, nn.LSTM):
+        defaults["proj_size"] = 0
+    if isinstance(m, nn.RNN):
+        defaults["nonlinearity"] = "tanh"
+    for name, default in defaults.items():
+        v = getattr(m, name)
+        if v != default or type(v) is not type(default):
+            kwargs[name] = v
+    return kwargs
+
+
+_SPECIAL_KWARGS = {nn.MultiheadAttention: _mha_kwargs, nn.LSTM: _rnn_kwargs, nn.GRU: _rnn_kwargs,
+                   nn.RNN: _rnn_kwargs}
 _LITERALS = (bool, int, float, str, type(None))
 
 

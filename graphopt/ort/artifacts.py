@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -92,6 +93,54 @@ def _batchnorm_nodes(model: Any, names: dict[str, str]) -> list[dict[str, Any]]:
     return stats
 
 
+def _expose_norm_statistics(model: Any) -> list[str]:
+    """Give LayerNormalization nodes their optional Mean / InvStdDev outputs.
+
+    torch.onnx writes ``LayerNormalization`` with its one required output; onnxruntime-training's
+    gradient builder for it reads the saved statistics (outputs 1 and 2) and fails without them
+    (``GradientBuilderBase::O ... i < node_->OutputDefs().size() was false``). The outputs are part of
+    the operator's definition (opset 17), so adding them changes nothing the forward computes.
+    Returns the names of the nodes changed."""
+    changed = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+            base = (node.name or f"LayerNormalization_{i}").replace("/", "_").strip("_")
+            node.output.extend([f"{base}__graphopt_mean", f"{base}__graphopt_inv_std"])
+            changed.append(node.name or base)
+    return changed
+
+
+# ops whose ORT gradient reads outputs that are optional in ONNX (saved statistics, masks, indices)
+_SAVED_OUTPUT_OPS = ("LayerNormalization", "BatchNormalization", "Dropout", "MaxPool", "GroupNormalization")
+
+
+def _explain_missing_outputs(exc: BaseException, model: Any, opset: int) -> tuple[str, str] | None:
+    """onnxruntime-training's gradient builder asserts ``i < node_->OutputDefs().size()`` without saying
+    which node: name the first node whose gradient needs optional outputs that the node does not have."""
+    text = str(exc)
+    if not re.search(r"GradientBuilderBase::[OI]\(|OutputDefs\(\)\.size\(\)", text):
+        return None
+    import onnx
+
+    lacking = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset)
+        except Exception:
+            continue
+        if len([o for o in node.output if o]) < len(schema.outputs):
+            lacking.append(node)
+    if not lacking:
+        return None
+    known = [n for n in lacking if n.op_type in _SAVED_OUTPUT_OPS]
+    node = (known or lacking)[0]
+    return node.op_type, (f"onnxruntime-training cannot differentiate {node.op_type}: its gradient reads the "
+                          f"node's optional outputs, which the exported node lacks (op at node "
+                          f"{node.name or node.output[0]}); use the torch backend")
+
+
 def _fix_eval_model(path: Path, bn_outputs: set[str]) -> None:
     import onnx
 
@@ -146,6 +195,7 @@ def build_training_artifacts(module: nn.Module, inputs: Sequence[torch.Tensor], 
         raise EmitError(f"the model has {len(exported.output_names)} outputs; ORT training with a built-in "
                         "loss needs exactly one", where=where, fix="return a single tensor from forward()")
     model = exported.model
+    _expose_norm_statistics(model)
     names = exported.names
     inits = [i.name for i in model.graph.initializer]
     trainable_torch = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -168,6 +218,8 @@ def build_training_artifacts(module: nn.Module, inputs: Sequence[torch.Tensor], 
             log.debug("onnxruntime: %s", line)
     except Exception as exc:
         op, what = explain_failure(exc)
+        if op is None:
+            op, what = _explain_missing_outputs(exc, model, opset) or (op, what)
         raise EmitError(f"ONNX Runtime cannot build training artifacts for this graph: {what}", where=where,
                         fix=("rewrite or remove the layer that uses " + op) if op else
                         "rerun with --debug for ONNX Runtime's message") from exc
