@@ -130,11 +130,15 @@ def annotate_run(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> tuple[Gra
     inside a forked RNG: the caller's random state is untouched), as the verifier's runs are, and its
     outputs are remembered for :func:`annotated_outputs`."""
     inputs = tuple(example_inputs)
+    key = _fingerprint(gm, inputs)
     counter = FlopCounterMode(display=False)
     with torch.random.fork_rng(devices=[]), eval_mode(gm), torch.no_grad(), counter:
         torch.manual_seed(0)
         out = _CostInterpreter(gm, counter).run(*inputs)
-    _LAST_RUN[gm] = (_fingerprint(gm, inputs), out)
+    if _fingerprint(gm, inputs) == key:  # the run wrote nothing it read (inputs, parameters, buffers)
+        _LAST_RUN[gm] = (key, out)
+    else:
+        _LAST_RUN.pop(gm, None)
     return graph_cost(gm), out
 
 
