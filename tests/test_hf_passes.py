@@ -152,6 +152,22 @@ def test_sdpa(hf, name):
         assert all(r["data"]["masks"] == 1 for r in rec.rewrites)  # causal + padding: one additive mask
 
 
+def test_sdpa_keeps_attention_dropout_of_a_model_captured_in_train_mode():
+    """HF's ``F.dropout(p, training=self.training)`` on the probabilities (export: the graph's own
+    training flag) becomes the SDPA layer's ``dropout_p``, applied in train mode only."""
+    from graphopt.ir import ScaledDotProductAttention
+
+    inputs = zoo.hf_example_inputs("bert")
+    gm = graphopt.capture(zoo.hf_model("bert").train(), inputs, capture="export")
+    out, rec = run_pass("sdpa", gm, tuple(inputs.values()))
+    assert rec.modified and rec.verification.status == "passed" and not rec.declined
+    assert [m.dropout_p for m in out.modules() if isinstance(m, ScaledDotProductAttention)] == [0.1, 0.1]
+    assert count_calls(out, F.dropout) == 0
+    out.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(out(*inputs.values()), out(*inputs.values()))
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_drop_regularization(hf, name):
     inputs, gm, rec = _run(hf, name, "drop_regularization")
@@ -246,6 +262,6 @@ def test_emit_onnx_after_sdpa(hf, name, tmp_path):
     assert res.check["passed"], res.check
     assert list((tmp_path / "onnx").glob("*.onnx"))
     manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
-    assert manifest["outputs"] == ["logits"]
+    assert manifest["outputs"][0] == "logits"  # keyword outputs keep their names (T5: + encoder_last_hidden_state)
     # torch.export bakes the example batch into view/reshape sizes: exported with a static batch, says so
     assert manifest["dynamic_batch"] is False and manifest["static_batch"] == 2

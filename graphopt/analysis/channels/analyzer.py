@@ -601,7 +601,8 @@ class ChannelAnalysis:
             return self.unknown(node)
         dims = [_norm_dim(d, x.ndim) for d in dims]
         if x.dim in dims:
-            return self.unknown(node, "reduces over the channel axis")
+            return self.unknown(node, "reduces over the channel axis, as a norm computed in the graph (RMSNorm) "
+                                      "does: removing channels changes its statistics")
         if keepdim:
             return x
         return x.moved(x.dim - sum(1 for d in dims if d < x.dim), x.ndim - len(dims))
