@@ -8,8 +8,10 @@ Matched, per softmax over the last axis (``F.softmax``, ``torch.softmax``, ``.so
     scores = scores + bias           additive masks (padding, ALiBi, relative position bias ...);
                                      timm's maybe_add_mask(scores, mask) (mask may be None)
     scores = scores.masked_fill(m, -inf)   boolean masks (a lower-triangular buffer -> is_causal)
-    p = softmax(scores, dim=-1)
-    p = dropout(p)                   optional: nn.Dropout (attention-probability dropout)
+    p = softmax(scores, dim=-1)      a dtype only if it is the scores' (HF: dtype=float32 in float32)
+    p = p.to(dtype)                  optional, only casts to the dtype p already has
+    p = dropout(p)                   optional: nn.Dropout, or F.dropout on the graph's training flag
+                                     (torch.export capture of HF's functional attention dropout)
     out = p @ v
 
 becomes ``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)`` with the

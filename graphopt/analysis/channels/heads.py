@@ -9,7 +9,12 @@ not vary over heads, softmax over another axis, dropout, ``repeat_interleave`` o
 - ``q @ k^T``: ``q.rows[h, j]`` and ``k.rows[h, j]`` are unified (the scores keep the head axis);
 - ``scores @ v`` and ``scaled_dot_product_attention(q, k, v)``: the head rows of the scores (or
   of q) are unified with those of v, so a head is one set of classes across q, k, v;
-- a reshape that merges ``[H, D]`` back into one axis gives ordinary channels again (o's input).
+- a reshape that merges ``[H, D]`` back into one axis gives ordinary channels again (o's input);
+- rotary embeddings: slices and ``cat`` over the head-feature axis, ``neg``, and the sum of two
+  tensors with the same atoms in each head (``q * cos + rotate_half(q) * sin``);
+- HuggingFace's ``repeat_kv``: ``unsqueeze`` after the head axis, ``expand`` of that axis and the
+  ``reshape`` merging it (grouped-query attention, like ``repeat_interleave``; the literal key/value
+  head count of the ``expand`` and the merged count of the ``reshape`` are rewritten).
 
 Every split adds a *heads* constraint (channels go in whole heads); after the analysis the rows
 of each split are reduced to distinct heads (with GQA, the query heads of a group share their
