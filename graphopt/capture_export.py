@@ -20,7 +20,8 @@ rewritten into the one IR every pass works on:
   described them to the passes as layers) become ``call_module`` nodes, as with fx. Their forward is
   bracketed at export by two identity marker ops; the ops between the markers are replaced by the
   module call (a module whose ops escape the bracket, e.g. a buffer it writes, is left inlined);
-- functional dropout reads the graph module's ``training`` flag instead of the value baked at export;
+- functional dropout is ``F.dropout`` reading the graph module's ``training`` flag instead of the value
+  baked at export; ``aten.to.dtype`` is the ``.to(dtype)`` method;
 - user inputs are placeholders named after the keyword (or forward parameter) they came from, in
   the order given; outputs keep their structure, with ``ModelOutput`` as a plain dict of its
   non-None fields (what :func:`graphopt.capture.plain_outputs` documents).
@@ -61,7 +62,8 @@ ATEN_TO_TORCH: dict[Any, Any] = {
     aten.unsqueeze.default: torch.unsqueeze, aten.addmm.default: torch.addmm, aten.split.Tensor: torch.split,
     aten.masked_fill.Scalar: torch.masked_fill, aten.baddbmm.default: torch.baddbmm, aten.squeeze.dim: torch.squeeze, aten.where.self: torch.where,
 }
-_METHODS = {aten.view.default: "view", aten.contiguous.default: "contiguous", aten.expand.default: "expand"}
+_METHODS = {aten.view.default: "view", aten.contiguous.default: "contiguous", aten.expand.default: "expand",
+            aten.to.dtype: "to"}  # aten.to.dtype(x, dtype, ...) is x.to(dtype, ...)
 
 
 _ACTIVATIONS = {nn.GELU: aten.gelu.default, nn.ReLU: aten.relu.default, nn.SiLU: aten.silu.default,
@@ -387,6 +389,7 @@ def _normalise(graph: fx.Graph, root: nn.Module) -> None:
             with graph.inserting_before(node):
                 flag = graph.create_node("get_attr", "training")
             node.args = (node.args[0], node.args[1], flag)
+            node.target = F.dropout  # aten.dropout(input, p, train) is F.dropout(input, p, training)
             continue
         if node.target in ATEN_TO_TORCH:
             node.target = ATEN_TO_TORCH[node.target]

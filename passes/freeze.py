@@ -66,13 +66,16 @@ def _param_first_use(gm: fx.GraphModule) -> dict[str, int]:
     """Parameter name -> index of the first graph node that uses it."""
     names = [n for n, _ in gm.named_parameters()]
     first: dict[str, int] = {}
+    index = {node: i for i, node in enumerate(gm.graph.nodes)}
     for i, node in enumerate(gm.graph.nodes):
         if node.op not in ("call_module", "get_attr"):
             continue
+        if node.op == "get_attr":  # torch.export puts parameter reads at the top: the use is where it is read
+            i = min((index[u] for u in node.users), default=i)
         t = str(node.target)
         for name in names:
-            if name not in first and (name == t or name.startswith(t + ".")):
-                first[name] = i
+            if name == t or name.startswith(t + "."):
+                first[name] = min(first.get(name, i), i)
     for name in names:  # parameters of modules the graph never calls go last
         first.setdefault(name, len(gm.graph.nodes))
     return first
@@ -113,7 +116,7 @@ def stages_of(gm: fx.GraphModule, depth: int = 0) -> tuple[int, list[tuple[str, 
 
 def head_modules(gm: fx.GraphModule) -> list[str]:
     """Module paths (or parameter names) of the parametrised layers nearest to the outputs."""
-    params = {n for n, _ in gm.named_parameters()}
+    params = {n for n, _ in gm.named_parameters(remove_duplicate=False)}  # a tied head has its own name
 
     def owns_params(node: fx.Node) -> str | None:
         if node.op == "call_module":
@@ -181,18 +184,26 @@ class Freeze(Pass):
     def _frozen_params(self, gm: fx.GraphModule) -> tuple[set[str], dict[str, Any]]:
         mode = self.config["mode"]
         names = [n for n, _ in gm.named_parameters()]
+        # a tied parameter (an LM head sharing the embedding) has one name here and others elsewhere:
+        # a glob on any of its names selects it
+        canon = {id(p): n for n, p in gm.named_parameters()}
+        aliases: dict[str, list[str]] = {n: [] for n in names}
+        for n, p in gm.named_parameters(remove_duplicate=False):
+            aliases[canon[id(p)]].append(n)
         info: dict[str, Any] = {"mode": mode}
         if mode == "head":
             heads = self.config["head"]
             if heads:
-                keep = {n for n in names if _matches(_owner(n), heads) or name_matches(n, heads)}
+                keep = {n for n in names if any(_matches(_owner(a), heads) or name_matches(a, heads)
+                                                 for a in aliases[n])}
                 if not keep:
                     raise PreconditionError(f"no parameter matches head={'|'.join(heads)}",
                                             fix="check the module paths with `graphopt inspect`")
                 info["head"] = sorted({_owner(n) for n in keep})
             else:
                 found = head_modules(gm)
-                keep = {n for n in names if n in found or any(n.startswith(h + ".") for h in found)}
+                keep = {n for n in names if any(a in found or any(a.startswith(h + ".") for h in found)
+                                                 for a in aliases[n])}
                 info["head"] = found
             frozen = set(names) - keep
         elif mode == "stages":
@@ -201,10 +212,11 @@ class Freeze(Pass):
             frozen = {p for _, ps in groups[:k] for p in ps}
             info.update(stage_depth=depth, stages=[k_ for k_, _ in groups], frozen_stages=[k_ for k_, _ in groups[:k]])
         else:
-            frozen = {n for n in names if _matches(_owner(n), self.config["modules"])}
+            frozen = {n for n in names if any(_matches(_owner(a), self.config["modules"]) for a in aliases[n])}
         excl = self.config["exclude"]
         if excl:
-            frozen = {n for n in frozen if not (_matches(_owner(n), excl) or name_matches(n, excl))}
+            frozen = {n for n in frozen if not any(_matches(_owner(a), excl) or name_matches(a, excl)
+                                                   for a in aliases[n])}
         return frozen, info
 
     def call(self, gm: fx.GraphModule) -> PassResult:

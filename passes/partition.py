@@ -32,6 +32,8 @@ not included.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import logging
 from typing import Any
 
@@ -99,9 +101,14 @@ class Partition(Pass):
             raise PreconditionError("the graph has no compute nodes to partition")
         valid = [c for c in cuts if c.valid]
         if stages - 1 > len(valid):
+            # why the cuts that are narrow enough are not valid either (e.g. a tied embedding/output weight)
+            narrow = Counter(c.reason for c in cuts if not c.valid and len(c.tensors) <= cfg["max_crossing"]
+                             and c.tensors)
+            why = (f"; {narrow.most_common(1)[0][1]} narrower cut(s) are not valid: {narrow.most_common(1)[0][0]}"
+                   if narrow else "")
             raise PreconditionError(
                 f"{stages} stages need {stages - 1} cut points, but the graph has only {len(valid)} places "
-                f"where at most {cfg['max_crossing']} tensor(s) cross ({len(compute)} compute nodes)",
+                f"where at most {cfg['max_crossing']} tensor(s) cross ({len(compute)} compute nodes){why}",
                 fix=f"use stages<={len(valid) + 1}" + (", or raise max_crossing" if len(valid) < len(cuts) else ""))
         costs = node_costs(gm, compute, cfg["by"], device=cfg["device"], repeats=cfg["repeats"])
         if sum(costs) <= 0 and stages > 1:

@@ -8,8 +8,10 @@ Matched, per softmax over the last axis (``F.softmax``, ``torch.softmax``, ``.so
     scores = scores + bias           additive masks (padding, ALiBi, relative position bias ...);
                                      timm's maybe_add_mask(scores, mask) (mask may be None)
     scores = scores.masked_fill(m, -inf)   boolean masks (a lower-triangular buffer -> is_causal)
-    p = softmax(scores, dim=-1)
-    p = dropout(p)                   optional: nn.Dropout (attention-probability dropout)
+    p = softmax(scores, dim=-1)      a dtype only if it is the scores' (HF: dtype=float32 in float32)
+    p = p.to(dtype)                  optional, only casts to the dtype p already has
+    p = dropout(p)                   optional: nn.Dropout, or F.dropout on the graph's training flag
+                                     (torch.export capture of HF's functional attention dropout)
     out = p @ v
 
 becomes ``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)`` with the
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from graphopt import Decline, Option, Pass, PassResult, Rewrite, Semantics
-from graphopt.ir import ScaledDotProductAttention, add_module, module_of, output_shape
+from graphopt.ir import ScaledDotProductAttention, add_module, module_of, output_dtype, output_shape
 
 __all__ = ["Sdpa"]
 
@@ -185,27 +187,35 @@ def match(gm: fx.GraphModule, sm: fx.Node) -> Match:
         raise NoMatch("softmax over a tensor of fewer than 3 dimensions (not attention scores)")
     if not isinstance(dim, int) or dim % len(shape) != len(shape) - 1:
         raise NoMatch(f"softmax over dim {dim}, not the last (key) axis")
-    extra = {k for k, v in sm.kwargs.items() if k not in ("dim", "_stacklevel") and v is not None}
+    extra = {k for k, v in sm.kwargs.items() if k not in ("dim", "_stacklevel", "dtype") and v is not None}
     if sm.op != "call_module" and extra:
-        raise NoMatch(f"softmax with {sorted(extra)} (e.g. a dtype): not what SDPA computes")
+        raise NoMatch(f"softmax with {sorted(extra)}: not what SDPA computes")
+    dtype = _arg(sm, 2, "dtype") if sm.op != "call_module" else None
+    if dtype is not None and dtype != output_dtype(x):
+        raise NoMatch(f"softmax with dtype {dtype} on {output_dtype(x)} scores: not what SDPA computes")
     m = Match(sm, sm, None, sm, None, nodes=[sm])
-    # forward: [dropout] -> matmul with the values
+    # forward: [no-op cast] [dropout] [no-op cast] -> matmul with the values
     _single_user(sm, "the softmax output")
-    user = next(iter(sm.users))
+    user = _skip_noop_casts(sm, m)
     mod = module_of(gm, user)
-    prob = sm
     if isinstance(mod, nn.Dropout) and type(mod) is nn.Dropout:
         m.dropout_p = float(mod.p)
         m.nodes.append(user)
         _single_user(user, "the attention dropout output")
-        prob, user = user, next(iter(user.users))
+        user = _skip_noop_casts(user, m)
     elif _is(user, {F.dropout}):
-        if _arg(user, 2, "training", True) and float(_arg(user, 1, "p", 0.5)) > 0:
+        training = _arg(user, 2, "training", True)
+        if training is True and float(_arg(user, 1, "p", 0.5)) > 0:
             raise NoMatch("F.dropout traced with training=True is active in eval mode too; run "
                           "drop_regularization first or capture in eval mode")
+        if isinstance(training, fx.Node) and not (training.op == "get_attr" and training.target == "training"):
+            raise NoMatch(f"F.dropout whose training flag is computed in the graph (node {training.name})")
+        if isinstance(training, fx.Node):  # the graph's own flag (export capture): dropout in train mode only
+            m.dropout_p = float(_arg(user, 1, "p", 0.5))
         m.nodes.append(user)
         _single_user(user, "the attention dropout output")
-        prob, user = user, next(iter(user.users))
+        user = _skip_noop_casts(user, m)
+    prob = m.nodes[-1]  # what the matmul must read: the softmax, or the last cast / dropout after it
     if not _is(user, _MATMUL) or len(user.args) != 2:
         what = (f"{type(module_of(gm, user)).__name__} '{user.target}'" if user.op == "call_module"
                 else f"{getattr(user.target, '__name__', user.target)} (node {user.name})")
@@ -284,6 +294,19 @@ def match(gm: fx.GraphModule, sm: fx.Node) -> Match:
     if len(fill_causal) == 1 and len(m.fills) == 1 and not m.biases:
         m.causal, m.fills = True, []
     return m
+
+
+def _skip_noop_casts(node: fx.Node, m: Match) -> fx.Node:
+    """The user of ``node`` past ``.to(dtype)`` casts that keep the dtype (HF's
+    ``softmax(..., dtype=float32).to(q.dtype)`` in float32); the casts join ``m.nodes``."""
+    user = next(iter(node.users))
+    while (user.op == "call_method" and user.target == "to" and len(user.args) == 2 and not user.kwargs
+           and isinstance(user.args[1], torch.dtype) and output_dtype(user) == output_dtype(user.args[0])
+           and user.args[1] == output_dtype(user)):
+        m.nodes.append(user)
+        _single_user(user, "the cast attention probabilities")
+        user = next(iter(user.users))
+    return user
 
 
 def _chainlike(a: Any) -> bool:

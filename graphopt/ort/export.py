@@ -91,12 +91,16 @@ def has_half_casts(model: Any) -> bool:
 
 
 def _flat_outputs(out: Any) -> list[torch.Tensor]:
+    """The output tensors in order: a tensor, a tuple/list of tensors, or a dict of tensors (a
+    HuggingFace ``ModelOutput`` as captured: the exporter flattens it in key order)."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
         return list(out)
-    raise EmitError(f"the model returns {type(out).__name__}; ONNX export needs a tensor or a tuple of tensors",
-                    fix="return tensors from forward()")
+    if isinstance(out, dict) and out and all(isinstance(o, torch.Tensor) for o in out.values()):
+        return list(out.values())
+    raise EmitError(f"the model returns {type(out).__name__}; ONNX export needs a tensor, a tuple or a dict of "
+                    "tensors", fix="return tensors from forward()")
 
 
 class TorchHardtanh(nn.Module):
@@ -227,6 +231,8 @@ def export_onnx(module: nn.Module, inputs: Sequence[torch.Tensor], *, training: 
         probe = copy.deepcopy(module).train(False)(*inputs)
     n_out = len(_flat_outputs(probe))
     in_names, out_names = input_names_for(len(inputs)), output_names_for(n_out)
+    if isinstance(probe, dict):  # keyword outputs keep their names (``logits``)
+        out_names = [str(k) for k in probe]
     dynamic_axes = None
     if dynamic_batch:
         dynamic_axes = {n: {0: "batch"} for n in in_names + out_names}

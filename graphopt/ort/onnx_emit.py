@@ -11,6 +11,8 @@ match PyTorch's (max abs error / max abs output <= 1e-4 in float32, 2e-2 with ha
 
 from __future__ import annotations
 
+import logging
+
 import copy
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +27,7 @@ from graphopt.pass_infra import Option
 
 __all__ = ["OnnxEmitter", "emit_onnx_model", "check_summary", "MODEL_FILE", "ONNX_FORMAT"]
 
+log = logging.getLogger(__name__)
 ONNX_FORMAT = "graphopt.onnx"
 MODEL_FILE = "model.onnx"
 MANIFEST = "manifest.json"
@@ -34,7 +37,18 @@ def _outputs(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Te
     m = copy.deepcopy(module).eval()
     with torch.no_grad():
         out = m(*inputs)
-    return [out] if isinstance(out, torch.Tensor) else list(out)
+    return [out] if isinstance(out, torch.Tensor) else list(out.values()) if isinstance(out, dict) else list(out)
+
+
+def _runs_at_batch_1(module: nn.Module, inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the module runs on the first sample of the inputs (a dynamic batch axis makes sense)."""
+    if not inputs or inputs[0].dim() == 0 or inputs[0].shape[0] <= 1:
+        return True
+    try:
+        _outputs(module, tuple(t[:1] for t in inputs))
+    except Exception:  # any failure: the graph is specialised to the example batch
+        return False
+    return True
 
 
 def compare_with_ort(path: str | Path, module: nn.Module, inputs: Sequence[torch.Tensor],
@@ -47,7 +61,12 @@ def compare_with_ort(path: str | Path, module: nn.Module, inputs: Sequence[torch
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {n: t.detach().cpu().contiguous().numpy() for n, t in zip(input_names, inputs)})
+    try:
+        got = sess.run(None, {n: t.detach().cpu().contiguous().numpy() for n, t in zip(input_names, inputs)})
+    except Exception as exc:  # the checked emit fails with this line, not a runtime traceback
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        return {"inputs": [list(t.shape) for t in inputs], "max_rel_error": float("inf"),
+                "message": f"ONNX Runtime failed: {type(exc).__name__}: {(lines[-1] if lines else '')[:300]}"}
     ref = _outputs(module, inputs)
     if len(got) != len(ref):
         return {"max_rel_error": float("inf"), "message": f"{len(got)} outputs, torch has {len(ref)}"}
@@ -67,6 +86,12 @@ def emit_onnx_model(module: nn.Module, out: str | Path, *, inputs: Sequence[torc
     check_output_folder(out, force)
     meta = module.meta.get("graphopt", {}) if isinstance(module, fx.GraphModule) else {}
     inputs = resolve_inputs(module, inputs, out)
+    static_batch = None
+    if dynamic_batch and not _runs_at_batch_1(module, inputs):
+        # shapes baked into the graph (torch.export specialises view/reshape sizes to the example batch)
+        dynamic_batch, static_batch = False, int(inputs[0].shape[0])
+        log.info("%s: the graph does not run at batch 1 (batch size %d baked into its shapes); exported with a "
+                 "static batch", out, static_batch)
     exported = export_onnx(module, inputs, training=False, opset=opset or DEFAULT_OPSET,
                            dynamic_batch=dynamic_batch, where=str(out))
     half = has_half_casts(exported.model)
@@ -86,6 +111,8 @@ def emit_onnx_model(module: nn.Module, out: str | Path, *, inputs: Sequence[torc
             **manifest_header(ONNX_FORMAT, 1, meta, source),
             "onnx_version": onnx.__version__, "onnxruntime_version": ort.__version__,
             "opset": exported.opset, "dynamic_batch": dynamic_batch,
+            **({"static_batch": static_batch, "static_batch_reason": "the graph does not run at batch 1: its "
+                "shapes hold the example batch size (torch.export capture)"} if static_batch else {}),
             "inputs": [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
                        for n, t in zip(exported.input_names, inputs)],
             "outputs": exported.output_names,
@@ -100,8 +127,10 @@ def emit_onnx_model(module: nn.Module, out: str | Path, *, inputs: Sequence[torc
 
         write_json(tmp / MANIFEST, manifest)
         if not check["passed"]:
+            failed = "; ".join(c["message"] for c in checks if c.get("message"))
             raise EmitError(f"ONNX Runtime's outputs differ from PyTorch's (max relative error {worst:.2e} > "
-                            f"{tol:g})", where=str(out), fix="report it with the model; --emit torch is unaffected")
+                            f"{tol:g}{'; ' + failed if failed else ''})", where=str(out),
+                            fix="report it with the model; --emit torch is unaffected")
     return Path(out)
 
 

@@ -45,6 +45,7 @@ class MaskedWeight:
     node: fx.Node
     mask: str | None = None  # get_attr path of the mask when already masked in the graph
     mod: nn.Module | None = None
+    in_axis: int = 1  # the weight's input-channel axis (0 for ``addmm(bias, x, weight[in, out])``)
 
     @property
     def weight_path(self) -> str:
@@ -79,7 +80,32 @@ def find_masked_weights(gm: fx.GraphModule) -> list[MaskedWeight]:
                 if wpath.endswith(".weight") and mpath.startswith(MASKS_MODULE + "."):
                     mpath_mod = wpath[: -len(".weight")]
                     out.append(MaskedWeight(mpath_mod, node, mpath, gm.get_submodule(mpath_mod)))
+        elif node.op == "call_function" and node.target is torch.addmm and len(node.args) == 3 and not node.kwargs:
+            mw = _addmm_weight(gm, node)
+            if mw is not None:
+                out.append(mw)
     return out
+
+
+def _addmm_weight(gm: fx.GraphModule, node: fx.Node) -> MaskedWeight | None:
+    """``torch.addmm(layer.bias, x, layer.weight)`` (HF's Conv1D, weight ``[in, out]``), or with
+    ``layer.weight * mask`` after ``keep_zero``."""
+    b, w = node.args[0], node.args[2]
+    mask = None
+    if (isinstance(w, fx.Node) and w.op == "call_function" and w.target is operator.mul and len(w.args) == 2
+            and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in w.args)
+            and str(w.args[1].target).startswith(MASKS_MODULE + ".")):
+        mask, w = str(w.args[1].target), w.args[0]
+    if not (isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target).endswith(".weight")
+            and isinstance(b, fx.Node) and b.op == "get_attr"):
+        return None
+    path = str(w.target)[: -len(".weight")]
+    if str(b.target) != f"{path}.bias":
+        return None
+    mod = gm.get_submodule(path)
+    if not isinstance(getattr(mod, "weight", None), torch.Tensor) or mod.weight.dim() != 2:
+        return None
+    return MaskedWeight(path, node, mask, mod, in_axis=0)
 
 
 def sparsity_of(module: nn.Module) -> dict[str, float]:
@@ -97,20 +123,20 @@ def sparsity_of(module: nn.Module) -> dict[str, float]:
 
 def _two_four_eligible(mw: MaskedWeight) -> str | None:
     w = mw.mod.weight
-    in_per_group = w.shape[1]
+    in_per_group = w.shape[mw.in_axis]
     if in_per_group % 4:
         return f"{in_per_group} input channels per group is not a multiple of 4 (2:4 needs runs of 4)"
     return None
 
 
-def _two_four_mask(score: torch.Tensor) -> torch.Tensor:
-    """Keep the 2 largest of every 4 consecutive input channels (dim 1)."""
-    s = score.movedim(1, -1)
+def _two_four_mask(score: torch.Tensor, in_axis: int = 1) -> torch.Tensor:
+    """Keep the 2 largest of every 4 consecutive input channels (dim ``in_axis``)."""
+    s = score.movedim(in_axis, -1)
     shape = s.shape
     s4 = s.reshape(-1, 4)
     top = s4.topk(2, dim=1).indices
     m = torch.zeros_like(s4, dtype=torch.bool).scatter_(1, top, True)
-    return m.reshape(shape).movedim(-1, 1).contiguous()
+    return m.reshape(shape).movedim(-1, in_axis).contiguous()
 
 
 def _keep_lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -173,7 +199,7 @@ def prune_sparse(gm: fx.GraphModule, *, mode: str = "unstructured", ratio: float
     masks: dict[str, torch.Tensor] = {}
     if mode == "2:4":
         for mw in targets:
-            masks[mw.module] = _two_four_mask(scores[mw.module]) & old_masks[mw.module]
+            masks[mw.module] = _two_four_mask(scores[mw.module], mw.in_axis) & old_masks[mw.module]
     elif scope == "per_layer":
         for mw in targets:
             s = scores[mw.module]
@@ -230,6 +256,12 @@ def prune_sparse(gm: fx.GraphModule, *, mode: str = "unstructured", ratio: float
 def _functionalize(gm: fx.GraphModule, mw: MaskedWeight, mask: torch.Tensor) -> str | None:
     """Replace ``module(x)`` by ``F.conv/linear(x, weight * mask, bias, ...)`` with a mask buffer."""
     mod, node = mw.mod, mw.node
+    if node.op == "call_function" and node.target is torch.addmm:
+        g = gm.graph
+        with g.inserting_before(node):
+            m = g.get_attr(f"{MASKS_MODULE}.{_mask_buffer(gm, mw, mask)}")
+            node.args = (node.args[0], node.args[1], g.call_function(operator.mul, (node.args[2], m)))
+        return None
     if len(node.args) != 1 or node.kwargs:
         return "unexpected call arguments"
     if isinstance(mod, nn.Linear):
@@ -239,13 +271,7 @@ def _functionalize(gm: fx.GraphModule, mw: MaskedWeight, mask: torch.Tensor) -> 
             return f"padding_mode={mod.padding_mode!r}"
         fn = _CONV_FN[type(mod)]
         extra = (mod.stride, mod.padding, mod.dilation, mod.groups)
-    if not hasattr(gm, MASKS_MODULE):
-        gm.add_module(MASKS_MODULE, nn.Module())
-    container = gm.get_submodule(MASKS_MODULE)
-    bname = mw.module.replace(".", "__") + "__weight"
-    while hasattr(container, bname):
-        bname += "_"
-    container.register_buffer(bname, mask.clone())
+    bname = _mask_buffer(gm, mw, mask)
     g = gm.graph
     with g.inserting_before(node):
         w = g.get_attr(mw.weight_path)
@@ -257,6 +283,18 @@ def _functionalize(gm: fx.GraphModule, mw: MaskedWeight, mask: torch.Tensor) -> 
     node.replace_all_uses_with(new)
     g.erase_node(node)
     return None
+
+
+def _mask_buffer(gm: fx.GraphModule, mw: MaskedWeight, mask: torch.Tensor) -> str:
+    """A new buffer of the ``prune_masks`` container holding ``mask``; returns its name."""
+    if not hasattr(gm, MASKS_MODULE):
+        gm.add_module(MASKS_MODULE, nn.Module())
+    container = gm.get_submodule(MASKS_MODULE)
+    bname = mw.module.replace(".", "__") + "__weight"
+    while hasattr(container, bname):
+        bname += "_"
+    container.register_buffer(bname, mask.clone())
+    return bname
 
 
 def to_semi_structured(module: nn.Module) -> dict[str, str]:

@@ -40,10 +40,17 @@ from graphopt.analysis.channels.ops import (
     norm_dim as _norm_dim, shape_of as _shape,
 )
 from graphopt.analysis.channels.heads import Heads, head_constraints, split_heads, visit_heads
-from graphopt.analysis.channels.rules import ChannelRule, Relation, channel_rule_for
+from graphopt.analysis.channels.rules import ChannelRule, Relation, channel_rule_for, channel_rule_for_name
 from graphopt.analysis.channels.unionfind import UnionFind
 
 __all__ = ["ChannelAnalysis", "analyze_channels"]
+
+_ATEN_SLICE = torch.ops.aten.slice.Tensor
+
+
+def _scalar(a: Any) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
 
 _UNTRACKED = object()  # a layer called on a tensor the analysis could not follow
 
@@ -144,6 +151,10 @@ class ChannelAnalysis:
                 self.block(info.atoms, "reaches the model output (the classifier/output layer is never pruned)")
             return None
         tracked = self.tracked(node)
+        if node.op == "call_function" and node.target is torch.addmm and not any(isinstance(v, Heads) for v in tracked):
+            layer = self.functional_layer(node)
+            if layer is not NotImplemented:
+                return layer
         if any(isinstance(v, Heads) for v in tracked):
             return visit_heads(self, node)
         if node.op == "call_module":
@@ -187,6 +198,29 @@ class ChannelAnalysis:
                 self._untracked_call(self.mod_coupled, target, node)
             return self.unknown(node, "unexpected arguments") if tracked else None
         return self.coupled(node, mod, rule, rel, target, x, macs)
+
+    def functional_layer(self, node: fx.Node) -> Any:
+        """``torch.addmm(m.bias, x, m.weight)`` of a layer ``m`` whose rule says it is traced that way
+        (``functional == "addmm"``: HF's Conv1D): the layer, with ``m``'s path as its name."""
+        if len(node.args) != 3 or node.kwargs:
+            return NotImplemented
+        b, x, w = (self.val(a) for a in node.args)
+        if not (isinstance(b, _Attr) and isinstance(w, _Attr)):
+            return NotImplemented
+        path, _, leaf = w.target.rpartition(".")
+        if leaf != "weight" or b.target != (f"{path}.bias" if path else "bias"):
+            return NotImplemented
+        mod = self.gm.get_submodule(path)
+        rule = channel_rule_for(mod)
+        if rule is None:  # torch.export keeps only a plain container: the class is in the module stack
+            cls = next((v[1] for v in (node.meta.get("nn_module_stack") or {}).values()
+                        if isinstance(v, tuple) and len(v) == 2 and v[0] == path), None)
+            rule = channel_rule_for_name(cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+                                         if isinstance(cls, type) else "")
+        if rule is None or rule.functional != "addmm":
+            return NotImplemented
+        cost = node.meta.get("cost")
+        return self.producer(node, mod, rule, rule.relation(mod), path, x, int(cost.macs) if cost is not None else 0)
 
     def _input_mismatch(self, rule: ChannelRule, mod: nn.Module, x: ChanInfo) -> str | None:
         if rule.in_axis is not None and x.dim != _norm_dim(rule.in_axis, x.ndim):
@@ -288,6 +322,10 @@ class ChannelAnalysis:
             return self.binary(node, [_arg(node, 0, "input"), _arg(node, 1, "other")])
         if fn in UNARY_FUNCTIONS or name in UNARY_NAMES:
             return x if isinstance(x, ChanInfo) and len(tracked) == 1 else self.unknown(node)
+        if fn is torch.pow and len(node.args) == 2 and not node.kwargs and _scalar(node.args[1]):
+            return x if isinstance(x, ChanInfo) and len(tracked) == 1 else self.unknown(node)
+        if fn is _ATEN_SLICE:
+            return self.aten_slice(node, x)
         if fn in POOL_FUNCTIONS:
             if not isinstance(x, ChanInfo) or x.dim >= x.ndim - (3 if "3d" in name else 1 if "1d" in name else 2):
                 return self.unknown(node, "pools over the channel axis")
@@ -340,7 +378,7 @@ class ChannelAnalysis:
         rest = node.args[1:]
         if m in BINARY_METHODS:
             return self.binary(node, [node.args[0], _arg(node, 1, "other")])
-        if m in UNARY_METHODS:
+        if m in UNARY_METHODS or (m == "pow" and len(node.args) == 2 and not node.kwargs and _scalar(node.args[1])):
             return x if len(tracked) == 1 else self.unknown(node)
         if m in META_METHODS:
             return None
@@ -450,6 +488,20 @@ class ChannelAnalysis:
         out_shape = _shape(node)
         return v.moved(new_dim, len(out_shape) if out_shape else v.ndim)
 
+    def aten_slice(self, node: fx.Node, x: Any) -> Any:
+        """``aten.slice(x, dim, start, end, step)``: over another axis the channels stay; over the channel
+        axis only when it keeps every channel (as ``getitem``)."""
+        d, start, end, step = (_arg(node, 1, "dim", 0), _arg(node, 2, "start"), _arg(node, 3, "end"),
+                               _arg(node, 4, "step", 1))
+        if not isinstance(x, ChanInfo) or not isinstance(d, int) or len(self.tracked(node)) != 1:
+            return self.unknown(node)
+        if _norm_dim(d, x.ndim) != x.dim:
+            return x
+        if isinstance(start, fx.Node) or isinstance(end, fx.Node) or isinstance(step, fx.Node) \
+                or not self._covers(slice(start, end, step), len(x.atoms) * x.inner):
+            return self.unknown(node, "slices the channel axis")
+        return x
+
     @staticmethod
     def _covers(i: slice, width: int) -> bool:
         """``x[:, :k]`` with literal ``k >= width``: every channel, and still every channel after
@@ -549,7 +601,8 @@ class ChannelAnalysis:
             return self.unknown(node)
         dims = [_norm_dim(d, x.ndim) for d in dims]
         if x.dim in dims:
-            return self.unknown(node, "reduces over the channel axis")
+            return self.unknown(node, "reduces over the channel axis, as a norm computed in the graph (RMSNorm) "
+                                      "does: removing channels changes its statistics")
         if keepdim:
             return x
         return x.moved(x.dim - sum(1 for d in dims if d < x.dim), x.ndim - len(dims))

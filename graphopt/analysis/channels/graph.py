@@ -200,6 +200,11 @@ def build_channel_graph(gm: fx.GraphModule, root: np.ndarray, members: list[Memb
 def _check_constraints(g: ChannelGroup, root: np.ndarray) -> None:
     """Block ``g`` when its constraints cannot all hold with one removal."""
     cls = set(int(c) for c in g.classes)
+    # equal removal per block holds by itself when every block carries the same classes once (a fused
+    # q/k/v projection split in three whose thirds are unified head by head through the attention)
+    g.constraints = [c for c in g.constraints if not _same_class_blocks(c, root)]
+    if not g.constraints:
+        return
     for con in g.constraints:
         seq = root[con.atoms]
         if len(set(seq.tolist())) != len(seq) or set(seq.tolist()) != cls:
@@ -227,3 +232,11 @@ def _check_constraints(g: ChannelGroup, root: np.ndarray) -> None:
                 if not all(b <= cs or not (b & cs) for b in bset):
                     g.blocked.append(f"{c.where} groups channels differently from {base.where}")
                     return
+
+
+def _same_class_blocks(con: Constraint, root: np.ndarray) -> bool:
+    if con.kind != "blocks" or con.g < 2 or len(con.atoms) % con.g:
+        return False
+    blocks = root[con.atoms].reshape(con.g, -1)
+    first = set(blocks[0].tolist())
+    return len(first) == blocks.shape[1] and all(set(b.tolist()) == first for b in blocks[1:])

@@ -9,7 +9,12 @@ not vary over heads, softmax over another axis, dropout, ``repeat_interleave`` o
 - ``q @ k^T``: ``q.rows[h, j]`` and ``k.rows[h, j]`` are unified (the scores keep the head axis);
 - ``scores @ v`` and ``scaled_dot_product_attention(q, k, v)``: the head rows of the scores (or
   of q) are unified with those of v, so a head is one set of classes across q, k, v;
-- a reshape that merges ``[H, D]`` back into one axis gives ordinary channels again (o's input).
+- a reshape that merges ``[H, D]`` back into one axis gives ordinary channels again (o's input);
+- rotary embeddings: slices and ``cat`` over the head-feature axis, ``neg``, and the sum of two
+  tensors with the same atoms in each head (``q * cos + rotate_half(q) * sin``);
+- HuggingFace's ``repeat_kv``: ``unsqueeze`` after the head axis, ``expand`` of that axis and the
+  ``reshape`` merging it (grouped-query attention, like ``repeat_interleave``; the literal key/value
+  head count of the ``expand`` and the merged count of the ``reshape`` are rewritten).
 
 Every split adds a *heads* constraint (channels go in whole heads); after the analysis the rows
 of each split are reduced to distinct heads (with GQA, the query heads of a group share their
@@ -32,7 +37,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from graphopt.analysis.channels.graph import ChanInfo, Constraint, Member
-from graphopt.analysis.channels.ops import arg as _arg, norm_dim as _norm_dim, shape_of as _shape
+from graphopt.analysis.channels.ops import (
+    UNARY_FUNCTIONS, arg as _arg, norm_dim as _norm_dim, shape_of as _shape,
+)
 
 if TYPE_CHECKING:
     from graphopt.analysis.channels.analyzer import ChannelAnalysis
@@ -41,6 +48,7 @@ __all__ = ["Heads", "split_heads", "visit_heads", "head_constraints"]
 
 _MATMUL = {operator.matmul, torch.matmul}
 _SCALE_FNS = {operator.mul, operator.truediv, torch.mul, torch.div}
+_ATEN_SLICE = torch.ops.aten.slice.Tensor
 _PASS_METHODS = {"contiguous", "float", "to", "type_as", "half", "bfloat16", "clone", "detach"}
 
 
@@ -51,6 +59,8 @@ class Heads(ChanInfo):
 
     ddim: int | None = None
     rows: np.ndarray | None = None
+    grp: int | None = None  # grouped-query ``repeat_kv``: the axis after the heads that repeats each one
+    rep: int = 1  # its size (1 after the unsqueeze, ``rep`` after the expand)
 
     @classmethod
     def make(cls, hdim: int, ddim: int | None, rows: np.ndarray, ndim: int) -> "Heads":
@@ -102,11 +112,26 @@ def visit_heads(an: "ChannelAnalysis", node: fx.Node) -> Any:
                 and _norm_dim(mod.dim, x.ndim) not in (x.dim, x.ddim):
             return x
         return _block(an, node, "an attention-head tensor reaches a layer the head analysis does not follow")
+    name = tgt if node.op == "call_method" else getattr(tgt, "__name__", "")
+    if node.op == "call_function" and tgt in (torch.cat, torch.concat):
+        return _cat(an, node)
     if not isinstance(x, Heads):
         if node.op == "call_function" and tgt in _MATMUL | {F.scaled_dot_product_attention}:
             return _block(an, node, "heads as the right operand only")
         return _block(an, node, "attention heads in an argument position the analysis does not follow")
-    name = tgt if node.op == "call_method" else getattr(tgt, "__name__", "")
+    if x.grp is not None:
+        return _repeat_kv(an, node, x, name, out)
+    if node.op == "call_function" and tgt is _ATEN_SLICE:
+        return _slice(an, node, x, heads)
+    if (node.op == "call_function" and tgt in UNARY_FUNCTIONS) or name in ("neg", "neg_"):
+        return x if len(heads) == 1 else _block(an, node)
+    if name == "unsqueeze" or (node.op == "call_function" and tgt is torch.unsqueeze):
+        d = _arg(node, 1, "dim")
+        if len(heads) != 1 or not isinstance(d, int):
+            return _block(an, node)
+        d = _norm_dim(d, x.ndim + 1)
+        sh = lambda a: a if a is None or a < d else a + 1  # noqa: E731
+        return Heads(sh(x.dim), x.atoms, x.ndim + 1, 1, sh(x.ddim), x.rows, x.dim + 1 if d == x.dim + 1 else None)
     if (node.op == "call_function" and tgt in (F.softmax, torch.softmax)) or name == "softmax":
         d = _arg(node, 1, "dim")
         if len(heads) == 1 and isinstance(d, int) and _norm_dim(d, x.ndim) not in (x.dim, x.ddim):
@@ -163,7 +188,18 @@ def _varies_over(shape: tuple[int, ...], dim: int, ndim: int) -> bool:
     return d >= 0 and shape[d] != 1
 
 
+def _same_heads(a: Heads, b: Heads) -> bool:
+    """``a`` and ``b`` carry the same atoms in each head (features possibly permuted within it, as
+    rotary embeddings' ``rotate_half`` does): removing a head removes the same atoms from both."""
+    return (a.dim == b.dim and a.ddim == b.ddim and a.ndim == b.ndim and a.grp is None and b.grp is None
+            and a.rows.shape == b.rows.shape
+            and bool((np.sort(a.rows, axis=1) == np.sort(b.rows, axis=1)).all()))
+
+
 def _elementwise(an: "ChannelAnalysis", node: fx.Node, x: Heads, heads: list[Heads], out: Any) -> Any:
+    if len(heads) == 2 and out is not None and len(out) == x.ndim and _same_heads(*heads) and not [
+            a for a in list(node.args[2:]) + list(node.kwargs.values()) if isinstance(a, fx.Node)]:
+        return x  # q * cos + rotate_half(q) * sin: both operands are q's heads
     if len(heads) != 1 or out is None or len(out) != x.ndim:
         return _block(an, node, "combines two attention-head tensors")
     for a in list(node.args[1:]) + list(node.kwargs.values()):
@@ -172,6 +208,67 @@ def _elementwise(an: "ChannelAnalysis", node: fx.Node, x: Heads, heads: list[Hea
             if isinstance(an.val(a), ChanInfo) or s is None or _varies_over(s, x.dim, x.ndim):
                 return _block(an, node, "a per-head operand (it would need slicing with the heads)")
     return x
+
+
+def _slice(an: "ChannelAnalysis", node: fx.Node, x: Heads, heads: list[Heads]) -> Any:
+    """``aten.slice(x, dim, start, end, step)``: over the head-feature axis (rotary embeddings'
+    halves) it keeps whole heads; over another axis nothing changes; over the heads it blocks."""
+    d, start, end, step = (_arg(node, 1, "dim", 0), _arg(node, 2, "start"), _arg(node, 3, "end"),
+                           _arg(node, 4, "step", 1))
+    if len(heads) != 1 or not all(v is None or isinstance(v, int) for v in (d, start, end, step)):
+        return _block(an, node, "a slice with bounds computed in the graph")
+    d = _norm_dim(d, x.ndim)
+    if d == x.ddim:
+        return Heads.make(x.dim, x.ddim, x.rows[:, slice(start, end, step)], x.ndim)
+    if d == x.dim:
+        return _block(an, node, "a slice of the head axis")
+    return x
+
+
+def _cat(an: "ChannelAnalysis", node: fx.Node) -> Any:
+    """``cat`` of attention-head tensors over their feature axis (``rotate_half``: the same heads)."""
+    items = [an.val(t) for t in (_arg(node, 0, "tensors") or [])]
+    d = _arg(node, 1, "dim", 0)
+    if not items or not isinstance(d, int) or not all(isinstance(v, Heads) and v.grp is None for v in items):
+        return _block(an, node, "cat of attention heads with other tensors")
+    first = items[0]
+    d = _norm_dim(d, first.ndim)
+    if d != first.ddim or not all(v.dim == first.dim and v.ddim == first.ddim and v.ndim == first.ndim
+                                  and v.rows.shape[0] == first.rows.shape[0] for v in items):
+        return _block(an, node, "cat of attention heads over an axis other than the head features")
+    return Heads.make(first.dim, first.ddim, np.concatenate([v.rows for v in items], axis=1), first.ndim)
+
+
+def _repeat_kv(an: "ChannelAnalysis", node: fx.Node, x: Heads, name: str, out: Any) -> Any:
+    """HF's ``repeat_kv``: ``k[:, :, None].expand(B, Hkv, rep, T, D).reshape(B, Hkv * rep, T, D)``
+    (``repeat_interleave`` over the heads); the literal ``Hkv`` and ``Hkv * rep`` are rewritten."""
+    a = _shape(node.args[0])
+    if name == "expand" and a is not None and out is not None and len(out) == len(a) == x.ndim:
+        sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+            else list(node.args[1:])
+        if len(sizes) == len(a) and all(out[i] == a[i] for i in range(len(a)) if i != x.grp) and a[x.grp] == 1:
+            lit = sizes[x.dim]
+            if isinstance(lit, fx.Node) or not isinstance(lit, int):
+                return _block(an, node, "the key/value head count of expand is computed in the graph")
+            if lit != -1:
+                an.members.append(Member("reshape", node.name, node.name, x.atoms, axis=x.dim,
+                                         extra={"kind": "method", "per": x.rows.shape[1]}))
+            return Heads(x.dim, x.atoms, x.ndim, 1, x.ddim, x.rows, x.grp, out[x.grp])
+    if name in ("view", "reshape") and a is not None and out is not None and len(out) == x.ndim - 1 \
+            and a[:x.dim] == out[:x.dim] and a[x.dim] * a[x.grp] == out[x.dim] and a[x.grp + 1:] == out[x.dim + 1:]:
+        sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+            else list(node.args[1:])
+        if len(sizes) == len(out):
+            lit = sizes[x.dim]
+            if isinstance(lit, fx.Node) or not isinstance(lit, int):
+                return _block(an, node, "the repeated head count of reshape is computed in the graph")
+            rows = np.repeat(x.rows, x.rep, axis=0)
+            if lit != -1:
+                an.members.append(Member("reshape", node.name, node.name, rows.reshape(-1), axis=x.dim,
+                                         extra={"kind": "method" if node.op == "call_method" else "fn",
+                                                "per": x.rows.shape[1]}))
+            return Heads.make(x.dim, None if x.ddim is None else x.ddim - 1, rows, x.ndim - 1)
+    return _block(an, node, "a new axis after the heads that is not a grouped-query repeat (expand, reshape)")
 
 
 def _matmul(an: "ChannelAnalysis", node: fx.Node, a: Heads, b: Any) -> Any:

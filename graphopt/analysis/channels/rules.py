@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from graphopt.analysis.channels.graph import ChanInfo
 
 __all__ = ["Relation", "ChannelRule", "replace_tensor", "register_channel_rule", "unregister_channel_rule",
-           "channel_rule_for", "channel_rules", "ConvRule", "LinearRule", "BatchNormRule", "GroupNormRule",
-           "LayerNormRule", "PassThroughRule", "PReLURule", "PoolRule", "FlattenRule", "SoftmaxRule", "BlockedRule"]
+           "channel_rule_for", "channel_rule_for_name", "channel_rules", "ConvRule", "LinearRule", "BatchNormRule", "GroupNormRule",
+           "LayerNormRule", "TransposedLinearRule", "PassThroughRule", "PReLURule", "PoolRule", "FlattenRule", "SoftmaxRule", "BlockedRule"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class ChannelRule:
     out_axis: int | None = None
     accepts_flattened: bool = False
     norm_scale: str | None = None
+    functional: str | None = None  # "addmm": the layer is traced as torch.addmm(bias, x, weight) on its own tensors
 
     # -- propagation
     def relation(self, module: nn.Module) -> Relation:
@@ -234,14 +235,24 @@ def unregister_channel_rule(layer_type: type) -> ChannelRule | None:
     return _RULES.pop(layer_type, None)
 
 
+# rules for layer types of libraries graphopt does not import, by qualified class name
+_RULES_BY_NAME: dict[str, ChannelRule] = {}
+
+
 def channel_rule_for(module: nn.Module | type) -> ChannelRule | None:
     """The rule for a module (or type): the first registered type along its MRO, or None."""
     cls = module if isinstance(module, type) else type(module)
     for base in cls.__mro__:
-        rule = _RULES.get(base)
+        rule = _RULES.get(base) or _RULES_BY_NAME.get(f"{base.__module__}.{base.__qualname__}")
         if rule is not None:
             return rule
     return None
+
+
+def channel_rule_for_name(qualname: str) -> ChannelRule | None:
+    """The rule registered for a class of another library by its qualified name (a module captured by
+    torch.export is a plain container; its class is only known by name)."""
+    return _RULES_BY_NAME.get(qualname)
 
 
 def channel_rules() -> dict[type, ChannelRule]:
@@ -377,6 +388,39 @@ class LinearRule(ChannelRule):
         module.in_features = n
 
 
+class TransposedLinearRule(ChannelRule):
+    """A linear layer with its weight stored ``[in, out]`` (HuggingFace's ``Conv1D`` in GPT-2), traced
+    as ``torch.addmm(self.bias, x2d, self.weight)`` on its own parameters (``functional``): the
+    analysis treats that call as the layer (independent, channels on the last axis)."""
+
+    in_axis = -1
+    out_axis = -1
+    functional = "addmm"
+
+    def relation(self, module: nn.Module) -> Relation:
+        return Relation.independent()
+
+    def get_in_channels(self, module: nn.Module) -> int:
+        return module.weight.shape[0]
+
+    def get_out_channels(self, module: nn.Module) -> int:
+        return module.weight.shape[1]
+
+    def out_params(self, module: nn.Module) -> dict[str, int]:
+        return {"weight": 1, "bias": 0}
+
+    def in_params(self, module: nn.Module) -> dict[str, int]:
+        return {"weight": 0}
+
+    def set_out_channels(self, module: nn.Module, n: int) -> None:
+        if hasattr(module, "nf"):
+            module.nf = n
+
+    def set_in_channels(self, module: nn.Module, n: int) -> None:
+        if hasattr(module, "nx"):
+            module.nx = n
+
+
 class BatchNormRule(ChannelRule):
     """BatchNorm: coupled on axis 1; affine parameters and running statistics are sliced."""
 
@@ -490,6 +534,7 @@ def _register_builtins() -> None:
     soft = SoftmaxRule()
     register_channel_rule(nn.Softmax, soft)
     register_channel_rule(nn.LogSoftmax, soft)
+    _RULES_BY_NAME["transformers.pytorch_utils.Conv1D"] = TransposedLinearRule()
     register_channel_rule(nn.MultiheadAttention, BlockedRule(
         "attention heads of nn.MultiheadAttention {name} are not pruned: its embed_dim is both the head width "
         "sum and its input/output width, so heads cannot go without narrowing the residual stream"))
