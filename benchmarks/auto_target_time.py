@@ -83,7 +83,6 @@ def main() -> None:
     ap.add_argument("--final-rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "graphopt"))
     args = ap.parse_args()
     dev = torch.device(args.device)
