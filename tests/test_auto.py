@@ -161,7 +161,10 @@ def test_target_time_prunes_until_fake_measured_target(tmp_path):
     gm, inputs = _captured()
     m = _measurer(inputs, FakeTimer(cl=(1.0, 1.0, 1.0)))
 
+    seen = []
+
     def layer_time(kind, s):  # fake latency table: proportional to MACs, and width 24 "measures" fast
+        seen.append((kind, s))
         fast = 0.5 if s["cout"] == 24 else 1.0
         return 1e-6 * s["cin"] * s["cout"] * (9 if kind == "conv" else 1) * fast
 
@@ -175,6 +178,8 @@ def test_target_time_prunes_until_fake_measured_target(tmp_path):
     assert best(*inputs).shape == (2, 5)
     widths = {k: v for k, v in info["widths"].items()}
     assert widths and all(after < before for before, after in widths.values())
+    # each layer is timed as it trains: with its SGD update, and a conv with the BatchNorm that follows it
+    assert all(sh["sgd"] for _, sh in seen) and all(sh["bn"] for k, sh in seen if k == "conv")
     assert (tmp_path / "latency-cpu.json").exists()  # measured layer latencies cached on disk
     cached = LatencyTable(torch.device("cpu"), tmp_path)
     assert len(cached.data) == info["latency_table"]["entries"] > 0
@@ -321,3 +326,12 @@ def test_channels_last_exclude_keeps_region_nchw_exactly(tmp_path):
     graphopt.emit_torch_folder(out, tmp_path / "f", report=rep)
     loaded = graphopt.load(tmp_path / "f")
     assert not _nhwc(loaded.get_submodule("b2.0")) and _nhwc(loaded.get_submodule("b1.0"))
+
+
+def test_latency_table_measures_a_training_layer_with_batchnorm():
+    table = LatencyTable(torch.device("cpu"), None, reps=1)
+    shape = {"n": 2, "cin": 4, "cout": 8, "h": 6, "w": 6, "k": [3, 3], "stride": [1, 1], "pad": [1, 1],
+             "dil": [1, 1], "groups": 1, "bias": False, "bn": True, "sgd": True}
+    t = table.latency("conv", shape)
+    assert t > 0 and table.measured == 1
+    assert table.latency("conv", shape) == t and table.measured == 1  # looked up, not measured again

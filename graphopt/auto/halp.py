@@ -3,25 +3,33 @@
 HALP removes the channels that save the most *measured* latency per unit of importance, with a
 per-layer latency lookup table measured on the target device, instead of ranking by MACs. Here:
 
-1. **Latency table.** Every Conv2d/Linear layer is timed on the device alone (forward + backward,
-   its real input shape) at a grid of widths for each channel group it reads or writes (about 12
-   widths per group, the other dimension at its current width). Results are cached on disk
-   (``cache_dir/latency-<device>.json``, keyed by layer shape), so later runs measure nothing twice.
-2. **Allocation.** Starting from full widths, a greedy knapsack repeatedly shrinks the group whose
-   next grid width saves the most measured milliseconds per unit of importance lost (L1 norms of the
-   removed channels, normalised by the group mean; any smaller grid width may be chosen) until
-   the layers' measured latency drops by the share the target needs (``1 - F`` at first).
-3. **Fastest widths.** Each group's width is then raised to the largest grid width that measures no
-   slower (latency tables are not monotonic: some widths hit faster kernels), keeping more channels
-   for free.
-4. **Measured iteration.** The pruned graph (with the kept exact rewrites on top, verified) is
-   measured against the original training step; while the target is not met, the measured
-   shortfall (ratio - F) is added to the share to remove and the allocation repeats (at most ``iterations`` times).
+1. **Latency table.** Every Conv2d/Linear layer is timed on the device alone at its real input shape,
+   as it trains: forward, backward and its SGD-with-momentum update, with the BatchNorm that follows it
+   in the graph (a memory-bound cost that scales with the channels). Widths: a grid per channel group
+   (about 12, on the alignments oneDNN's blocked kernels favour: multiples of 16/32/64 by size),
+   varying one side at a time. On a CPU with one intra-op thread the layer's cost is its **thread CPU
+   time** (``time.thread_time``), which other processes on a loaded machine do not inflate; wall-clock
+   samples there were up to 5x off and non-monotonic in the width, and steered the allocation to the
+   wrong layers. Cached on disk (``cache_dir/latency-<device>.json``, keyed by layer shape).
+2. **Latency model.** A layer with both widths changed is modelled from the two measured one-width
+   curves, ``T(wi, co) * T(ci, wo) / T(ci, co)`` (separable); the model's total is what is reduced.
+3. **Allocation** (:func:`allocate_widths`). From full widths, a greedy knapsack repeatedly takes the
+   group and smaller grid width with the most modelled seconds saved per unit of importance lost, until
+   the modelled latency drops by the share the target needs. Importance (:func:`keep_cost`):
+   ``-log(share of the group's L1 mass kept)``: comparable across groups of any width, and dearer the
+   narrower a group already is, so the allocation only departs from uniform where time says so.
+4. **Fastest widths.** Each group's width is then raised to the largest grid width that measures no
+   slower (tables are not monotonic: some widths hit faster kernels), keeping channels for free.
+5. **Measured iteration.** The pruned graph (with the kept exact rewrites on top, verified) is
+   measured against the original training step; the share to remove is interpolated on the measured
+   ``(share, ratio)`` points (:func:`next_share`, a secant), aiming ``AIM_MARGIN`` under the target,
+   for at most ``iterations`` tries; the least-pruned result that meets the target is kept.
    ``max_error`` bounds the relative L2 output error vs the original (eval mode): an allocation that
    exceeds it is not taken.
 
-Approximation (stated): a layer's latency is measured varying one width at a time, the other at
-its current width; groups with shape constraints (attention heads, splits) are left unpruned.
+Approximations (stated): latency is measured one width at a time (the separable model combines them);
+elementwise ops other than the following BatchNorm are not in the table (the measured iteration
+absorbs them); groups with shape constraints (attention heads, splits) are left unpruned.
 """
 
 from __future__ import annotations
