@@ -26,8 +26,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import environment, write_results  # noqa: E402
+# benchmarks/ (this script's folder, which Python puts first on the path) must not be on it:
+# its transformers.py would shadow the transformers package the BERT model needs
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+from benchmarks._common import environment, write_results  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.auto import auto_optimize, exact_candidates  # noqa: E402
@@ -83,7 +85,7 @@ def main() -> None:
     ap.add_argument("--models", default="resnet50,mobilenet_v2,vit_tiny,bert,gpt")
     ap.add_argument("--batch", type=int, default=None, help="override the model files' batch size")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--final-rounds", type=int, default=7)
+    ap.add_argument("--final-rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--budget", type=float, default=None)
@@ -95,8 +97,8 @@ def main() -> None:
         torch.set_num_threads(1)
     env = environment(args.device)
     rows = []
-    for name in args.models.split(","):
-        spec = load_model_file(str(ROOT / MODELS[name]))
+    specs = {name: load_model_file(str(ROOT / MODELS[name])) for name in args.models.split(",")}
+    for name, spec in specs.items():
         inputs = tuple(spec.example_inputs)
         if args.batch:
             from graphopt.cli.auto import rebatch

@@ -9,7 +9,7 @@ per-layer latency lookup table measured on the target device, instead of ranking
    (about 12, on the alignments oneDNN's blocked kernels favour: multiples of 16/32/64 by size),
    varying one side at a time. On a CPU with one intra-op thread the layer's cost is its **thread CPU
    time** (``time.thread_time``), which other processes on a loaded machine do not inflate; wall-clock
-   samples there were up to 5x off and non-monotonic in the width, and steered the allocation to the
+   samples there were several-fold off and non-monotonic in the width, and steered the allocation to the
    wrong layers. Cached on disk (``cache_dir/latency-<device>.json``, keyed by layer shape).
 2. **Latency model.** A layer with both widths changed is modelled from the two measured one-width
    curves, ``T(wi, co) * T(ci, wo) / T(ci, co)`` (separable); the model's total is what is reduced.
