@@ -46,11 +46,12 @@ def bench_model(name: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, 
     dev = torch.device(args.device)
     gm = graphopt.capture(module, inputs)
     m = StepMeasurer(inputs, loss=loss, device=dev, warmup=args.warmup, rounds=args.rounds, steps=args.steps)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     best, rep = auto_optimize(gm, inputs, device=dev, loss=loss, measurer=m, time_budget=args.budget,
                               progress=lambda c: print(f"  {name}: {c.pass_}{' [' + c.layer + ']' if c.layer else ''}"
                                                        f" kept={c.kept} {c.reason}", flush=True))
     search_s = time.perf_counter() - t0
+    search_cpu_s = time.process_time() - c0  # what a quiet machine's wall time would be, about (one thread)
     variants = {"original": gm}
     todo, _ = exact_candidates(gm, dev)
     for pname, opts in todo:
@@ -73,7 +74,7 @@ def bench_model(name: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, 
         med["auto"], speed["auto"] = med["original"], 1.0
     singles = {k: v for k, v in speed.items() if k not in ("original", "auto")}
     best_single = max(singles, key=singles.get) if singles else "original"
-    return {"model": name, "batch": int(inputs[0].shape[0]), "search_s": search_s, "pipeline": rep.pipeline,
+    return {"model": name, "batch": int(inputs[0].shape[0]), "search_s": search_s, "search_cpu_s": search_cpu_s, "pipeline": rep.pipeline,
             "median_ms": med, "speedup_vs_original": speed, "best_single_pass": best_single,
             "auto_vs_best_single": speed["auto"] / speed.get(best_single, 1.0),
             "auto_report": rep.as_dict()}
@@ -122,8 +123,8 @@ def main() -> None:
         checks.append(f"{r['model']}: auto {s['auto']:.3f}x of the original ({'>=' if s['auto'] >= 0.98 else 'BELOW'} "
                       f"0.98), {r['auto_vs_best_single']:.3f} of the best single pass")
         if r["model"] == "resnet50":
-            checks.append(f"resnet50 search time {r['search_s']:.0f} s "
-                          f"({'under' if r['search_s'] < 120 else 'OVER'} the 2-minute target)")
+            checks.append(f"resnet50 search time {r['search_s']:.0f} s wall, {r['search_cpu_s']:.0f} s CPU "
+                          f"({'under' if r['search_s'] < 120 else 'OVER'} the 2-minute target in wall time)")
     notes = ("\n\nTargets: " + "; ".join(checks) + "." + f"\n\nSettings: rounds {args.rounds} (final comparison {args.final_rounds}), {args.steps} step(s) per "
              f"round, warm-up {args.warmup}. Load average at end: {env['loadavg_end']}. Other engineers shared this "
              "2-core CPU during the run: medians of alternated rounds, not absolute numbers.\n")
