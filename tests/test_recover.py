@@ -104,6 +104,9 @@ def test_structured_reconstruction_cuts_logit_error(trained):
     assert [p.shape for p in plain.parameters()] == [p.shape for p in rec.parameters()]
     assert e_rec * 4 <= e_plain, (e_plain, e_rec)  # measured 0.876 -> 0.182 (4.8x)
     fits = rec_result.notes["reconstruction"]
+    assert [f["layer"] for f in fits][-1] == "(outputs)"  # the output regression (refine) comes last
+    assert fits[-1]["error_after"] <= fits[-1]["error_before"]
+    fits = fits[:-1]
     assert {f["layer"] for f in fits} == {"c2", "c3", "fc"}  # every consumer of removed channels
     for f in fits:
         assert f["error_after"] < f["error_before"]
@@ -135,9 +138,22 @@ def test_depthwise_reconstruction_beats_svd_init(trained):
     e_svd, e_rec = _logit_err(svd.gm, trained.module, x), _logit_err(rec.gm, trained.module, x)
     assert e_rec * 3 <= e_svd, (e_svd, e_rec)
     fits = rec.notes["reconstruction"]
-    assert [f["layer"] for f in fits] == ["c2", "c3"]
-    for f in fits:
+    assert [f["layer"] for f in fits] == ["c2", "c3", "(outputs)"]
+    for f in fits[:-1]:
         assert f["error_after"] < 0.8 * f["error_before"]
+
+
+@pytest.mark.parametrize("spec", ["depthwise_separable:min_channels=16,reconstruct=8",
+                                  "prune:macs=0.5,reconstruct=8"])
+def test_output_regression_lowers_the_logit_error_further(trained, spec):
+    x = _test_x(trained)
+    layerwise = _run(spec + ",refine=0", trained)
+    refined = _run(spec, trained)  # refine=256 by default
+    assert "(outputs)" not in [f["layer"] for f in layerwise.notes["reconstruction"]]
+    out = refined.notes["reconstruction"][-1]
+    assert out["layer"] == "(outputs)" and out["error_after"] < out["error_before"]
+    e_layer, e_ref = _logit_err(layerwise.gm, trained.module, x), _logit_err(refined.gm, trained.module, x)
+    assert e_ref < e_layer, (e_layer, e_ref)
 
 
 def test_sparsegpt_keeps_2_4_and_beats_magnitude(trained):
