@@ -269,3 +269,23 @@ def test_folder_chaining_train_optimize_train(tmp_path, capsys):
     assert main(["optimize", str(opt), "-p", "cleanup", "-o", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"expected {path.resolve()}" in err
+
+
+def test_early_bird_checks_every_evaluation_and_switches_mid_epoch(tmp_path):
+    """With eval_every_steps, the mask is compared at every evaluation and the pruned model takes
+    over inside the epoch (the trainer's backend is swapped; step and schedule continue)."""
+    from graphopt.bench.train import TrainConfig, Trainer
+    from graphopt.recover import EarlyBird
+
+    spec = _spec(tmp_path)
+    cfg = TrainConfig(epochs=2, batch_size=32, optimizer="adam", lr=3e-3, seed=0, eval_every_steps=10)
+    trainer = EarlyBird(spec.example_inputs, ratio=0.5, threshold=0.3, window=2).attach(
+        Trainer("eb", spec.module, spec.data(), cfg, example_inputs=spec.example_inputs))
+    first = trainer.backend
+    while not trainer.done:
+        trainer.run_epoch()
+    eb = trainer.result.extra["early_bird"]
+    assert eb["switched"] and eb["step"] % 10 == 0 and eb["step"] < trainer.steps_per_epoch
+    assert trainer.backend is not first and trainer.result.backend is trainer.backend
+    assert eb["macs_after"] < 0.6 * eb["macs_before"]
+    assert len(eb["distances"]) >= 1 and trainer.step == 2 * trainer.steps_per_epoch
