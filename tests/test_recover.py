@@ -289,3 +289,52 @@ def test_early_bird_checks_every_evaluation_and_switches_mid_epoch(tmp_path):
     assert trainer.backend is not first and trainer.result.backend is trainer.backend
     assert eb["macs_after"] < 0.6 * eb["macs_before"]
     assert len(eb["distances"]) >= 1 and trainer.step == 2 * trainer.steps_per_epoch
+
+
+def _fake_measured_auto(monkeypatch, tmp_path):
+    """The automatic mode with a deterministic step timer (time proportional to conv/linear
+    weights) and latency table, so that --target-time prunes without wall-clock timing."""
+    import graphopt.auto
+    from graphopt.bench.measure import StepMeasurer
+
+    real = graphopt.auto.auto_optimize
+
+    def timer(module):
+        return 1e-3 + sum(1e-7 * m.weight.numel() for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+    def fake(gm, inputs, **kw):
+        m = StepMeasurer(tuple(inputs), device="cpu", warmup=1, rounds=5, steps=1, timer=timer)
+        m.latency_timer = lambda kind, s: 1e-6 * s["cin"] * s["cout"] * (9 if kind == "conv" else 1)
+        kw.update(measurer=m, candidates=[], per_layer=False, cache_dir=str(tmp_path / "cache"))
+        return real(gm, inputs, **kw)
+
+    monkeypatch.setattr(graphopt.auto, "auto_optimize", fake)
+
+
+def test_automatic_mode_target_time_recovers_accuracy(tmp_path, monkeypatch, capsys):
+    """`graphopt optimize model.py --target-time F` with a data(): the pruned model is reconstructed
+    and distilled for one epoch; the accuracy before and after is printed and in the report."""
+    from graphopt.cli import main
+
+    _fake_measured_auto(monkeypatch, tmp_path)
+    path = write_model_file(tmp_path / "src", MODEL + DATA)
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--epochs", "3", "--batch-size", "32", "--optimizer", "adam", "--lr", "0.003",
+                 "--progress", "none", "-o", str(run)]) == 0
+    trained = graphopt.load(run / "model")
+    report = tmp_path / "auto.json"
+    assert main(["optimize", str(run / "model"), "--target-time", "0.5", "--device", "cpu", "-o",
+                 str(tmp_path / "out"), "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "recovering accuracy" in out and "accuracy (" in out
+    pruning = json.loads(report.read_text())["auto"]["pruning"]
+    assert pruning["result"] == "pruned"
+    acc = pruning["recovery"]["accuracy"]
+    assert acc["original"] > 0.9
+    assert acc["reconstructed"] > acc["pruned"]
+    assert acc["distilled"] >= acc["original"] - 0.03, acc
+    assert pruning["recovery"]["distillation"]["epochs"] == 1
+    layers = [f["layer"] for f in pruning["recovery"]["reconstruction"]["layers"]]
+    assert layers[-1] == "(outputs)" and len(layers) >= 2
+    emitted = graphopt.load(tmp_path / "out")
+    assert sum(p.numel() for p in emitted.parameters()) < sum(p.numel() for p in trained.parameters())

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -251,6 +252,7 @@ def prune_to_time(search: Any, pipeline: list[tuple[str, dict[str, Any]]], best:
         return width
 
     def build(width: dict[int, int]) -> tuple[fx.GraphModule, Any, float]:
+        nonlocal last_removed
         removed = np.zeros(len(cg.root), dtype=bool)
         for g in groups:
             k = g.size - width[g.id]
@@ -259,6 +261,7 @@ def prune_to_time(search: Any, pipeline: list[tuple[str, dict[str, Any]]], best:
                 removed[g.classes[order]] = True
         pruned = copy_graph_module(original)
         apply_pruning(pruned, cg, removed)
+        last_removed = removed
         pruned.recompile()
         with torch.no_grad():
             pruned.eval()
@@ -272,6 +275,7 @@ def prune_to_time(search: Any, pipeline: list[tuple[str, dict[str, Any]]], best:
             gm, rep = PassManager(passes, verify=True).run(pruned, inputs)
         return gm, rep, err
 
+    last_removed: Any = None
     need = 1.0 - target_time  # share of the layers' measured latency to remove
     history: list[dict[str, Any]] = []
     chosen: tuple[fx.GraphModule, Any, dict[int, int], float] | None = None
@@ -301,6 +305,8 @@ def prune_to_time(search: Any, pipeline: list[tuple[str, dict[str, Any]]], best:
         if chosen is not None:
             m.release(chosen[0])
         chosen = (gm, rep, width, err)
+        # what reconstruction needs to map kept channels (graphopt.recover.reconstruct_structured)
+        search.report.prune_plan = SimpleNamespace(analysis=cg, plan=SimpleNamespace(removed=last_removed))
         if cmp.ratio <= target_time:
             break
         need = min(0.95, need + (cmp.ratio - target_time))  # add the measured shortfall
