@@ -1,11 +1,13 @@
-"""A small transformer classifier on a synthetic task that needs attention (offline, seeded):
-does the sequence contain the token 5 immediately followed by the token 9? Positives have the
-bigram planted at a random position; negatives have every 5 -> 9 broken, so single-token counts
-barely differ and a bag of tokens is not enough. Multi-head self-attention with the head width
-as a literal, so ``prune`` removes whole heads (q/k/v rows, o columns) and MLP hidden units.
+"""A small transformer classifier on a synthetic task that needs attention (offline, seeded).
 
-    graphopt train examples/pattern_transformer.py --optimizer adamw --lr 0.003 --epochs 8
-    graphopt train examples/pattern_transformer.py -p prune:macs=0.5,reconstruct=8 --distill ...
+Sequences of 24 tokens; 4 classes: bit 0 = the token 5 is immediately followed by 9 somewhere,
+bit 1 = the token 7 comes two after a 3 somewhere. Each pattern is planted at a random position
+when its bit is set and broken everywhere otherwise, so single-token counts barely differ: a bag
+of tokens is not enough, positions relative to each other are. Multi-head self-attention with the
+head width as a literal, so ``prune`` removes whole heads (q/k/v rows, o columns) and MLP hidden
+units.
+
+    graphopt train examples/pattern_transformer.py --optimizer adamw --lr 0.003 --schedule cosine --epochs 6
 """
 
 import math
@@ -15,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 VOCAB, LENGTH, WIDTH, HEADS, LAYERS = 16, 24, 64, 4, 2
-A, B = 5, 9  # the planted bigram
+PATTERNS = [(5, 9, 1), (3, 7, 2)]  # (first token, second token, distance): "5 9" and "3 _ 7"
+PATTERN_TOKENS = [5, 9, 3, 7]
 
 
 class Attention(nn.Module):
@@ -48,7 +51,7 @@ class Block(nn.Module):
 
 class PatternTransformer(nn.Module):
     def __init__(self, vocab: int = VOCAB, length: int = LENGTH, width: int = WIDTH, heads: int = HEADS,
-                 layers: int = LAYERS, classes: int = 2):
+                 layers: int = LAYERS, classes: int = 4):
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, width), nn.Embedding(length, width)
         self.blocks = nn.Sequential(*[Block(width, heads) for _ in range(layers)])
@@ -60,22 +63,36 @@ class PatternTransformer(nn.Module):
         return self.head(self.ln(self.blocks(x)).mean(1))
 
 
+def _break(x: torch.Tensor, a: int, b: int, gap: int, g: torch.Generator, vocab: int) -> None:
+    """Replace the b of every ``a, (gap - 1 tokens), b`` by a token that is neither of the pattern tokens."""
+    for _ in range(x.shape[1]):
+        hit = (x[:, :-gap] == a) & (x[:, gap:] == b)
+        if not hit.any():
+            return
+        other = torch.randint(1, vocab, (int(hit.sum()),), generator=g)
+        other = torch.where(torch.isin(other, torch.tensor(PATTERN_TOKENS)), torch.full_like(other, 1), other)
+        x[:, gap:][hit] = other
+
+
 def make_data(n: int, seed: int, length: int = LENGTH, vocab: int = VOCAB) -> torch.utils.data.TensorDataset:
+    """4 classes: bit 0 = ``A B`` adjacent somewhere, bit 1 = ``C x D`` (D two after C) somewhere."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(1, vocab, (n, length), generator=g)
-    for _ in range(length):  # break every A -> B (replace the B by another token, not A or B)
-        hit = (x[:, :-1] == A) & (x[:, 1:] == B)
-        if not hit.any():
+    for a, b, gap in PATTERNS:
+        _break(x, a, b, gap, g, vocab)
+    y = torch.randint(0, 4, (n,), generator=g)
+    for _ in range(20):  # plant what the label says; planting one pattern can overwrite the other: repeat
+        todo = False
+        for bit, (a, b, gap) in enumerate(PATTERNS):
+            present = ((x[:, :-gap] == a) & (x[:, gap:] == b)).any(1)
+            rows = torch.nonzero(((y >> bit) & 1).bool() & ~present).flatten()
+            if len(rows):
+                todo = True
+                where = torch.randint(0, length - gap, (len(rows),), generator=g)
+                x[rows, where] = a
+                x[rows, where + gap] = b
+        if not todo:
             break
-        other = torch.randint(1, vocab - 2, (int(hit.sum()),), generator=g)
-        other = other + (other >= min(A, B)).long()
-        other = other + (other >= max(A, B)).long()
-        x[:, 1:][hit] = other
-    y = torch.randint(0, 2, (n,), generator=g)
-    where = torch.randint(0, length - 1, (n,), generator=g)
-    rows = torch.nonzero(y == 1).flatten()
-    x[rows, where[rows]] = A
-    x[rows, where[rows] + 1] = B
     return torch.utils.data.TensorDataset(x, y)
 
 
