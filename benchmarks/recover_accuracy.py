@@ -269,6 +269,8 @@ def run_cnn(args: argparse.Namespace, name: str) -> None:
         "early_bird_time_to_original_final_accuracy_ratio_max_0.7": (eb_reach / base_time) if eb_reach else None,
         "early_bird_time_to_original_final_minus_0.5_points_ratio": (
             reach(c_eb, near) / base_time) if reach(c_eb, near) else None,
+        "early_bird_vs_original_time_to_original_final_accuracy": (
+            eb_reach / orig_reach) if eb_reach and orig_reach else None,
         "early_bird_pruned_step_time_ratio": step_ratio,
     }
     results = {"original": {"test_accuracy": base_acc, "train_time_s": base_time, "curve": c_orig,
