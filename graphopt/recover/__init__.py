@@ -11,10 +11,10 @@
 from __future__ import annotations
 
 from graphopt.recover.distill import DistillConfig, DistillError, Distilled, check_teacher, distill_fit, kd_loss
-from graphopt.recover.early_bird import channel_mask, early_bird_fit, mask_distance
-from graphopt.recover.reconstruct import (LayerFit, reconstruct_separable, reconstruct_structured, require_data,
-                                          sparsegpt, sparsegpt_layer)
+from graphopt.recover.early_bird import EarlyBird, channel_mask, early_bird_fit, mask_distance
+from graphopt.recover.reconstruct import (LayerFit, reconstruct_separable, reconstruct_structured, refine_outputs,
+                                          require_data, sparsegpt, sparsegpt_layer)
 
 __all__ = ["DistillConfig", "DistillError", "Distilled", "check_teacher", "distill_fit", "kd_loss",
-           "channel_mask", "early_bird_fit", "mask_distance", "LayerFit", "reconstruct_separable",
-           "reconstruct_structured", "require_data", "sparsegpt", "sparsegpt_layer"]
+           "EarlyBird", "channel_mask", "early_bird_fit", "mask_distance", "LayerFit", "reconstruct_separable",
+           "reconstruct_structured", "refine_outputs", "require_data", "sparsegpt", "sparsegpt_layer"]
