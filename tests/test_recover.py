@@ -320,7 +320,7 @@ def test_automatic_mode_target_time_recovers_accuracy(tmp_path, monkeypatch, cap
                  "--progress", "none", "-o", str(run)]) == 0
     trained = graphopt.load(run / "model")
     report = tmp_path / "auto.json"
-    assert main(["optimize", str(run / "model"), "--target-time", "0.5", "--device", "cpu", "-o",
+    assert main(["optimize", str(run / "model"), "--target-time", "0.7", "--device", "cpu", "-o",
                  str(tmp_path / "out"), "--report", str(report)]) == 0
     out = capsys.readouterr().out
     assert "recovering accuracy" in out and "accuracy (" in out
