@@ -49,7 +49,7 @@ __all__ = [
     "graph_meta", "example_inputs", "calibration_batches", "copy_graph", "eval_mode", "train_mode", "module_of",
     "is_module", "add_module", "replace_module", "name_matches", "glob_decline", "Site", "candidate_sites",
     "output_shape", "output_dtype", "unique_attr_name", "run_calibration", "node_values", "tensor_specs",
-    "ScaledDotProductAttention",
+    "ScaledDotProductAttention", "node_arg", "node_location",
 ]
 
 _SHARED_META = ("example_inputs", "calibration_data")
@@ -222,6 +222,25 @@ def candidate_sites(gm: fx.GraphModule, types: type | tuple[type, ...], *, inclu
             continue
         sites.append(site)
     return sites, declined
+
+
+def node_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of a call node, given by keyword or at position ``index``; else ``default``."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def node_location(node: fx.Node) -> str:
+    """``module.path:node`` from the node's ``nn_module_stack`` (both front ends record it), else the
+    node's name: where a report points a user."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        value = list(stack.values())[-1]
+        path = value[0] if isinstance(value, tuple) else ""
+        if path:
+            return f"{path}:{node.name}"
+    return node.name
 
 
 def output_shape(node: fx.Node) -> tuple[int, ...] | None:

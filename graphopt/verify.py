@@ -6,11 +6,10 @@ A pass declares what its **eval function** does (``semantics``) and what **train
 ================  ==============================================================================
 EXACT, same       eval mode, the model's own weights, the example batch: outputs; eval mode at a
                   *randomized state* (random BatchNorm statistics and affine parameters, random
-                  weights at their own scale) on one sample of a second, random batch: outputs and
-                  gradients wrt the inputs (an exact rewrite holds for all weights); train mode at
-                  the randomized state on that sample (fixed RNG, random regularisers disabled):
-                  outputs, input and parameter gradients, BatchNorm running statistics after the
-                  step.
+                  weights at their own scale) on one sample of a second, random batch: outputs (an
+                  exact rewrite holds for all weights); train mode at the randomized state on that
+                  sample (fixed RNG, random regularisers disabled): outputs, input and parameter
+                  gradients, BatchNorm running statistics after the step.
 EXACT, changes    eval mode at own weights (example batch): outputs; at the randomized state
                   (second batch): outputs and input gradients.
 PRESERVING        eval-mode outputs at the given weights; training "same": train-mode outputs
@@ -797,18 +796,21 @@ def _verify_against(pass_: "Pass", before: nn.Module, after: nn.Module, inputs: 
     ver.metric, ver.limit = metric, limit
     ver.value = first["value"] if first and "value" in first else None
 
-    # 2. exact: eval mode at a randomized state on (one sample of) a second batch: outputs, input gradients
+    # 2. exact: eval mode at a randomized state on (one sample of) a second batch: outputs (and input
+    # gradients for training "changes"; training "same" compares gradients in train mode, 3.)
     if exact:
-        n1 = len(ver.checks)
-        _randomized_check(pass_, checker, before, after, inputs, mapping, rerun, floating_in, metric, limit)
-        for c in ver.checks[n1:]:
-            if c["check"].endswith("input gradients") and "value" in c:
-                ver.details["input_grad_error"] = c["value"]
-                ver.details["input_grad_metric"] = c["metric"]
+        _randomized_check(pass_, checker, before, after, inputs, mapping, rerun, floating_in and not same,
+                          metric, limit)
 
     # 3. training "same": train mode (fixed RNG, random regularisers disabled)
     if same:
         _train_check(checker, before, after, inputs, exact, floating_in, metric, limit, mapping, rerun, pass_)
+
+    for c in ver.checks:  # the input-gradient figure of the record: the first check that compared them
+        if c["check"].endswith("input gradients") and "value" in c:
+            ver.details["input_grad_error"] = c["value"]
+            ver.details["input_grad_metric"] = c["metric"]
+            break
 
     # 4. the pass's own exact reference and its own checks
     if result.reference is not None:
@@ -830,15 +832,17 @@ def _verify_against(pass_: "Pass", before: nn.Module, after: nn.Module, inputs: 
 
 def _randomized_check(pass_: "Pass", checker: _Checker, before: nn.Module, after: nn.Module,
                       inputs: Sequence[Any], mapping: dict[str, str | None],
-                      rerun: Callable[[nn.Module], nn.Module] | None, floating_in: bool,
+                      rerun: Callable[[nn.Module], nn.Module] | None, grads: bool,
                       metric: str, limit: float) -> None:
+    """Eval mode at the randomized state: outputs, and input gradients when ``grads`` (training
+    "changes"; for training "same" the train-mode check compares gradients at this state)."""
     batch = second_batch(inputs)
     batch = _slice1(batch) or batch
 
     def check(b_in: Sequence[Any], label: str) -> None:
         with _randomized_pair(checker, before, after, mapping, rerun, label) as pair:
             if pair is not None:
-                checker.compare(label, pair[0], pair[1], b_in, train=False, grads=floating_in, params=False,
+                checker.compare(label, pair[0], pair[1], b_in, train=False, grads=grads, params=False,
                                 out_metric=metric, out_limit=limit)
 
     _small_first(checker, batch, "eval, randomized state, second batch", check, batch)

@@ -14,27 +14,27 @@ Matched, per softmax over the last axis (``F.softmax``, ``torch.softmax``, ``.so
                                      (torch.export capture of HF's functional attention dropout)
     out = p @ v
 
-becomes ``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)`` with the
-scale folded into SDPA's ``scale`` (SDPA computes ``softmax(q @ k^T * scale + mask) @ v``, so any
-additive bias that broadcasts to the scores is exactly its float ``attn_mask``; ``masked_fill`` with
-``-inf`` is exactly a boolean ``attn_mask``; ``ones(T, T, dtype=bool).triu(1)`` (or a ``tril`` buffer sliced
-``[..., :T, :T] == 0``) is exactly ``is_causal=True``, which lets GPUs use the flash kernel). ``kT`` that is ``k.transpose(-2, -1)``
-gives ``k``; any other ``kT`` is transposed back. Grouped-query attention stays as written (the
-repeated key/value heads feed SDPA).
+becomes ``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)`` with the scale folded
+into SDPA's ``scale`` (SDPA computes ``softmax(q @ k^T * scale + mask) @ v``, so any additive bias that
+broadcasts to the scores is exactly its float ``attn_mask``; ``masked_fill`` with ``-inf`` is exactly a boolean
+``attn_mask``; ``ones(T, T, dtype=bool).triu(1)`` (or a ``tril`` buffer sliced ``[..., :T, :T] == 0``) is
+exactly ``is_causal=True``, which lets GPUs use the flash kernel). ``kT`` that is ``k.transpose(-2, -1)`` gives
+``k``; any other ``kT`` is transposed back. Grouped-query attention stays as written (the repeated key/value
+heads feed SDPA).
 
-With attention-probability dropout the call is a :class:`graphopt.ir.ScaledDotProductAttention`
-layer that applies ``dropout_p`` in train mode only, as ``nn.Dropout`` did. Training is the same
-*in distribution*: SDPA draws its own dropout masks, so train mode cannot be compared element-wise
-with dropout on; the verifier compares train mode (outputs, input and parameter gradients) with
-the dropout of both graphs disabled, as it does for every dropout (the record says so).
+With attention-probability dropout the call is a :class:`graphopt.ir.ScaledDotProductAttention` layer that
+applies ``dropout_p`` in train mode only, as ``nn.Dropout`` did. Training is the same *in distribution*: SDPA
+draws its own dropout masks, so train mode cannot be compared element-wise with dropout on; the verifier
+compares train mode (outputs, input and parameter gradients) with the dropout of both graphs disabled, as it
+does for every dropout (the record says so).
 
-Declined, with the reason: softmax over another axis or with a ``dtype``; probabilities used
-twice or mixed across heads (any op between softmax and ``@ v`` other than dropout: talking-heads
-attention); the probabilities as the right operand; scores used elsewhere; a scale applied after
-a mask; ``masked_fill`` with a finite value (it replaces scores, not an additive mask); a bias that
-does not broadcast to the scores; dropout traced with ``training=True`` (active in eval mode);
-attention inside leaf modules or wrapped functions (``nn.MultiheadAttention`` already dispatches
-to SDPA; torchvision's ``shifted_window_attention`` is one opaque call).
+Declined, with the reason: softmax over another axis or with a ``dtype``; probabilities used twice or mixed
+across heads (any op between softmax and ``@ v`` other than dropout: talking-heads attention); the probabilities
+as the right operand; scores used elsewhere; a scale applied after a mask; ``masked_fill`` with a finite value
+(it replaces scores, not an additive mask); a bias that does not broadcast to the scores; dropout traced with
+``training=True`` (active in eval mode); attention inside leaf modules or wrapped functions
+(``nn.MultiheadAttention`` already dispatches to SDPA; torchvision's ``shifted_window_attention`` is one opaque
+call).
 """
 
 from __future__ import annotations
@@ -50,19 +50,17 @@ from torch import fx, nn
 
 from graphopt import Decline, Option, Pass, PassResult, Rewrite, Semantics
 from graphopt.ir import ScaledDotProductAttention, add_module, module_of, output_dtype, output_shape
+from graphopt.ir import node_arg as _arg, node_location as _where  # noqa: I001
 
 __all__ = ["Sdpa"]
 
-_MATMUL = {operator.matmul, torch.matmul}
-_ADD = {operator.add, torch.add}
-_MUL = {operator.mul, torch.mul}
-_DIV = {operator.truediv, torch.div}
-_SOFTMAX_FNS = {F.softmax, torch.softmax}
-_TRANSPOSE_FNS = {torch.transpose, torch.swapaxes}
+_MATMUL, _ADD = {operator.matmul, torch.matmul}, {operator.add, torch.add}
+_MUL, _DIV = {operator.mul, torch.mul}, {operator.truediv, torch.div}
+_SOFTMAX_FNS, _TRANSPOSE_FNS = {F.softmax, torch.softmax}, {torch.transpose, torch.swapaxes}
 
 
-class NoMatch(Exception):
-    """A reason the pattern does not match at this softmax."""
+class NoMatch(Exception):  # a reason the pattern does not match at this softmax
+    pass
 
 
 @dataclass
@@ -78,22 +76,6 @@ class Match:
     causal: bool = False
     dropout_p: float = 0.0
     nodes: list[fx.Node] = field(default_factory=list)  # the nodes the call replaces
-
-
-def _where(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        value = list(stack.values())[-1]
-        path = value[0] if isinstance(value, tuple) else ""
-        if path:
-            return f"{path}:{node.name}"
-    return node.name
-
-
-def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    if name in node.kwargs:
-        return node.kwargs[name]
-    return node.args[i] if len(node.args) > i else default
 
 
 def _is(node: Any, fns: set, method: str | None = None) -> bool:
