@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import os
 import platform
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from graphopt.serialize import write_json
 
@@ -67,3 +69,15 @@ def machine() -> dict[str, Any]:
     return {"device": f"CPU: {cpu_name()}", "threads": torch.get_num_threads(), "torch": torch.__version__,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "loadavg_start": list(os.getloadavg())}
+
+
+def tp_prune(base: nn.Module, ratio: float, x: torch.Tensor) -> nn.Module:
+    """A copy of ``base`` pruned by Torch-Pruning (L1 magnitude, uniform ``ratio``, the ``fc`` head kept):
+    the comparison the pruning benchmarks measure against."""
+    import torch_pruning as tp
+
+    m = copy.deepcopy(base)
+    pruner = tp.pruner.MetaPruner(m, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+                                  ignored_layers=[m.fc], global_pruning=False)
+    pruner.step()
+    return m

@@ -37,7 +37,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import environment, write_results  # noqa: E402
+from _common import environment, tp_prune, write_results  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt import zoo  # noqa: E402
@@ -54,16 +54,6 @@ def macs_of(model: nn.Module, x: torch.Tensor) -> int:
         model(x)
     model.train(was)
     return fc.get_total_flops() // 2
-
-
-def tp_prune(base: nn.Module, ratio: float, x: torch.Tensor) -> nn.Module:
-    import torch_pruning as tp
-
-    m = copy.deepcopy(base)
-    pruner = tp.pruner.MetaPruner(m, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
-                                  ignored_layers=[m.fc], global_pruning=False)
-    pruner.step()
-    return m
 
 
 def tp_same_macs(base: nn.Module, goal: int, x: torch.Tensor) -> tuple[nn.Module, float]:

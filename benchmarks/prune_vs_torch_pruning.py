@@ -30,7 +30,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import cpu_name  # noqa: E402
+from _common import cpu_name, tp_prune  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt import zoo  # noqa: E402
@@ -48,16 +48,6 @@ def macs_of(model: nn.Module, x: torch.Tensor) -> int:
 
 def params_of(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def tp_prune(base: nn.Module, ratio: float, x: torch.Tensor) -> nn.Module:
-    import torch_pruning as tp
-
-    m = copy.deepcopy(base)
-    pruner = tp.pruner.MetaPruner(m, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
-                                  ignored_layers=[m.fc], global_pruning=False)
-    pruner.step()
-    return m
 
 
 def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):

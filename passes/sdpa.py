@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from graphopt import Decline, Option, Pass, PassResult, Rewrite, Semantics
-from graphopt.ir import ScaledDotProductAttention, add_module, module_of, output_dtype, output_shape
-from graphopt.ir import node_arg as _arg, node_location as _where  # noqa: I001
+from graphopt.ir import (ScaledDotProductAttention, add_module, module_of, node_arg, node_location, output_dtype,
+                         output_shape)
 
 __all__ = ["Sdpa"]
 
@@ -111,9 +111,9 @@ def _single_user(node: fx.Node, what: str) -> None:
 def _softmax_dim(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any] | None:
     """(input, dim) of a softmax node, or None if ``node`` is not one."""
     if node.op == "call_function" and node.target in _SOFTMAX_FNS:
-        return node.args[0], _arg(node, 1, "dim")
+        return node.args[0], node_arg(node, 1, "dim")
     if node.op == "call_method" and node.target == "softmax":
-        return node.args[0], _arg(node, 1, "dim")
+        return node.args[0], node_arg(node, 1, "dim")
     mod = module_of(gm, node)
     if isinstance(mod, nn.Softmax):
         return node.args[0], mod.dim
@@ -125,7 +125,7 @@ def _is_causal_mask(gm: fx.GraphModule, m: Any, shape: tuple[int, ...] | None) -
     or ``buf[..., :T, :T] == 0`` with ``buf`` a constant lower-triangular 0/1 buffer."""
     if shape is None or len(shape) < 2 or shape[-1] != shape[-2]:
         return False
-    if _is(m, {torch.triu}, "triu") and _arg(m, 1, "diagonal", 0) == 1:
+    if _is(m, {torch.triu}, "triu") and node_arg(m, 1, "diagonal", 0) == 1:
         ones = m.args[0]
         if (_is(ones, {torch.ones}) or _is(ones, set(), "new_ones")) and ones.kwargs.get("dtype") is torch.bool:
             args = ones.args[1:] if ones.op == "call_method" else ones.args
@@ -172,7 +172,7 @@ def match(gm: fx.GraphModule, sm: fx.Node) -> Match:
     extra = {k for k, v in sm.kwargs.items() if k not in ("dim", "_stacklevel", "dtype") and v is not None}
     if sm.op != "call_module" and extra:
         raise NoMatch(f"softmax with {sorted(extra)}: not what SDPA computes")
-    dtype = _arg(sm, 2, "dtype") if sm.op != "call_module" else None
+    dtype = node_arg(sm, 2, "dtype") if sm.op != "call_module" else None
     if dtype is not None and dtype != output_dtype(x):
         raise NoMatch(f"softmax with dtype {dtype} on {output_dtype(x)} scores: not what SDPA computes")
     m = Match(sm, sm, None, sm, None, nodes=[sm])
@@ -186,14 +186,14 @@ def match(gm: fx.GraphModule, sm: fx.Node) -> Match:
         _single_user(user, "the attention dropout output")
         user = _skip_noop_casts(user, m)
     elif _is(user, {F.dropout}):
-        training = _arg(user, 2, "training", True)
-        if training is True and float(_arg(user, 1, "p", 0.5)) > 0:
+        training = node_arg(user, 2, "training", True)
+        if training is True and float(node_arg(user, 1, "p", 0.5)) > 0:
             raise NoMatch("F.dropout traced with training=True is active in eval mode too; run "
                           "drop_regularization first or capture in eval mode")
         if isinstance(training, fx.Node) and not (training.op == "get_attr" and training.target == "training"):
             raise NoMatch(f"F.dropout whose training flag is computed in the graph (node {training.name})")
         if isinstance(training, fx.Node):  # the graph's own flag (export capture): dropout in train mode only
-            m.dropout_p = float(_arg(user, 1, "p", 0.5))
+            m.dropout_p = float(node_arg(user, 1, "p", 0.5))
         m.nodes.append(user)
         _single_user(user, "the attention dropout output")
         user = _skip_noop_casts(user, m)
@@ -248,7 +248,7 @@ def match(gm: fx.GraphModule, sm: fx.Node) -> Match:
             cur = cur.args[0]
             continue
         if _is(cur, {torch.masked_fill}, "masked_fill"):
-            mask, value = _arg(cur, 1, "mask"), _arg(cur, 2, "value")
+            mask, value = node_arg(cur, 1, "mask"), node_arg(cur, 2, "value")
             if not (_number(value) and math.isinf(value) and value < 0):
                 raise NoMatch(f"masked_fill with {value!r} replaces the scores (only -inf is exactly a mask)")
             if not _broadcasts(output_shape(mask), output_shape(cur)):
@@ -302,7 +302,7 @@ def _key(graph: fx.Graph, kt: fx.Node) -> Any:
     """``k`` for ``kT`` (the transpose's input, or a new transpose back)."""
     nd = len(output_shape(kt) or ())
     if kt.op in ("call_method", "call_function") and (kt.target == "transpose" or kt.target in _TRANSPOSE_FNS):
-        d = {_arg(kt, 1, "dim0") % nd, _arg(kt, 2, "dim1") % nd} if nd else set()
+        d = {node_arg(kt, 1, "dim0") % nd, node_arg(kt, 2, "dim1") % nd} if nd else set()
         if d == {nd - 2, nd - 1}:
             return kt.args[0]
     return graph.call_method("transpose", (kt, -2, -1))
@@ -326,13 +326,13 @@ class Sdpa(Pass):
                                                           "dispatches to scaled_dot_product_attention"))
             elif node.op == "call_function" and "attention" in getattr(node.target, "__name__", "") \
                     and node.target is not F.scaled_dot_product_attention:
-                declined.append(Decline(_where(node), f"attention inside {node.target.__name__}, one opaque call "
+                declined.append(Decline(node_location(node), f"attention inside {node.target.__name__}, one opaque call "
                                                       "(not in the graph)"))
         for sm in [n for n in g.nodes if _softmax_dim(gm, n) is not None]:
             try:
                 mt = match(gm, sm)
             except NoMatch as exc:
-                declined.append(Decline(_where(sm), str(exc)))
+                declined.append(Decline(node_location(sm), str(exc)))
                 continue
             if mt.causal and not self.config["causal"]:
                 mt.causal, mt.fills = False, [f for f in [self._fill_of(mt)] if f is not None]
@@ -349,11 +349,11 @@ class Sdpa(Pass):
     @staticmethod
     def _fill_of(mt: Match) -> Any:
         n = next((x for x in mt.nodes if _is(x, {torch.masked_fill}, "masked_fill")), None)
-        return _arg(n, 1, "mask") if n is not None else None
+        return node_arg(n, 1, "mask") if n is not None else None
 
     def _rewrite(self, gm: fx.GraphModule, mt: Match) -> Rewrite:
         g = gm.graph
-        where = _where(mt.softmax)
+        where = node_location(mt.softmax)
         with g.inserting_before(mt.out):
             k = _key(g, mt.kt)
             mask = None
