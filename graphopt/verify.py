@@ -43,7 +43,9 @@ says so.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -72,6 +74,12 @@ GRAD_TOL_FACTOR = 10.0  # gradients go through twice the ops; allow one more dig
 # (relative L2 of the worst tensor). Above these limits a mismatch is confirmed in float64.
 EVAL_GRAD_TOL = 2e-2
 TRAIN_GRAD_TOL = 1.5e-1
+# A float64 gradient mismatch with equal outputs is arbitrated by central finite differences
+# along the gradients' difference (step: this fraction of the perturbed tensors' norm): the
+# rewrite passes when its derivative is within FD_TOL (of the difference's squared norm) of the
+# finite difference, i.e. the original's backward is the wrong one (a framework bug).
+FD_STEP = 1e-6
+FD_TOL = 1e-2
 _HALF = (torch.float16, torch.bfloat16)
 RANDOM_SEED = 1234  # the randomized state and the second batch
 
@@ -170,10 +178,14 @@ def max_tensor_rel_l2(actual: Sequence[torch.Tensor], expected: Sequence[torch.T
     """The worst tensor's ||a - e|| / ||e||, with ||e|| floored at 1% of the set's root-mean-square
     tensor norm (a near-zero tensor, such as a fresh bias gradient, says nothing relative to itself)."""
     pairs = [(a.detach().to(e.dtype), e.detach()) for a, e in zip(actual, expected) if e.numel()]
-    if pairs and all(e.dtype in (torch.float32, torch.float64) for _, e in pairs):
-        diffs = torch._foreach_sub([a for a, _ in pairs], [e for _, e in pairs])
-        nums = [float(n) ** 2 for n in torch._foreach_norm(diffs)]
-        dens = [float(n) ** 2 for n in torch._foreach_norm([e for _, e in pairs])]
+    if pairs and all(e.dtype in (torch.float32, torch.float64) and e.device == pairs[0][1].device
+                     for _, e in pairs):
+        # one difference alive at a time (a model's worth of them at once costs more in fresh pages
+        # than the arithmetic), one host sync for all the norms
+        nums = [float(n) ** 2 for n in torch.stack([torch.linalg.vector_norm(a - e).double()
+                                                    for a, e in pairs]).tolist()]
+        dens = [float(n) ** 2 for n in torch.stack([torch.linalg.vector_norm(e).double()
+                                                    for _, e in pairs]).tolist()]
     else:
         nums = [_sq(a - e) for a, e in pairs]
         dens = [_sq(e) for _, e in pairs]
@@ -322,6 +334,12 @@ def second_batch(inputs: Sequence[Any], seed: int = RANDOM_SEED) -> tuple[Any, .
     return tuple(out)
 
 
+def _second_sample(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """One sample of the second batch (the whole second batch when the batch dimension is not clear)."""
+    batch = second_batch(inputs)
+    return _slice1(batch) or batch
+
+
 def _slice1(inputs: Sequence[Any]) -> tuple[Any, ...] | None:
     """The first sample of a batch (when every tensor input has a batch > 1), else None."""
     tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
@@ -398,37 +416,65 @@ def _without_random_functions(module: nn.Module) -> tuple[nn.Module, int]:
     return gm, count
 
 
+class _mode:
+    """Context manager: ``module`` in train or eval mode for one run, random regularisers quiet
+    (train mode), running statistics restored afterwards; the module's flags are restored."""
+
+    def __init__(self, module: nn.Module, train: bool, quiet_random: bool = True):
+        self.module, self.train, self.quiet = module, train, quiet_random
+        self.disabled: list[nn.Module] = []
+        self.saved: dict[str, torch.Tensor] = {}
+        self.was_training = module.training
+
+    def __enter__(self) -> nn.Module:
+        module = self.module
+        module.train(self.train)
+        if self.train:
+            if self.quiet:
+                self.disabled = [m for m in module.modules() if _is_random_module(m) and m.training]
+                for m in self.disabled:
+                    m.training = False
+            self.saved = {k: b.detach().clone() for k, b in module.named_buffers()}
+        return module
+
+    def __exit__(self, *exc: Any) -> None:
+        for k, v in self.saved.items():
+            prefix, _, leaf = k.rpartition(".")
+            owner = self.module.get_submodule(prefix) if prefix else self.module
+            owner._buffers[leaf].copy_(v)
+        for m in self.disabled:
+            m.training = True
+        self.module.train(self.was_training)
+
+
+def _forward(module: nn.Module, inputs: Sequence[Any], grads: bool, seed: int
+             ) -> tuple[list[Any], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Inputs as run (floating ones requiring grad when ``grads``), flattened tensor outputs, the
+    differentiable ones and their fixed random cotangents (the objective is <outputs, cotangents>)."""
+    xs = [x.detach().clone().requires_grad_(grads and x.is_floating_point()) if isinstance(x, torch.Tensor)
+          else x for x in inputs]
+    with torch.set_grad_enabled(grads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = module(*xs)
+    outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+    diff = [o for o in outs if o.requires_grad]
+    gen = torch.Generator().manual_seed(seed)
+    cot = [torch.randn(o.shape, generator=gen, dtype=torch.float32).to(o.dtype) for o in diff]
+    return xs, outs, diff, cot
+
+
 def _run(module: nn.Module, inputs: Sequence[Any], *, train: bool, grads: bool, params: bool,
          seed: int = 0, quiet_random: bool = True) -> _Run:
     """Outputs (flattened), gradients of a fixed random cotangent wrt the floating inputs and (if
     ``params``) every trainable parameter, in eval or train mode with a fixed RNG. Train mode
     also returns the floating buffers after the step (running statistics); the module's flags
     and buffers are restored."""
-    was_training = module.training
-    module.train(train)
-    disabled: list[nn.Module] = []
-    saved: dict[str, torch.Tensor] = {}
-    if train:
-        if quiet_random:
-            disabled = [m for m in module.modules() if _is_random_module(m) and m.training]
-            for m in disabled:
-                m.training = False
-        saved = {k: b.detach().clone() for k, b in module.named_buffers()}
-    try:
-        xs = [x.detach().clone().requires_grad_(grads and x.is_floating_point()) if isinstance(x, torch.Tensor)
-              else x for x in inputs]
+    with _mode(module, train, quiet_random):
         named = [(k, p) for k, p in module.named_parameters() if p.requires_grad] if (grads and params) else []
-        with torch.set_grad_enabled(grads), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            out = module(*xs)
-        flat, _ = tree_flatten(out)
-        outs = [o for o in flat if isinstance(o, torch.Tensor)]
+        xs, outs, diff, cot = _forward(module, inputs, grads, seed)
         in_grads: list[torch.Tensor | None] = []
         pgrads: dict[str, torch.Tensor | None] = {}
-        diff = [o for o in outs if o.requires_grad]
         if grads and diff:
-            gen = torch.Generator().manual_seed(seed)
-            cot = [torch.randn(o.shape, generator=gen, dtype=torch.float32).to(o.dtype) for o in diff]
             leaves = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
             targets = leaves + [p for _, p in named]
             got = list(torch.autograd.grad(diff, targets, cot, allow_unused=True)) if targets else []
@@ -437,15 +483,13 @@ def _run(module: nn.Module, inputs: Sequence[Any], *, train: bool, grads: bool, 
             pgrads = {k: g for (k, _), g in zip(named, got[len(leaves):])}
         buffers = {k: b.detach().clone() for k, b in module.named_buffers() if b.is_floating_point()} if train else {}
         return _Run([o.detach() for o in outs], in_grads, pgrads, buffers)
-    finally:
-        if train:
-            for k, v in saved.items():
-                prefix, _, leaf = k.rpartition(".")
-                owner = module.get_submodule(prefix) if prefix else module
-                owner._buffers[leaf].copy_(v)
-        for m in disabled:
-            m.training = True
-        module.train(was_training)
+
+
+def _objective(module: nn.Module, inputs: Sequence[Any], train: bool, seed: int = 0) -> float:
+    """<outputs, the fixed random cotangents> of one run (the function :func:`_run` differentiates)."""
+    with _mode(module, train):  # gradients enabled: which outputs are differentiable decides the objective
+        _, _, diff, cot = _forward(module, inputs, True, seed)
+        return float(sum((o.detach().double() * c.double()).sum() for o, c in zip(diff, cot)))
 
 
 def run_with_grads(module: nn.Module, inputs: Sequence[torch.Tensor], grads: bool,
@@ -548,6 +592,7 @@ class _Checker:
         self.after = after
         self.mapping = mapping
         self.cache: dict[str, Any] = {}
+        self._f64: tuple[Any, ...] | None = None  # the last float64 confirmation's modules, inputs and runs
 
     def record(self, check: str, metric: str, value: float, limit: float, note: str = "") -> bool:
         ok = value <= limit
@@ -608,6 +653,15 @@ class _Checker:
             # (ReLU masks flipping, BatchNorm over few values in train mode)
             confirm = self._confirm_float64(before, after, inputs, train, grads, params, failing)
         f64_limit = GRAD_TOL_FACTOR * tolerance_for(torch.float64)
+        arbiter: dict[str, tuple[float, float]] = {}
+        if confirm and not ("outputs" in confirm and confirm["outputs"][0] > f64_limit):
+            # outputs equal, gradients not even in float64: which gradient is the function's?
+            for g in ("input gradients", "parameter gradients"):
+                if g in confirm and confirm[g][0] > f64_limit:
+                    fd = self._finite_differences(g, train)
+                    if fd is not None:
+                        arbiter[g] = fd
+        self._f64 = None
         if check_outputs:
             if "outputs" in confirm:
                 val, metric = confirm["outputs"]
@@ -616,8 +670,22 @@ class _Checker:
             else:
                 self.record(f"{label}: outputs", out_metric, out_err, out_limit)
         for g, (vals, note) in groups.items():
-            if g in confirm:
+            if g in arbiter and arbiter[g][1] <= FD_TOL:
+                e_ref, e_new = arbiter[g]
+                self.record(f"{label}: {g}", "directional derivative vs finite differences (float64)", e_new,
+                            FD_TOL, note=(
+                                f"the two graphs' {g} differ ({confirm[g][1]} {confirm[g][0]:.2e}) but the "
+                                f"original's are wrong: along their difference its autograd derivative is "
+                                f"off the central finite difference by {e_ref:.2f}, the rewrite's by "
+                                f"{e_new:.1e} (of the difference's squared norm): a framework bug in the "
+                                "original's backward at this shape, which the rewrite does not hit"))
+                self.ver.details.setdefault("original_gradient_wrong", []).append(f"{label}: {g}")
+            elif g in confirm:
                 val, metric = confirm[g]
+                if g in arbiter:
+                    note = "; ".join(filter(None, [note, (
+                        f"finite differences (float64) along the gradients' difference: the original's "
+                        f"derivative off by {arbiter[g][0]:.2f}, the rewrite's by {arbiter[g][1]:.2f}")]))
                 self.record(f"{label}: {g}", metric, val, f64_limit,
                             note=(f"float32 {errs[g][1]} {errs[g][0]:.2e}; confirmed in float64"
                                   + (f"; {note}" if note else "")))
@@ -693,6 +761,7 @@ class _Checker:
         except (RuntimeError, TypeError, NotImplementedError) as exc:
             log.debug("float64 confirmation unavailable: %s", exc)
             return {}
+        self._f64 = (b64, a64, x64, r64, n64)
         groups = self._grad_groups(r64, n64, grads, params, train)
         out = {}
         if "outputs" in failing and not compare_outputs(n64.outputs, r64.outputs):
@@ -703,6 +772,72 @@ class _Checker:
                 metric = "max_rel_error (float64)" if g == "input gradients" else "max_tensor_rel_l2 (float64)"
                 out[g] = (max_rel_error(a, b) if g == "input gradients" else max_tensor_rel_l2(a, b), metric)
         return out
+
+
+    def _finite_differences(self, group: str, train: bool) -> tuple[float, float] | None:
+        """Arbitrate a float64 gradient mismatch (``group``: input or parameter gradients) with the
+        function itself: along d = (original's gradient - rewrite's), compare each graph's autograd
+        derivative <g, d> with the central finite difference of its objective (float64). The two
+        derivatives differ by exactly |d|^2, so the errors (relative to |d|^2) of the right one is
+        ~0 and of the wrong one ~1. Returns (original's error, rewrite's error), or None."""
+        if not getattr(self, "_f64", None):
+            return None
+        b64, a64, x64, r64, n64 = self._f64
+        if group == "input gradients":
+            sites = [(i, i, ga, gb) for i, (ga, gb) in enumerate(zip(n64.input_grads, r64.input_grads))
+                     if ga is not None and gb is not None and ga.shape == gb.shape]
+        else:
+            pairs, _ = _counterparts(set(r64.param_grads), list(n64.param_grads), self.mapping)
+            sites = []
+            for a_name, b_name in pairs:
+                gb, ga = r64.param_grads.get(b_name), n64.param_grads.get(a_name)
+                if gb is None and ga is None:
+                    continue
+                gb = gb if gb is not None else torch.zeros_like(ga)  # type: ignore[arg-type]
+                ga = ga if ga is not None else torch.zeros_like(gb)
+                if ga.shape == gb.shape:
+                    sites.append((b_name, a_name, ga, gb))
+        if not sites:
+            return None
+        d = [gb - ga for _, _, ga, gb in sites]
+        dd = float(sum((t * t).sum() for t in d))
+        if not dd > 0:
+            return None
+        if group == "input gradients":
+            scale = math.sqrt(float(sum((x64[i].detach() ** 2).sum() for i, _, _, _ in sites)))
+        else:
+            pb = dict(b64.named_parameters())
+            scale = math.sqrt(float(sum((pb[k].detach() ** 2).sum() for k, _, _, _ in sites)))
+        eps = FD_STEP * max(scale, 1e-3) / math.sqrt(dd)
+
+        def objective(module: nn.Module, which: int, sign: float) -> float:
+            if group == "input gradients":
+                xs = list(x64)
+                for (ib, ia, _, _), t in zip(sites, d):
+                    xs[ib] = (x64[ib] + sign * eps * t).detach()
+                return _objective(module, xs, train)
+            params = dict(module.named_parameters())
+            names = [site[which] for site in sites]
+            with torch.no_grad():
+                for n, t in zip(names, d):
+                    params[n].add_(sign * eps * t)
+            try:
+                return _objective(module, x64, train)
+            finally:
+                with torch.no_grad():
+                    for n, t in zip(names, d):
+                        params[n].sub_(sign * eps * t)
+
+        try:
+            errors = []
+            for module, which, grads in ((b64, 0, [gb for _, _, _, gb in sites]), (a64, 1, [ga for _, _, ga, _ in sites])):
+                fd = (objective(module, which, 1.0) - objective(module, which, -1.0)) / (2 * eps)
+                auto = float(sum((g * t).sum() for g, t in zip(grads, d)))
+                errors.append(abs(auto - fd) / dd)
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            log.debug("finite differences unavailable: %s", exc)
+            return None
+        return errors[0], errors[1]
 
 
 def _check_grads(before: nn.Module, after: nn.Module, inputs: Sequence[torch.Tensor],
@@ -796,10 +931,10 @@ def _verify_against(pass_: "Pass", before: nn.Module, after: nn.Module, inputs: 
     ver.metric, ver.limit = metric, limit
     ver.value = first["value"] if first and "value" in first else None
 
-    # 2. exact: eval mode at a randomized state on (one sample of) a second batch: outputs (and input
-    # gradients for training "changes"; training "same" compares gradients in train mode, 3.)
+    # 2. exact: eval mode at a randomized state on (one sample of) a second batch: outputs, input
+    # gradients and (training "same") parameter gradients
     if exact:
-        _randomized_check(pass_, checker, before, after, inputs, mapping, rerun, floating_in and not same,
+        _randomized_check(pass_, checker, before, after, inputs, mapping, rerun, floating_in, same,
                           metric, limit)
 
     # 3. training "same": train mode (fixed RNG, random regularisers disabled)
@@ -832,18 +967,18 @@ def _verify_against(pass_: "Pass", before: nn.Module, after: nn.Module, inputs: 
 
 def _randomized_check(pass_: "Pass", checker: _Checker, before: nn.Module, after: nn.Module,
                       inputs: Sequence[Any], mapping: dict[str, str | None],
-                      rerun: Callable[[nn.Module], nn.Module] | None, grads: bool,
+                      rerun: Callable[[nn.Module], nn.Module] | None, grads: bool, params: bool,
                       metric: str, limit: float) -> None:
-    """Eval mode at the randomized state: outputs, and input gradients when ``grads`` (training
-    "changes"; for training "same" the train-mode check compares gradients at this state)."""
-    batch = second_batch(inputs)
-    batch = _slice1(batch) or batch
+    """Eval mode at the randomized state: outputs, input gradients when ``grads`` (floating inputs)
+    and parameter gradients when ``params`` (training "same": a pass that changes training, such
+    as freeze, changes which parameters get gradients)."""
+    batch = _second_sample(inputs)
 
     def check(b_in: Sequence[Any], label: str) -> None:
         with _randomized_pair(checker, before, after, mapping, rerun, label) as pair:
             if pair is not None:
-                checker.compare(label, pair[0], pair[1], b_in, train=False, grads=grads, params=False,
-                                out_metric=metric, out_limit=limit)
+                checker.compare(label, pair[0], pair[1], b_in, train=False, grads=grads or params,
+                                params=params, out_metric=metric, out_limit=limit)
 
     _small_first(checker, batch, "eval, randomized state, second batch", check, batch)
 
@@ -869,11 +1004,9 @@ def _shrunk(batch: Sequence[Any], factor: float = 1 / SHRINK) -> tuple[Any, ...]
     out = []
     for x in batch:
         if isinstance(x, torch.Tensor):
-            fmt = (torch.channels_last if x.dim() == 4 else torch.channels_last_3d) if (
-                not x.is_contiguous() and x.is_contiguous(
-                    memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)) \
-                else torch.contiguous_format
-            x = x[crop].contiguous(memory_format=fmt)
+            last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            keeps_last = not x.is_contiguous() and x.is_contiguous(memory_format=last)
+            x = x[crop].contiguous(memory_format=last if keeps_last else torch.contiguous_format)
         out.append(x)
     return tuple(out)
 
@@ -908,7 +1041,8 @@ def _small_first(checker: _Checker, batch: Sequence[Any], label: str,
         return
     ver = checker.ver
     n0, failures, status, message = len(ver.checks), list(ver.failures), ver.status, ver.message
-    check(small, f"{label} ({_shape_text(small)})")
+    with contextlib.redirect_stderr(io.StringIO()):  # fx prints the generated code of a graph that raises
+        check(small, f"{label} ({_shape_text(small)})")
     added = ver.checks[n0:]
     cannot = [c for c in added if c.get("status") == "skipped" and "the original cannot run" in c.get("note", "")]
     if len(ver.failures) == len(failures) and not cannot:
@@ -1023,8 +1157,7 @@ def _train_check(checker: _Checker, before: nn.Module, after: nn.Module, inputs:
                                 out_metric=metric, out_limit=limit)
 
     # one sample of the second batch, shrunk (image models, as far as BatchNorm allows); else the example batch
-    second = second_batch(inputs)
-    second = _slice1(second) or second
+    second = _second_sample(inputs)
     factor = _train_shrink(before, inputs)
     if _shrunk(second, factor) is not None:
         _small_first(checker, second, "train, randomized state, second batch", check, inputs,

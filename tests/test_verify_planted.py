@@ -233,6 +233,54 @@ class ResidualTwice(Pass):
         return PassResult(gm, False)
 
 
+class _OffGradRelu(torch.autograd.Function):
+    """ReLU whose backward is off by half (a wrong hand-written kernel): forward exact."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x > 0) * 1.5
+
+
+def off_grad_relu(x):
+    return _OffGradRelu.apply(x)
+
+
+torch.fx.wrap("off_grad_relu")
+
+
+class OffGradReluNet(ConvBN):
+    """ConvBN whose first activation has the wrong backward."""
+
+    def forward(self, x):
+        x = off_grad_relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.head(torch.relu(self.fc(x.mean((2, 3)))))
+
+
+class SwapRelu(Pass):
+    """Correct (``bug`` None): the wrong-backward ReLU replaced by torch.relu. Bug: torch.relu
+    replaced by the wrong-backward ReLU (same outputs, wrong gradients)."""
+
+    name = "planted_swap_relu"
+    semantics = Semantics.EXACT
+    bug: str | None = None
+
+    def call(self, gm):
+        src, dst = (torch.relu, off_grad_relu) if self.bug else (off_grad_relu, torch.relu)
+        hits = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is src]
+        for n in hits:
+            n.target = dst
+            n.meta["is_wrapped"] = dst is off_grad_relu  # fx emits torch.fx.wrap(...) for wrapped calls
+        gm.recompile()
+        return PassResult(gm, bool(hits), [Rewrite(n.name, "relu swapped") for n in hits])
+
+
 def _variant(base: type[Pass], bug: str) -> type[Pass]:
     return type(f"{base.__name__}_{bug}", (base,), {"name": f"planted_{bug}", "bug": bug})
 
@@ -249,6 +297,7 @@ PLANTED = [
     ("dropped_bias", _variant(LinearAsFunction, "dropped_bias"), ConvBN),
     ("transposed_weight", _variant(LinearAsFunction, "transposed_weight"), ConvBN),
     ("residual_added_twice", ResidualTwice, Residual),
+    ("wrong_backward", _variant(SwapRelu, "wrong_backward"), ConvBN),
 ]
 
 CORRECT = [("fold_bn", FoldBase, ConvBN), ("linear_as_function", LinearAsFunction, ConvBN),
@@ -317,7 +366,8 @@ def test_detached_weight_is_caught_by_parameter_gradients_only():
         graphopt.optimize(module, x, [_variant(LinearAsFunction, "detached_weight")()])
     ver = info.value.report.records[-1].verification
     failed = {c["check"] for c in ver.checks if c["status"] == "failed"}
-    assert failed == {"train, randomized state, example batch: parameter gradients"}
+    assert failed == {"eval, randomized state, second batch: parameter gradients",
+                      "train, randomized state, example batch: parameter gradients"}
     worst = max(c["value"] for c in ver.checks if c["status"] == "failed")
     assert worst == pytest.approx(1.0)  # that parameter gets no gradient at all
 
@@ -586,3 +636,67 @@ def test_a_model_that_runs_only_at_its_example_size_is_checked_there():
     checks = _checks(report.records[0].verification)
     rand = checks["eval, randomized state, second batch: outputs"]
     assert rand["status"] == "passed" and "the original cannot run" in rand["note"]
+
+
+# ----------------------------------------------------------------------------- a wrong backward in the original
+
+
+def test_a_wrong_backward_in_the_rewrite_is_caught_and_arbitrated_by_finite_differences():
+    module, x = fresh()
+    with pytest.raises(VerificationError) as info:
+        graphopt.optimize(module, x, [_variant(SwapRelu, "wrong_backward")()])
+    ver = info.value.report.records[-1].verification
+    failed = [c for c in ver.checks if c["status"] == "failed"]
+    assert failed and all("gradients" in c["check"] for c in failed)  # outputs are equal
+    assert any("the rewrite's by" in c.get("note", "") for c in failed)
+    assert "original_gradient_wrong" not in ver.details
+
+
+def test_a_rewrite_that_fixes_the_originals_wrong_backward_passes():
+    """The original's gradients are not the function's (a wrong backward): the rewrite's are, as
+    central finite differences along the gradients' difference show; the record says so."""
+    module, x = fresh(OffGradReluNet)
+    gm, rec = run_pass(SwapRelu(), module, x)
+    ver = rec.verification
+    assert rec.modified and ver.ok, ver.message
+    wrong = ver.details["original_gradient_wrong"]
+    assert "eval, randomized state, second batch: input gradients" in wrong
+    assert any(w.startswith("train") and w.endswith("parameter gradients") for w in wrong)
+    arbitrated = [c for c in ver.checks if c.get("metric", "").startswith("directional derivative")]
+    assert arbitrated and all(c["status"] == "passed" and c["value"] < 1e-6 for c in arbitrated)
+
+
+class _BNTokens(nn.Module):
+    """conv -> BatchNorm -> tokens (flatten, transpose, contiguous) -> Linear: at batch 1 the
+    BatchNorm's eval-mode backward receives a channels-last-like gradient whose batch stride is
+    not H*W*C, which the CPU kernel of PyTorch 2.13 (and earlier) reads wrongly."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).flatten(2).transpose(1, 2).contiguous()).mean(1)
+
+
+def _bn_backward_is_wrong_at_batch_1() -> bool:
+    bn = nn.BatchNorm2d(16).eval()
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 16, 4, 4, requires_grad=True)
+    g = torch.randn(1, 16, 16).transpose(1, 2).contiguous().transpose(1, 2).reshape(1, 16, 4, 4)
+    bn(x).backward(g)
+    want = g * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).view(1, 16, 1, 1)
+    return not torch.allclose(x.grad, want, atol=1e-5)
+
+
+def test_a_framework_bug_in_the_originals_backward_is_not_blamed_on_channels_last():
+    """timm's LeViT showed it first: channels_last 'changed' its eval-mode gradients because the
+    original's were wrong (PyTorch's CPU BatchNorm backward at batch 1, see _BNTokens)."""
+    torch.manual_seed(0)
+    module, x = _BNTokens().eval(), (torch.randn(2, 3, 8, 8),)
+    gm, rec = run_pass("channels_last", module, x)
+    assert rec.verification.ok, rec.verification.message
+    if _bn_backward_is_wrong_at_batch_1():  # the torch here has the bug: the verifier named it
+        assert "eval, randomized state, second batch: input gradients" in \
+            rec.verification.details["original_gradient_wrong"]
