@@ -48,6 +48,7 @@ import copy
 import io
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -611,12 +612,15 @@ class _Checker:
                 check_outputs: bool = True) -> tuple[_Run, _Run] | None:
         """One configuration: run both graphs (unless given), compare outputs, gradients and (train
         mode) running statistics; confirm a float32 gradient/statistics mismatch in float64."""
+        said = io.StringIO()  # fx prints a failing graph's generated code: noise when the failure is expected
         try:
-            ref = ref or _run(before, inputs, train=train, grads=grads, params=params)
+            with contextlib.redirect_stderr(said):
+                ref = ref or _run(before, inputs, train=train, grads=grads, params=params)
         except Exception as exc:  # the original cannot run this way (e.g. BatchNorm on 1 value)
             self.ver.checks.append({"check": label, "status": "skipped",
                                     "note": f"the original cannot run: {type(exc).__name__}: {exc}"[:200]})
             return None
+        sys.stderr.write(said.getvalue())  # what a run that worked said (warnings) is the user's to see
         try:
             new = new or _run(after, inputs, train=train, grads=grads, params=params)
         except Exception as exc:
@@ -931,8 +935,16 @@ def _verify_against(pass_: "Pass", before: nn.Module, after: nn.Module, inputs: 
     ver.metric, ver.limit = metric, limit
     ver.value = first["value"] if first and "value" in first else None
 
-    # 2. exact: eval mode at a randomized state on (one sample of) a second batch: outputs, input
-    # gradients and (training "same") parameter gradients
+    # 2. exact: eval mode on (one sample of) a second batch at a randomized state and, where the pass
+    # computed new values (so the randomized checks run the pass again, not the emitted rewrite), at
+    # the model's own weights: outputs, input gradients and (training "same") parameter gradients
+    if exact and (floating_in or same) and not _values_carried(checker, before, after, mapping):
+        def own(b_in: Sequence[Any], label: str) -> None:
+            checker.compare(label, before, after, b_in, train=False, grads=True, params=same,
+                            out_metric=metric, out_limit=limit)
+
+        second = _second_sample(inputs)
+        _small_first(checker, second, "eval, own weights, second batch", own, second)
     if exact:
         _randomized_check(pass_, checker, before, after, inputs, mapping, rerun, floating_in, same,
                           metric, limit)
@@ -1056,6 +1068,19 @@ def _small_first(checker: _Checker, batch: Sequence[Any], label: str,
         c["note"] = "; ".join(filter(None, [c.get("note", ""), f"at {_shape_text(small)}: {why}"[:240]]))
 
 
+def _values_carried(checker: _Checker, before: nn.Module, after: nn.Module, mapping: dict[str, str | None]) -> bool:
+    """Whether the randomized state carries into the rewrite by name (every floating tensor of the
+    rewrite a copy of an original's); computes and caches that state. One random state for every
+    check (same names in copies)."""
+    cache = checker.cache
+    if "values" not in cache:
+        cache["values"] = random_state(before, RANDOM_SEED)
+    key = ("derived", id(after))
+    if key not in cache:
+        cache[key] = _derived_state(before, after, mapping, cache["values"])
+    return cache[key] is not None
+
+
 class _randomized_pair:
     """Context manager: (original, rewrite) at the same random state (swapped in, swapped back)."""
 
@@ -1068,13 +1093,8 @@ class _randomized_pair:
 
     def __enter__(self) -> tuple[nn.Module, nn.Module] | None:
         cache = self.c.cache
-        if "values" not in cache:  # one random state for every check (same names in copies)
-            cache["values"] = random_state(self.before, RANDOM_SEED)
-        values = cache["values"]
-        key = ("derived", id(self.after))
-        if key not in cache:
-            cache[key] = _derived_state(self.before, self.after, self.mapping, values)
-        derived = cache[key]
+        _values_carried(self.c, self.before, self.after, self.mapping)
+        values, derived = cache["values"], cache[("derived", id(self.after))]
         self.old_b = _swap_state(self.before, values)
         if derived is not None:
             self.old_a = _swap_state(self.after, derived)

@@ -323,7 +323,11 @@ def test_correct_rewrite_passes(name, cls, model):
     checks = {c["check"] for c in rec.verification.checks}
     assert "eval, own weights, example batch: outputs" in checks
     assert "eval, randomized state, second batch: outputs" in checks
+    assert "eval, randomized state, second batch: input gradients" in checks
+    # the emitted rewrite's own gradients are checked where the pass computed new values (fold_bn)
+    assert ("eval, own weights, second batch: input gradients" in checks) == (name == "fold_bn")
     if rec.verification.training == "same":
+        assert "eval, randomized state, second batch: parameter gradients" in checks
         assert "train, randomized state, example batch: parameter gradients" in checks
         assert "train, randomized state, example batch: running statistics" in checks
     else:
