@@ -11,6 +11,9 @@
 
 Every channel group is either pruned (a Rewrite) or declined with the reason (an op or layer the
 rules cannot follow, LayerNorm over channels, model output, excluded, nothing left after rounding ...).
+``hidden=true`` also prunes a transformer's hidden width (embeddings, residual adds, LayerNorm /
+RMSNorm over the channels sliced): approximate, so such a group has no exact masked reference and the
+result is checked against the original within ``budget``.
 The option ``ignore`` is the old name of ``exclude``: still accepted, reported as renamed.
 """
 
