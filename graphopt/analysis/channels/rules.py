@@ -475,10 +475,14 @@ class LayerNormRule(ChannelRule):
         from graphopt.analysis.channels.graph import ChanInfo, Member
 
         x = analysis.val(node.args[0]) if len(node.args) == 1 and not node.kwargs else None
-        if not (getattr(analysis, "hidden", False) and isinstance(x, ChanInfo) and x.inner == 1
-                and len(module.normalized_shape) == 1 and x.dim == x.ndim - 1
+        if not getattr(analysis, "hidden", False) or not isinstance(x, ChanInfo) \
+                or x.dim < x.ndim - len(module.normalized_shape):
+            return NotImplemented  # the default: declined over the channels, followed over other axes
+        if not (x.inner == 1 and len(module.normalized_shape) == 1 and x.dim == x.ndim - 1
                 and module.normalized_shape[0] == len(x.atoms)):
-            return NotImplemented
+            analysis.block(x.atoms, f"LayerNorm '{node.target}' normalizes over the channels and other axes "
+                                    f"(normalized_shape {tuple(module.normalized_shape)}): not sliced")
+            return x
         target = str(node.target)
         if analysis._tracked_call(analysis.mod_coupled, target, node, x.atoms):
             analysis.members.append(Member("coupled", target, node.name, x.atoms, rule=_LN_CHANNELS))
