@@ -48,6 +48,7 @@ __all__ = ["ChannelAnalysis", "analyze_channels"]
 _ATEN_SLICE = torch.ops.aten.slice.Tensor
 _ATEN_ALIAS = torch.ops.aten.alias.default
 _ATEN_SELECT = torch.ops.aten.select.int
+_ATEN_INDEX = torch.ops.aten.index.Tensor
 _ATEN_SAME = {"aten::to", "aten::_to_copy", "aten::alias", "aten::clone", "aten::contiguous"}  # dtype/device/copies
 HIDDEN_HINT = "; prune:hidden=true slices it (approximate: the statistics are then over the kept channels)"
 
@@ -465,11 +466,19 @@ class ChannelAnalysis:
     def attr_view(self, node: fx.Node) -> Any:
         """``cls_token.expand(B, -1, -1)``: still the parameter along its last axis (sliced there when
         the channels it joins are); anything else reading no channels is not followed."""
-        if node.op == "call_method" and node.target == "expand" and node.args:
-            v = self.val(node.args[0])
+        v = self.val(node.args[0]) if node.args else None
+        if not isinstance(v, _Attr):
+            return None
+        if node.op == "call_method" and node.target == "expand":
             sizes = self._sizes(node, "method")
-            if isinstance(v, _Attr) and sizes and sizes[-1] == -1:
+            if sizes and sizes[-1] == -1:
                 return _Attr(v.target, view=True)
+        if (node.op == "call_method" and node.target in ("to", "contiguous", "type_as")) or (
+                isinstance(node.target, torch._ops.OpOverload) and node.target._schema.name in _ATEN_SAME):
+            return v
+        if node.target is _ATEN_INDEX and len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+                and len(node.args[1]) == 1 and len(_shape(node.args[0]) or ()) == 2:
+            return _Attr(v.target, view=True)  # weight[positions]: an embedding lookup written out (Whisper)
         return None
 
     def _param_member(self, v: _Attr, od: int, n: int, node: fx.Node, atoms: np.ndarray) -> bool:
