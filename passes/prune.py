@@ -90,6 +90,9 @@ class Prune(Pass):
         if c["mode"] != "structured" and c["criterion"] == "bn_scale":
             raise PassConfigError("criterion bn_scale ranks channels, not single weights",
                                   where=f"pass '{self.name}'", fix="use l1, l2 or taylor with mode=" + c["mode"])
+        if c["mode"] != "structured" and c["hidden"]:
+            raise PassConfigError("hidden=true prunes the hidden width (channels): it needs mode=structured",
+                                  where=f"pass '{self.name}'", fix="drop hidden=true or use mode=structured")
         if c["mode"] != "structured" and c["macs"] is not None:
             raise PassConfigError("a MACs target needs mode=structured (zeroed weights do not cut dense MACs)",
                                   where=f"pass '{self.name}'", fix="give ratio= instead")

@@ -335,6 +335,8 @@ def test_prune_hidden_width_is_opt_in_and_declined_with_the_reason():
     assert rec.modified and gm.get_submodule("tok").weight.shape == (96, 64)
     reasons = [d["reason"] for d in rec.declined if "tok" in d["target"]]
     assert reasons and "hidden=true" in reasons[0]
+    with pytest.raises(graphopt.errors.PassConfigError, match="needs mode=structured"):
+        run_pass("prune:mode=2:4,hidden=true", model, x)
     gm2, rec2 = run_pass("prune:ratio=0.25,hidden=true", bert(dropout=0.0).eval(), x)  # post-LN BERT-style
     assert rec2.verification.status == "passed" and gm2.get_submodule("tok").weight.shape == (96, 48)
     assert gm2.get_submodule("cls").weight.shape == (3, 48) and gm2.get_submodule("ln_e").weight.shape == (48,)
