@@ -15,7 +15,9 @@ rewritten into the one IR every pass works on:
   ``torch.matmul``, ``aten.softmax.int`` -> ``torch.softmax``, ...), so pattern-matching passes see the
   same targets as in a symbolically traced graph; other ops stay ``torch.ops.aten.*`` calls;
 - modules kept whole (:func:`leaf_paths`): drop-path / stochastic-depth / drop-block modules (timm,
-  torchvision, user code: their forward depends on ``self.training``, which export would bake in) and
+  torchvision, user code: their forward depends on ``self.training``, which export would bake in),
+  BatchNorm subclasses with a forward of their own (timm's ``BatchNormAct2d``: its activation is inside;
+  the BatchNorm channel rule applies to them by class) and
   layers of the user's own with a registered channel rule (``register_channel_rule``: the user
   described them to the passes as layers) become ``call_module`` nodes, as with fx. Their forward is
   bracketed at export by two identity marker ops; the ops between the markers are replaced by the
@@ -52,6 +54,7 @@ aten = torch.ops.aten
 
 # same argument names and order: a straight swap
 ATEN_TO_TORCH: dict[Any, Any] = {
+    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
     aten.matmul.default: torch.matmul, aten.bmm.default: torch.bmm, aten.softmax.int: torch.softmax,
     aten.add.Tensor: torch.add, aten.sub.Tensor: torch.sub, aten.mul.Tensor: torch.mul,
     aten.div.Tensor: torch.div, aten.transpose.int: torch.transpose, aten.permute.default: torch.permute,
@@ -105,6 +108,8 @@ def _as_module_call(root: nn.Module, node: fx.Node) -> tuple[str, tuple[Any, ...
         mod = root.get_submodule(path)
     except AttributeError:
         return None
+    if _own_forward(mod):
+        return None  # a subclass with a forward of its own (timm's BatchNormAct2d): not the standard layer's op
     t, a = node.target, node.args
     kw = node.kwargs
     if isinstance(mod, nn.Linear) and t == aten.linear.default and not kw:
@@ -128,6 +133,8 @@ def _as_module_call(root: nn.Module, node: fx.Node) -> tuple[str, tuple[Any, ...
     if isinstance(mod, nn.Dropout) and t == aten.dropout.default and a[1] == mod.p and not mod.inplace:
         return path, (a[0],)
     act = _ACTIVATIONS.get(type(mod))
+    if act is not None and getattr(mod, "inplace", False):  # nn.SiLU(inplace=True) records aten.silu_
+        act = getattr(getattr(aten, act._schema.name.split("::")[1] + "_", None), "default", None)
     if act is not None and t == act and len(a) == 1:
         if not isinstance(mod, nn.GELU) or kw.get("approximate", "none") == mod.approximate:
             return path, (a[0],)
@@ -135,6 +142,17 @@ def _as_module_call(root: nn.Module, node: fx.Node) -> tuple[str, tuple[Any, ...
             and _param_is(root, a[1], mod.weight) and _param_is(root, a[2], mod.bias)):
         return path, (a[0],)
     return None
+
+
+_STANDARD = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.Embedding, nn.Dropout,
+             nn.modules.batchnorm._BatchNorm, *_ACTIVATIONS)
+
+
+def _own_forward(mod: nn.Module) -> bool:
+    """A subclass of a standard layer that overrides its forward (timm's ``BatchNormAct2d``: batch norm,
+    then an activation): its op is not the whole module, so it is never mapped to a call of it."""
+    base = next((b for b in type(mod).__mro__ if b in _STANDARD), None)
+    return base is not None and type(mod).forward is not base.forward
 
 
 # ----------------------------------------------------------------------------- modules kept whole
@@ -173,7 +191,8 @@ def leaf_paths(root: nn.Module) -> list[str]:
     for path, mod in root.named_modules():
         if not path or any(path.startswith(p + ".") for p in out):
             continue
-        if type(mod).__name__ in _LEAF_CLASS_NAMES or own_rule(type(mod)):
+        if type(mod).__name__ in _LEAF_CLASS_NAMES or own_rule(type(mod)) or (
+                isinstance(mod, nn.modules.batchnorm._BatchNorm) and _own_forward(mod)):
             out.append(path)
     return out
 

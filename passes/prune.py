@@ -11,6 +11,9 @@
 
 Every channel group is either pruned (a Rewrite) or declined with the reason (an op or layer the
 rules cannot follow, LayerNorm over channels, model output, excluded, nothing left after rounding ...).
+``hidden=true`` also prunes a transformer's hidden width (embeddings, residual adds, LayerNorm /
+RMSNorm over the channels sliced): approximate, so such a group has no exact masked reference and the
+result is checked against the original within ``budget``.
 The option ``ignore`` is the old name of ``exclude``: still accepted, reported as renamed.
 """
 
@@ -50,6 +53,9 @@ class Prune(Pass):
         "min_channels": Option(int, 1, "structured: never keep fewer channels in a group", min=1),
         "max_ratio": Option(float, 0.9, "structured: never remove more than this share of one group",
                             min=0.0, max=0.99),
+        "hidden": Option(bool, False, "structured: also prune the hidden width of transformers (embeddings, residual "
+                                      "adds, LayerNorm/RMSNorm over the channels sliced; approximate: the norms' "
+                                      "statistics are then over the kept channels)"),
         "exclude": Option(list, [], "module globs never pruned (layers producing model outputs never are); "
                                     "old name: ignore"),
         "keep_zero": Option(bool, True, "sparsity modes: keep pruned weights at zero during fine-tuning"),
@@ -84,6 +90,9 @@ class Prune(Pass):
         if c["mode"] != "structured" and c["criterion"] == "bn_scale":
             raise PassConfigError("criterion bn_scale ranks channels, not single weights",
                                   where=f"pass '{self.name}'", fix="use l1, l2 or taylor with mode=" + c["mode"])
+        if c["mode"] != "structured" and c["hidden"]:
+            raise PassConfigError("hidden=true prunes the hidden width (channels): it needs mode=structured",
+                                  where=f"pass '{self.name}'", fix="drop hidden=true or use mode=structured")
         if c["mode"] != "structured" and c["macs"] is not None:
             raise PassConfigError("a MACs target needs mode=structured (zeroed weights do not cut dense MACs)",
                                   where=f"pass '{self.name}'", fix="give ratio= instead")
@@ -104,10 +113,12 @@ class Prune(Pass):
         if c["mode"] == "structured":
             r = prune_structured(gm, ratio=c["ratio"], macs=c["macs"], criterion=c["criterion"], scope=c["scope"],
                                  round_to=c["round_to"], min_channels=c["min_channels"], max_ratio=c["max_ratio"],
-                                 exclude=c["exclude"], batches=batches)
+                                 exclude=c["exclude"], batches=batches, hidden=c["hidden"])
             rewrites = [Rewrite(g.producers[0], f"kept {after}/{before} channels of "
+                                + ("the hidden width (residual stream) of " if g.approximate else "")
                                 + ", ".join(g.producers[:4]) + (" ..." if len(g.producers) > 4 else ""),
-                                {"producers": g.producers, "before": before, "after": after})
+                                {"producers": g.producers, "before": before, "after": after,
+                                 **({"hidden_width": True, "modules": g.modules} if g.approximate else {})})
                         for g, before, after in r.pruned]
             declined = [Decline(t, why) for t, why in r.declined]
             reference = r.reference

@@ -203,3 +203,63 @@ def test_inplace_ops_on_inputs_are_captured_on_a_copy(front_end):
     out.train()
     out(xg).sum().backward()
     assert xg.grad is not None and torch.equal(xg.detach(), x_before)
+
+
+class _BNAct(nn.BatchNorm2d):
+    """A BatchNorm2d subclass with an activation inside its own forward, as timm's BatchNormAct2d."""
+
+    def __init__(self, c: int):
+        super().__init__(c)
+        self.act = nn.SiLU(inplace=True)
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class _ConvBNAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.conv2, self.bn2 = nn.Conv2d(3, 8, 3), _BNAct(8), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(self.bn(self.conv(x)))).mean((2, 3))
+
+
+def test_export_keeps_batchnorm_subclass_with_its_own_forward_whole():
+    """The export front end used to map the batch_norm op inside such a subclass to a call of the whole
+    module (activation applied twice; the eager check caught it). It is kept as one call_module; a plain
+    BatchNorm2d still maps to its module; the training flag and running statistics stay live."""
+    model, x = _ConvBNAct().eval(), torch.randn(2, 3, 10, 10)
+    gm = graphopt.capture(model, (x,), capture="export")
+    assert gm.meta["graphopt"]["eager_check"]["ok"]
+    calls = {str(n.target): type(gm.get_submodule(str(n.target))).__name__ for n in gm.graph.nodes
+             if n.op == "call_module"}
+    assert calls == {"conv": "Conv2d", "bn": "_BNAct", "conv2": "Conv2d", "bn2": "BatchNorm2d"}
+    assert not [n for n in gm.graph.nodes if "silu" in str(n.target)]  # the activation is inside bn
+    torch.testing.assert_close(gm(x), model(x))
+    gm.train()
+    model.train()
+    torch.testing.assert_close(gm(x), model(x))
+    torch.testing.assert_close(gm.get_submodule("bn").running_mean, model.bn.running_mean)
+    pytest.importorskip("graphopt_fold_bn")  # the example plugin: folds bn2, not the subclass
+    from graphopt.testing import run_pass
+
+    out, rec = run_pass("fold_bn", gm.eval(), (x,))
+    assert rec.verification.status == "passed" and [r["target"] for r in rec.rewrites] == ["bn2"]
+    assert any("forward of its own" in d["reason"] for d in rec.declined if d["target"] == "bn")
+
+
+@pytest.mark.zoo
+def test_timm_batchnormact_model_is_captured_by_export_and_prunes(zoo):
+    """timm's efficientnet_b0 (BatchNormAct2d everywhere) through ``--capture export``: equal to eager,
+    its BatchNormAct2d layers are call_module nodes the BatchNorm channel rule slices."""
+    from graphopt.testing import run_pass
+
+    model, x = zoo("timm:efficientnet_b0"), torch.randn(2, 3, 64, 64)
+    gm = graphopt.capture(model, (x,), capture="export")
+    assert gm.meta["graphopt"]["eager_check"]["ok"], gm.meta["graphopt"]["eager_check"]
+    kinds = [type(gm.get_submodule(str(n.target))).__name__ for n in gm.graph.nodes if n.op == "call_module"]
+    assert kinds.count("BatchNormAct2d") == 49
+    out, rec = run_pass("prune:ratio=0.25", gm, (x,))
+    assert rec.modified and rec.verification.status == "passed", rec.verification.summary()
+    assert out.get_submodule("bn1").weight.shape == (24,) and out.get_submodule("bn1").num_features == 24

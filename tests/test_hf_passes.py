@@ -46,7 +46,7 @@ def _run(hf, name, spec):
 def _loss(gm, name, inputs):
     """A training loss on the model's logits (classification for BERT, next token otherwise)."""
     logits = gm(*inputs.values())["logits"].float()
-    if name == "bert":
+    if name in ("bert", "vit"):
         return F.cross_entropy(logits, torch.tensor([0, 1]))
     ids = inputs["decoder_input_ids"] if name == "t5" else inputs["input_ids"]
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
@@ -119,9 +119,10 @@ def test_prune_heads_and_mlp_width(hf, name, tmp_path):
     assert any(all(p in d for p in GROUPS[name]) for d in details), details
     reasons = " | ".join(d["reason"] for d in rec.declined)
     assert "reaches the model output" in reasons  # the classifier / LM head
-    residual = {"bert": "bert.encoder.layer.0.attention.output.dense", "gpt2": "transformer.h.0.attn.c_proj",
-                "llama": "model.layers.0.self_attn.o_proj", "t5": "encoder.block.0.layer.0.SelfAttention.o"}[name]
-    assert any(residual in d["target"] for d in rec.declined)  # the residual stream: norms over the channels
+    # the residual stream (embeddings, norms over the channels) is declined: prune:hidden=true prunes it
+    residual = {"bert": "bert.embeddings.word_embeddings", "gpt2": "transformer.wte",
+                "llama": "model.embed_tokens", "t5": "encoder.embed_tokens"}[name]
+    assert any(residual in d["target"] and "hidden=true" in d["reason"] for d in rec.declined), rec.declined
     if name == "t5":
         assert "per-head operand" in reasons  # the shared relative position bias
     if name == "llama":  # repeat_kv's literal key/value head counts are rewritten: expand(B, 1, 2, T, D)
@@ -136,6 +137,56 @@ def test_prune_heads_and_mlp_width(hf, name, tmp_path):
     loaded = _reloads(gm, inputs, tmp_path)
     assert _w(loaded, next(iter(PRUNED[name]))) == next(iter(PRUNED[name].values()))
     assert torch.isfinite(torch.tensor(_train_step(loaded, name, inputs)))
+
+
+# hidden width (prune:hidden=true): family -> {parameter: shape after ratio=0.25} (64 -> 48)
+HIDDEN = {
+    "bert": {"bert.embeddings.word_embeddings.weight": (128, 48), "bert.embeddings.position_embeddings.weight": (64, 48),
+             "bert.embeddings.token_type_embeddings.weight": (2, 48), "bert.embeddings.LayerNorm.weight": (48,),
+             "bert.encoder.layer.0.attention.self.query.weight": (48, 48),
+             "bert.encoder.layer.1.output.dense.weight": (48, 96), "bert.encoder.layer.1.output.LayerNorm.bias": (48,),
+             "bert.pooler.dense.weight": (48, 48)},
+    # RMSNorm is written out in the graph (pow, mean, rsqrt, mul by its weight): the weight is sliced
+    "llama": {"model.embed_tokens.weight": (128, 48), "model.layers.0.input_layernorm.weight": (48,),
+              "model.layers.0.self_attn.k_proj.weight": (16, 48), "model.layers.1.mlp.down_proj.weight": (48, 96),
+              "model.norm.weight": (48,), "lm_head.weight": (128, 48)},
+    # Conv1D (weight [in, out]); the token embedding is tied to the LM head and stays tied
+    "gpt2": {"transformer.wte.weight": (128, 48), "transformer.wpe.weight": (64, 48), "transformer.ln_f.weight": (48,),
+             "transformer.h.0.attn.c_attn.weight": (48, 144), "transformer.h.1.mlp.c_proj.weight": (192, 48)},
+    # the cls token and the position embeddings (parameters added into the stream) are sliced
+    "vit": {"vit.embeddings.cls_token": (1, 1, 48), "vit.embeddings.position_embeddings": (1, 17, 48),
+            "vit.embeddings.patch_embeddings.projection.weight": (48, 3, 8, 8), "classifier.weight": (10, 48)},
+}
+
+
+@pytest.mark.parametrize("name", list(HIDDEN))
+def test_prune_hidden_width(hf, name, tmp_path):
+    inputs, gm, rec = _run(hf, name, "prune:ratio=0.25,hidden=true")
+    assert rec.modified and rec.verification.status == "passed", rec.verification.summary()
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    for path, shape in HIDDEN[name].items():
+        assert tuple(params[path].shape) == shape, path
+    hidden = [r for r in rec.rewrites if r["data"].get("hidden_width")]
+    assert len(hidden) == 1 and "hidden width" in hidden[0]["detail"]
+    assert (hidden[0]["data"]["before"], hidden[0]["data"]["after"]) == (64, 48)
+    assert rec.notes["hidden_width"][0]["approximate"]
+    if name == "gpt2":
+        assert gm.get_parameter("lm_head.weight") is gm.get_parameter("transformer.wte.weight")
+    loaded = _reloads(gm, inputs, tmp_path)
+    path, shape = next(iter(HIDDEN[name].items()))
+    assert tuple(dict(loaded.named_parameters())[path].shape) == shape
+    assert torch.isfinite(torch.tensor(_train_step(loaded, name, inputs)))
+
+
+def test_prune_hidden_width_declines_weights_tied_across_groups(hf):
+    """T5 shares one embedding between encoder, decoder and LM head, but the encoder's and the
+    decoder's residual streams are different groups: the decoder's is declined with the reason
+    (the encoder's reaches the model output); heads stay declined (relative position bias)."""
+    inputs, gm, rec = _run(hf, "t5", "prune:ratio=0.25,hidden=true")
+    assert rec.verification.status == "passed"
+    reasons = " | ".join(d["reason"] for d in rec.declined if "decoder.embed_tokens" in d["target"])
+    assert "tied weights" in reasons and "encoder.embed_tokens.weight" in reasons
+    assert gm.get_parameter("decoder.embed_tokens.weight").shape == (128, 64)
 
 
 # ----------------------------------------------------------------------------- exact passes

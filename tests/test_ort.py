@@ -261,6 +261,46 @@ def test_pure_half_weights_refused(tmp_path):
     assert not (tmp_path / "ort").exists()
 
 
+class _DictOut(nn.Module):
+    """Returns its logits in a dict, as a HuggingFace model returns a ``ModelOutput``."""
+
+    def __init__(self, extra: bool = False):
+        super().__init__()
+        self.fc1, self.fc2, self.extra = nn.Linear(6, 16), nn.Linear(16, 3), extra
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return {"logits": self.fc2(h), "hidden": h} if self.extra else {"logits": self.fc2(h)}
+
+
+def test_dict_output_trains_on_its_one_tensor(tmp_path):
+    """``{"logits": t}`` trains in ORT as ``t`` (the manifest says so); several tensors are refused, named."""
+    x = (torch.randn(4, 6),)
+    gm = graphopt.capture(_DictOut().eval(), x)
+    out = go.emit_ort_artifacts(gm, tmp_path / "ort", inputs=x)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["output_flattened"] == {"from": "dict", "key": "logits"}
+    assert manifest["check"]["passed"] and manifest["check"]["train_check"] == "compared"
+    assert isinstance(gm(*x), dict)  # the captured graph itself is unchanged
+    with pytest.raises(EmitError, match=r"single tensor output; this one returns dict of 2 tensors \(logits, hidden\)"):
+        go.emit_ort_artifacts(graphopt.capture(_DictOut(extra=True).eval(), x), tmp_path / "ort2", inputs=x)
+
+
+@pytest.mark.slow
+def test_hf_bert_trains_in_ort(tmp_path):
+    """HuggingFace BERT (small config, dropout off so the training step is compared): its
+    ``{"logits": ...}`` output is flattened; ORT's loss and gradients match PyTorch's."""
+    pytest.importorskip("transformers")
+    from graphopt import zoo
+
+    inputs = zoo.hf_example_inputs("bert")
+    model = zoo.hf_model("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    gm = graphopt.capture(model, inputs, capture="export")
+    out = go.emit_ort_artifacts(gm, tmp_path / "ort", inputs=tuple(inputs.values()))
+    check = json.loads((out / "manifest.json").read_text())["check"]
+    assert check["passed"] and check["train_check"] == "compared" and check["gradients_rel_l2_error"] < 1e-4
+
+
 @pytest.mark.parametrize("fn,op", [(lambda y: torch.cumsum(y, 1), "CumSum"), (torch.erfinv, "aten::erfinv")],
                          ids=["no-gradient", "no-export"])
 def test_untrainable_graph_names_the_operator(tmp_path, fn, op):

@@ -287,3 +287,85 @@ def test_every_pass_on_torchvision_vit_and_swin(spec, zoo):
         if spec.startswith("prune:ratio") and name == "vit":
             reasons = " | ".join(d["reason"] for d in rec.declined)
             assert "MultiheadAttention" in reasons  # its heads cannot go without the residual width
+
+
+# ----------------------------------------------------------------------------- hidden width (prune:hidden=true)
+
+
+def _hidden_rewrite(rec) -> dict:
+    hidden = [r for r in rec.rewrites if r["data"].get("hidden_width")]
+    assert len(hidden) == 1, [r["detail"] for r in rec.rewrites]
+    return hidden[0]
+
+
+def test_prune_hidden_width_gpt_shrinks_trains_and_reloads(tmp_path):
+    """Pre-LN GPT: token and position embeddings, every residual add, LayerNorms (weight, bias,
+    normalized_shape), q/k/v/fc1 inputs, o/fc2 outputs and the head's input are one group."""
+    model, x = gpt(dropout=0.0).eval(), lm_inputs()
+    gm, rec = run_pass("prune:ratio=0.25,hidden=true", model, x)
+    assert rec.modified and rec.verification.status == "passed", rec.verification.summary()
+    hid = _hidden_rewrite(rec)
+    assert "hidden width" in hid["detail"] and {"tok", "pos", "blocks.0.attn.o", "blocks.1.mlp.fc2"} <= set(
+        hid["data"]["producers"])
+    assert hid["data"]["before"] == 64 and hid["data"]["after"] == 48
+    assert rec.notes["hidden_width"][0]["approximate"]  # says why it is not exact (the norms)
+    assert gm.get_submodule("tok").weight.shape == (96, 48) and gm.get_submodule("tok").embedding_dim == 48
+    assert gm.get_submodule("pos").weight.shape == (64, 48)
+    for i in range(2):
+        b = gm.get_submodule(f"blocks.{i}")
+        assert b.ln1.weight.shape == (48,) and b.ln2.bias.shape == (48,) and b.ln1.normalized_shape == (48,)
+        assert b.attn.q.weight.shape[1] == 48 and b.attn.o.weight.shape[0] == 48
+        assert b.mlp.fc1.weight.shape[1] == 48 and b.mlp.fc2.weight.shape[0] == 48
+    assert gm.get_submodule("ln_f").weight.shape == (48,) and gm.get_submodule("head").weight.shape == (96, 48)
+    losses = _lm_loss_steps(gm, x)
+    assert losses[-1] < losses[0]
+    out = tmp_path / "pruned"
+    graphopt.emit_torch_folder(gm, out)
+    loaded = graphopt.load(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(*x), gm.eval()(*x))
+    assert loaded.get_submodule("tok").weight.shape == (96, 48)
+
+
+def test_prune_hidden_width_is_opt_in_and_declined_with_the_reason():
+    """Without hidden=true the residual stream stays (heads and MLP width are pruned exactly against
+    the masked original); the decline says why and how to opt in."""
+    model, x = bert(dropout=0.0).eval(), bert_inputs()
+    gm, rec = run_pass("prune:ratio=0.25", model, x)
+    assert rec.modified and gm.get_submodule("tok").weight.shape == (96, 64)
+    reasons = [d["reason"] for d in rec.declined if "tok" in d["target"]]
+    assert reasons and "hidden=true" in reasons[0]
+    with pytest.raises(graphopt.errors.PassConfigError, match="needs mode=structured"):
+        run_pass("prune:mode=2:4,hidden=true", model, x)
+    gm2, rec2 = run_pass("prune:ratio=0.25,hidden=true", bert(dropout=0.0).eval(), x)  # post-LN BERT-style
+    assert rec2.verification.status == "passed" and gm2.get_submodule("tok").weight.shape == (96, 48)
+    assert gm2.get_submodule("cls").weight.shape == (3, 48) and gm2.get_submodule("ln_e").weight.shape == (48,)
+
+
+class _HiddenAsLiteral(nn.Module):
+    """Reads the hidden width as a shape constant the analysis can follow (``view(B * T, 64)``, rewritten)
+    and a pooled sum over the hidden axis it cannot (declined, with the reason)."""
+
+    def __init__(self, pool: bool):
+        super().__init__()
+        self.emb, self.ln, self.fc, self.head = nn.Embedding(32, 64), nn.LayerNorm(64), nn.Linear(64, 64), nn.Linear(64, 4)
+        self.pool = pool
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.fc(self.ln(h))
+        if self.pool:
+            return self.head(h) + h.sum(-1, keepdim=True)
+        return self.head(h.view(ids.shape[0] * ids.shape[1], 64))
+
+
+def test_prune_hidden_width_rewrites_literal_sizes_and_declines_what_it_cannot_follow():
+    ids = (torch.randint(0, 32, (2, 5)),)
+    gm, rec = run_pass("prune:ratio=0.25,hidden=true", _HiddenAsLiteral(False).eval(), ids)
+    assert rec.verification.status == "passed" and gm.get_submodule("emb").weight.shape == (32, 48)
+    views = [n.args for n in gm.graph.nodes if n.op == "call_method" and n.target == "view"]
+    assert views and views[0][-1] == 48
+    gm, rec = run_pass("prune:ratio=0.25,hidden=true", _HiddenAsLiteral(True).eval(), ids)
+    assert gm.get_submodule("emb").weight.shape == (32, 64)
+    reasons = " | ".join(d["reason"] for d in rec.declined if "emb" in d["target"])
+    assert "reduces over the channel axis" in reasons

@@ -39,6 +39,42 @@ def _optimizer_from(opts: dict[str, Any]) -> Any:
                                 betas=opts.get("betas"), momentum=opts.get("momentum"))
 
 
+def _single_output(module: nn.Module, probe: Any, where: str) -> tuple[fx.GraphModule, torch.Tensor, dict[str, Any]]:
+    """A model returning one tensor inside a dict / HuggingFace ``ModelOutput`` / tuple (``{"logits": t}``)
+    trains on that tensor: the graph's output is flattened to it (the ONNX emitter's tensor order:
+    a dict's values in key order). Returns the flattened copy, the tensor and what the manifest records.
+    Several tensors (``loss`` and ``logits``, an encoder's hidden state ...) are refused, named: ORT's
+    built-in losses take exactly one model output."""
+    items: list[tuple[str, Any]]
+    if isinstance(probe, dict):
+        items = [(str(k), v) for k, v in probe.items()]
+    elif isinstance(probe, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(probe)]
+    else:
+        items = []
+    tensors = [(k, v) for k, v in items if isinstance(v, torch.Tensor)]
+    if not isinstance(module, fx.GraphModule) or len(items) != 1 or len(tensors) != 1:
+        what = (f"{type(probe).__name__} of {len(tensors)} tensors ({', '.join(k for k, _ in tensors)})"
+                if tensors else type(probe).__name__)
+        raise EmitError(f"ORT training needs a model with a single tensor output; this one returns {what}",
+                        where=where, fix="return one tensor (the logits/prediction) from forward(), e.g. without "
+                                         "labels (no loss output) and without extra hidden states")
+    from graphopt.ir import copy_graph
+
+    key = tensors[0][0]
+    gm = copy_graph(module)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    res = out_node.args[0]
+    node = res[key] if isinstance(res, dict) else res[int(key)]
+    if not isinstance(node, fx.Node):
+        raise EmitError("ORT training needs a model with a single tensor output", where=where,
+                        fix="return one tensor (the logits/prediction) from forward()")
+    out_node.args = (node,)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, tensors[0][1], {"from": type(probe).__name__, "key": key}
+
+
 def _active_dropout(model: Any) -> bool:
     return any(n.op_type == "Dropout" for n in model.graph.node)
 
@@ -75,9 +111,9 @@ def emit_ort_artifacts(module: nn.Module, out: str | Path, *, loss: str | None =
     optimizer = optimizer or OptimizerSpec()
     with torch.no_grad(), eval_mode(module):
         probe = module(*inputs)
+    flattened = None
     if not isinstance(probe, torch.Tensor):
-        raise EmitError("ORT training needs a model with a single tensor output", where=str(out),
-                        fix="return one tensor (the logits/prediction) from forward()")
+        module, probe, flattened = _single_output(module, probe, str(out))
     loss_name = resolve_loss(loss, model_loss, probe)
     opset = opset or DEFAULT_OPSET
     import onnx
@@ -106,6 +142,7 @@ def emit_ort_artifacts(module: nn.Module, out: str | Path, *, loss: str | None =
             **facts,
             "half": half,
             "precision": meta.get("precision"),
+            **({"output_flattened": flattened} if flattened else {}),
             "files": files,
         }
         if report is not None:

@@ -339,6 +339,7 @@ def apply_pruning(gm: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray) -> 
     kept output/input positions; graph members (sliced parameters, literal sizes) are rewritten here.
     """
     keep_of = {id(m): cg.keep_positions(m.atoms, removed) for m in cg.members}
+    tied = _tied_tensors(gm)
     layers: dict[str, dict[str, Member]] = {}
     nodes = {n.name: n for n in gm.graph.nodes}
     sliced = 0
@@ -359,8 +360,68 @@ def apply_pruning(gm: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray) -> 
             rule.prune(mod, keep["coupled"], keep["coupled"])
         else:
             rule.prune(mod, keep.get("out"), keep.get("in"))
+    _retie(gm, tied)
     gm.recompile()
     return {"tensors_sliced": sliced}
+
+
+def _tie_conflicts(gm: fx.GraphModule, cg: ChannelGraph, groups: list[ChannelGroup]) -> dict[int, str]:
+    """Groups that would slice a tied parameter (an embedding shared with the LM head or between an
+    encoder and a decoder) where another of its users is not sliced the same way: group id -> reason."""
+    tied = _tied_tensors(gm)
+    if not tied:
+        return {}
+    by_class = cg.group_of_class()
+    wanted = {g.id for g in groups}
+    sliced: dict[str, set[tuple[int, int]]] = {}  # parameter path -> {(group id, axis)}
+    for m in cg.members:
+        if m.kind == "param":
+            params = {m.target: m.axis}
+        elif m.rule is not None:
+            mod = gm.get_submodule(m.target)
+            ps = m.rule.in_params(mod) if m.kind == "in" else m.rule.out_params(mod)
+            params = {f"{m.target}.{k}": a for k, a in m.rule._present(mod, ps).items()}
+        else:
+            continue
+        gids = {by_class[int(r)].id for r in np.unique(cg.root[m.atoms]) if int(r) in by_class}
+        for path, axis in params.items():
+            for gid in gids:
+                sliced.setdefault(path, set()).add((gid, axis))
+    out: dict[int, str] = {}
+    for names in tied:
+        uses = [sliced.get(n, set()) for n in names]
+        for gid in {gid for u in uses for gid, _ in u} & wanted:
+            axes = [{a for g_, a in u if g_ == gid} for u in uses]
+            if any(len(a) != 1 for a in axes) or len({next(iter(a)) for a in axes}) != 1:
+                out[gid] = (f"tied weights {', '.join(names)}: this group slices "
+                            + ", ".join(n for n, a in zip(names, axes) if a)
+                            + " but not " + (", ".join(n for n, a in zip(names, axes) if not a) or "on one axis")
+                            + " (one parameter shared by layers in different channel groups); not pruned")
+    return out
+
+
+def _tied_tensors(gm: fx.GraphModule) -> list[list[str]]:
+    """Paths of parameters shared by several modules (an embedding tied to the LM head)."""
+    users: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        users.setdefault(id(p), []).append(name)
+    return [names for names in users.values() if len(names) > 1]
+
+
+def _retie(gm: fx.GraphModule, tied: list[list[str]]) -> None:
+    """Tied parameters sliced alike are one parameter again; sliced differently, an error (the group
+    is then declined with it): a tie is never silently broken."""
+    for names in tied:
+        tensors = [gm.get_parameter(n) for n in names]
+        if all(t is tensors[0] for t in tensors):
+            continue
+        first = tensors[0]
+        if any(t.shape != first.shape or not torch.equal(t.detach(), first.detach()) for t in tensors[1:]):
+            raise RuntimeError(f"tied weights {', '.join(names)} would be sliced differently "
+                               f"({', '.join(str(tuple(t.shape)) for t in tensors)}); the tie cannot be kept")
+        for n in names[1:]:
+            owner, leaf = _owner(gm, n)
+            setattr(owner, leaf, first)
 
 
 def masked_reference(gm: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray) -> fx.GraphModule:
@@ -409,19 +470,21 @@ def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | No
                      criterion: str = "l1", scope: str = "per_layer", round_to: int = 1,
                      min_channels: int = 1, max_ratio: float = 0.9, exclude: list[str] | None = None,
                      batches: list[tuple[torch.Tensor, ...]] | None = None,
-                     loss_fn: Any = None, ignore: list[str] | None = None) -> StructuredResult:
+                     loss_fn: Any = None, ignore: list[str] | None = None, hidden: bool = False) -> StructuredResult:
     """Prune channel groups of ``gm`` in place (see the module docstring).
 
     ``exclude``: globs of module paths whose *output* channels are kept (groups with an excluded
     producer or coupled layer are not pruned; ``ignore`` is its old name, still accepted).
-    ``batches``: input batches for ``taylor``.
+    ``batches``: input batches for ``taylor``. ``hidden``: also prune the hidden width of transformers
+    (embeddings, residual adds, LayerNorm/RMSNorm over the channels sliced; approximate: the norms'
+    statistics are then over the kept channels, so the result has no exact masked reference).
     """
     from graphopt.analysis.channels import analyze_channels
     from graphopt.ir import name_matches
     from graphopt.prune.importance import channel_scores, gradients
 
     exclude = renamed_exclude(exclude, ignore, "prune_structured")
-    cg = analyze_channels(gm)
+    cg = analyze_channels(gm, hidden=hidden)
     declined: list[tuple[str, str]] = []
     candidates: list[ChannelGroup] = []
     for g in cg.groups:
@@ -434,6 +497,10 @@ def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | No
             declined.append((g.name, "a single channel"))
         else:
             candidates.append(g)
+    ties = _tie_conflicts(gm, cg, candidates)
+    for g in [g for g in candidates if g.id in ties]:
+        candidates.remove(g)
+        declined.append((g.name, ties[g.id]))
     notes: dict[str, Any] = {"mode": "structured", "criterion": criterion, "scope": scope,
                              **cg.summary(), "candidate_groups": len(candidates)}
     if not candidates:
@@ -458,6 +525,12 @@ def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | No
     gm, reference, pruned = _apply_checked(gm, cg, plan, pruned, declined, notes)
     if not pruned:
         return StructuredResult(gm, None, cg, plan, [], declined, notes)
+    approx = [g for g, _, _ in pruned if g.approximate]
+    if approx:  # a norm over kept channels: no masked original equals the result
+        reference = None
+        notes["hidden_width"] = [{"group": g.name, "approximate": g.approximate[:3]
+                                  + ([f"(+{len(g.approximate) - 3} more)"] if len(g.approximate) > 3 else [])}
+                                 for g in approx]
     notes["channels_before"] = int(sum(b for _, b, _ in pruned))
     notes["channels_after"] = int(sum(a for _, _, a in pruned))
     return StructuredResult(gm, reference, cg, plan, pruned, declined, notes)

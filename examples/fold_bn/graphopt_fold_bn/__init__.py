@@ -72,6 +72,8 @@ class FoldBatchNorm(Pass):
             reason = None
             if name_matches(path, self.config["exclude"]):
                 reason = "excluded"
+            elif type(bn).forward is not nn.BatchNorm2d.forward:
+                reason = f"{type(bn).__name__} has a forward of its own (e.g. an activation inside); not folded"
             elif not isinstance(conv, nn.Conv2d):
                 reason = "its input is not a Conv2d call"
             elif len(src.users) > 1:

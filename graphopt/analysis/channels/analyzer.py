@@ -46,6 +46,11 @@ from graphopt.analysis.channels.unionfind import UnionFind
 __all__ = ["ChannelAnalysis", "analyze_channels"]
 
 _ATEN_SLICE = torch.ops.aten.slice.Tensor
+_ATEN_ALIAS = torch.ops.aten.alias.default
+_ATEN_SELECT = torch.ops.aten.select.int
+_ATEN_INDEX = torch.ops.aten.index.Tensor
+_ATEN_SAME = {"aten::to", "aten::_to_copy", "aten::alias", "aten::clone", "aten::contiguous"}  # dtype/device/copies
+HIDDEN_HINT = "; prune:hidden=true slices it (approximate: the statistics are then over the kept channels)"
 
 
 def _scalar(a: Any) -> bool:
@@ -60,6 +65,7 @@ class _Attr:
     """A parameter/buffer read by ``get_attr`` (may be sliced if it broadcasts on a channel axis)."""
 
     target: str
+    view: bool = False  # an ``expand`` of it whose last axis is the parameter's last axis (a cls token)
 
 
 @dataclass
@@ -71,8 +77,13 @@ class ChannelAnalysis:
     """The state of one analysis run; rules with a custom :meth:`ChannelRule.propagate` get it
     (``val``, ``tracked``, ``block``, ``unknown``, ``new_atoms``, ``flatten`` ...)."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, hidden: bool = False):
         self.gm = gm
+        # hidden width: normalisations over the channel axis (LayerNorm, RMSNorm's mean) are followed and
+        # sliced (an approximate rewrite: their statistics are then over the kept channels) instead of
+        # blocking the group; embeddings' output width becomes prunable
+        self.hidden = hidden
+        self.approx: list[tuple[np.ndarray, str]] = []  # atoms normalised over, and by what
         self.uf = UnionFind()
         self.values: dict[fx.Node, Any] = {}
         self.members: list[Member] = []
@@ -160,7 +171,7 @@ class ChannelAnalysis:
         if node.op == "call_module":
             return self.visit_module(node, tracked)
         if not tracked:
-            return None  # nothing channel-carrying flows in: nothing to follow
+            return self.attr_view(node)  # nothing channel-carrying flows in: nothing to follow
         if node.op == "call_function":
             return self.visit_function(node, tracked)
         if node.op == "call_method":
@@ -326,6 +337,10 @@ class ChannelAnalysis:
             return x if isinstance(x, ChanInfo) and len(tracked) == 1 else self.unknown(node)
         if fn is _ATEN_SLICE:
             return self.aten_slice(node, x)
+        if fn is _ATEN_ALIAS or (isinstance(fn, torch._ops.OpOverload) and fn._schema.name in _ATEN_SAME):
+            return x if isinstance(x, ChanInfo) and len(tracked) == 1 else self.unknown(node)
+        if fn is _ATEN_SELECT:
+            return self.select(node, x, _arg(node, 1, "dim"), len(tracked))
         if fn in POOL_FUNCTIONS:
             if not isinstance(x, ChanInfo) or x.dim >= x.ndim - (3 if "3d" in name else 1 if "1d" in name else 2):
                 return self.unknown(node, "pools over the channel axis")
@@ -380,8 +395,8 @@ class ChannelAnalysis:
             return self.binary(node, [node.args[0], _arg(node, 1, "other")])
         if m in UNARY_METHODS or (m == "pow" and len(node.args) == 2 and not node.kwargs and _scalar(node.args[1])):
             return x if len(tracked) == 1 else self.unknown(node)
-        if m in META_METHODS:
-            return None
+        if m in META_METHODS or m in ("new_ones", "new_zeros", "new_full", "new_empty"):
+            return None  # reads only the shape/dtype/device (a causal mask from x.new_ones((T, T)))
         if m in ("view", "reshape"):
             return self.reshape(node, x, "method")
         if m == "flatten":
@@ -440,18 +455,58 @@ class ChannelAnalysis:
                 if v.dim + (n - v.ndim) != out_dim or v.inner != ref.inner or len(v.atoms) != len(ref.atoms):
                     return self.unknown(node, "operands carry channels on different axes")
                 self.uf.union(v.atoms, ref.atoms)
-            elif isinstance(v, _Attr) and ref.inner == 1 and shp[od] == len(ref.atoms):
-                key = (v.target, od)
-                if key in self.param_members:
-                    self.uf.union(self.param_members[key].atoms, ref.atoms)
-                else:
-                    mem = Member("param", v.target, node.name, ref.atoms, axis=od)
-                    self.param_members[key] = mem
-                    self.members.append(mem)
+            elif isinstance(v, _Attr) and ref.inner == 1 and shp[od] == len(ref.atoms) \
+                    and self._param_member(v, od, len(shp), node, ref.atoms):
+                pass
             else:
                 self.block(ref.atoms, f"{_describe(self.gm, node)} combines the channels with a tensor of the "
                                       "same width the analysis cannot follow")
         return ref.moved(out_dim, n)
+
+    def attr_view(self, node: fx.Node) -> Any:
+        """``cls_token.expand(B, -1, -1)``: still the parameter along its last axis (sliced there when
+        the channels it joins are); anything else reading no channels is not followed."""
+        v = self.val(node.args[0]) if node.args else None
+        if not isinstance(v, _Attr):
+            return None
+        if node.op == "call_method" and node.target == "expand":
+            sizes = self._sizes(node, "method")
+            if sizes and sizes[-1] == -1:
+                return _Attr(v.target, view=True)
+        if (node.op == "call_method" and node.target in ("to", "contiguous", "type_as")) or (
+                isinstance(node.target, torch._ops.OpOverload) and node.target._schema.name in _ATEN_SAME):
+            return v
+        if node.target is _ATEN_INDEX and len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+                and len(node.args[1]) == 1 and len(_shape(node.args[0]) or ()) == 2:
+            return _Attr(v.target, view=True)  # weight[positions]: an embedding lookup written out (Whisper)
+        return None
+
+    def _param_member(self, v: _Attr, od: int, n: int, node: fx.Node, atoms: np.ndarray) -> bool:
+        """Slice parameter ``v`` (seen with ``n`` dims, channels on ``od``) with ``atoms``; False if it
+        cannot be (a view whose channels are not on its last axis)."""
+        if v.view:
+            if od != n - 1:
+                return False
+            od = self.gm.get_parameter(v.target).ndim - 1 if v.target in dict(self.gm.named_parameters()) \
+                else self.gm.get_buffer(v.target).ndim - 1
+        key = (v.target, od)
+        if key in self.param_members:
+            self.uf.union(self.param_members[key].atoms, atoms)
+        else:
+            mem = Member("param", v.target, node.name, atoms, axis=od)
+            self.param_members[key] = mem
+            self.members.append(mem)
+        return True
+
+    def select(self, node: fx.Node, x: Any, dim: Any, n_tracked: int) -> Any:
+        """``aten.select(x, dim, index)`` (``x[:, 0]`` captured by torch.export): the channels stay
+        unless it selects on the channel axis."""
+        if not isinstance(x, ChanInfo) or not isinstance(dim, int) or n_tracked != 1:
+            return self.unknown(node)
+        d = _norm_dim(dim, x.ndim)
+        if d == x.dim:
+            return self.unknown(node, "indexes into the channel axis")
+        return x.moved(x.dim - 1 if d < x.dim else x.dim, x.ndim - 1)
 
     def getitem(self, node: fx.Node) -> Any:
         src, idx = node.args[0], node.args[1]
@@ -601,6 +656,14 @@ class ChannelAnalysis:
             return self.unknown(node)
         dims = [_norm_dim(d, x.ndim) for d in dims]
         if x.dim in dims:
+            mean = node.target in (torch.mean, "mean")
+            if mean and keepdim and len(dims) == 1 and x.inner == 1:
+                if self.hidden:  # RMSNorm written out (HF LlamaRMSNorm, T5LayerNorm): the mean of the kept channels
+                    self.approx.append((x.atoms, f"mean over the channels (node {node.name}, a norm computed in "
+                                                 "the graph) is taken over the kept channels"))
+                    return None  # a per-position statistic: broadcasts against the channels
+                return self.unknown(node, "reduces over the channel axis, as a norm computed in the graph (RMSNorm) "
+                                          "does: removing channels changes its statistics" + HIDDEN_HINT)
             return self.unknown(node, "reduces over the channel axis, as a norm computed in the graph (RMSNorm) "
                                       "does: removing channels changes its statistics")
         if keepdim:
@@ -644,6 +707,9 @@ class ChannelAnalysis:
                 if v.inner != ref.inner or len(v.atoms) != len(ref.atoms):
                     return self.unknown(node)
                 self.uf.union(v.atoms, ref.atoms)
+            elif isinstance(v, _Attr) and ref.inner == 1 and _shape(t) is not None and len(_shape(t)) == n \
+                    and self._param_member(v, cdim, n, node, ref.atoms):
+                pass  # a cls token joined to the patch embeddings: sliced with them
             else:
                 self.block(ref.atoms, f"cat (node {node.name}) joins the channels with a tensor the analysis "
                                       "cannot follow")
@@ -692,9 +758,22 @@ class ChannelAnalysis:
         return x
 
 
-def analyze_channels(gm: fx.GraphModule) -> ChannelGraph:
-    """Channel groups of ``gm`` (annotated with shapes, e.g. by :func:`graphopt.capture`)."""
-    an = ChannelAnalysis(gm)
+def analyze_channels(gm: fx.GraphModule, hidden: bool = False) -> ChannelGraph:
+    """Channel groups of ``gm`` (annotated with shapes, e.g. by :func:`graphopt.capture`).
+
+    ``hidden``: follow normalisations over the channel axis (LayerNorm, RMSNorm) and embeddings, so
+    the hidden width of a transformer (its residual stream) is one prunable group; such groups list
+    what makes their pruning approximate in :attr:`ChannelGroup.approximate`."""
+    an = ChannelAnalysis(gm, hidden=hidden)
     an.run()
     head_constraints(an)
-    return build_channel_graph(gm, an.uf.roots(), an.members, an.constraints, an.blocks, an.macs, an.atom_node)
+    roots = an.uf.roots()
+    cg = build_channel_graph(gm, roots, an.members, an.constraints, an.blocks, an.macs, an.atom_node)
+    if an.approx:
+        by_class = cg.group_of_class()
+        for atoms, why in an.approx:
+            for r in np.unique(roots[atoms]):
+                g = by_class.get(int(r))
+                if g is not None and why not in g.approximate:
+                    g.approximate.append(why)
+    return cg

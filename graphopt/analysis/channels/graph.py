@@ -82,6 +82,8 @@ class ChannelGroup:
     blocked: list[str] = field(default_factory=list)
     constraints: list[Constraint] = field(default_factory=list)
     modules: list[str] = field(default_factory=list)
+    # why pruning this group is not exact against the masked original (a norm over its channels)
+    approximate: list[str] = field(default_factory=list)
 
     @property
     def size(self) -> int:

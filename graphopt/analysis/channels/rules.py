@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Relation", "ChannelRule", "replace_tensor", "register_channel_rule", "unregister_channel_rule",
            "channel_rule_for", "channel_rule_for_name", "channel_rules", "ConvRule", "LinearRule", "BatchNormRule", "GroupNormRule",
-           "LayerNormRule", "TransposedLinearRule", "PassThroughRule", "PReLURule", "PoolRule", "FlattenRule", "SoftmaxRule", "BlockedRule"]
+           "LayerNormRule", "LayerNormChannelsRule", "EmbeddingRule", "TransposedLinearRule", "PassThroughRule", "PReLURule", "PoolRule", "FlattenRule", "SoftmaxRule", "BlockedRule"]
 
 log = logging.getLogger(__name__)
 
@@ -458,14 +458,86 @@ class GroupNormRule(ChannelRule):
 
 
 class LayerNormRule(ChannelRule):
-    """LayerNorm: elementwise along other axes; normalising over the channel axis is declined
-    (removing channels changes the statistics, so the pruned model would not equal the masked one)."""
+    """LayerNorm: elementwise along other axes. Normalising over the channel axis (the hidden width
+    of a transformer) is declined by default (removing channels changes the statistics, so the
+    pruned model would not equal the masked one); with the analysis's ``hidden`` option a LayerNorm
+    over the last axis alone is followed and sliced (:class:`LayerNormChannelsRule`: weight, bias,
+    ``normalized_shape``): an approximate rewrite, its statistics are then over the kept channels."""
 
     def check(self, module: nn.Module, x: "ChanInfo") -> str | None:
         if x.dim >= x.ndim - len(module.normalized_shape):
             return ("normalizes over the channel axis: removing channels changes its statistics, so the pruned "
-                    "model would not equal the masked one")
+                    "model would not equal the masked one; prune:hidden=true slices it (approximate: the "
+                    "statistics are then over the kept channels)")
         return None
+
+    def propagate(self, analysis: Any, node: fx.Node, module: nn.Module) -> Any:
+        from graphopt.analysis.channels.graph import ChanInfo, Member
+
+        x = analysis.val(node.args[0]) if len(node.args) == 1 and not node.kwargs else None
+        if not getattr(analysis, "hidden", False) or not isinstance(x, ChanInfo) \
+                or x.dim < x.ndim - len(module.normalized_shape):
+            return NotImplemented  # the default: declined over the channels, followed over other axes
+        if not (x.inner == 1 and len(module.normalized_shape) == 1 and x.dim == x.ndim - 1
+                and module.normalized_shape[0] == len(x.atoms)):
+            analysis.block(x.atoms, f"LayerNorm '{node.target}' normalizes over the channels and other axes "
+                                    f"(normalized_shape {tuple(module.normalized_shape)}): not sliced")
+            return x
+        target = str(node.target)
+        if analysis._tracked_call(analysis.mod_coupled, target, node, x.atoms):
+            analysis.members.append(Member("coupled", target, node.name, x.atoms, rule=_LN_CHANNELS))
+        analysis.approx.append((x.atoms, f"LayerNorm '{target}' normalizes over the kept channels"))
+        return x
+
+
+class LayerNormChannelsRule(ChannelRule):
+    """A LayerNorm over the channel (last) axis, sliced with the hidden width: weight, bias and
+    ``normalized_shape`` (see :class:`LayerNormRule`)."""
+
+    def out_params(self, module: nn.Module) -> dict[str, int]:
+        return {"weight": 0, "bias": 0}
+
+    def set_out_channels(self, module: nn.Module, n: int) -> None:
+        module.normalized_shape = (n,)
+
+
+_LN_CHANNELS = LayerNormChannelsRule()
+
+
+class EmbeddingRule(ChannelRule):
+    """nn.Embedding: its output width (``embedding_dim``, the last axis) is new channels made from
+    indices: an independent producer whose weight columns are sliced. Its width is the hidden width
+    of a transformer, so it is only pruned with the analysis's ``hidden`` option (otherwise its
+    channels are blocked, with the reason)."""
+
+    out_axis = -1
+
+    def relation(self, module: nn.Module) -> Relation:
+        return Relation.independent()
+
+    def get_out_channels(self, module: nn.Module) -> int:
+        return module.embedding_dim
+
+    def out_params(self, module: nn.Module) -> dict[str, int]:
+        return {"weight": 1}
+
+    def set_out_channels(self, module: nn.Module, n: int) -> None:
+        module.embedding_dim = n
+
+    def propagate(self, analysis: Any, node: fx.Node, module: nn.Module) -> Any:
+        from graphopt.analysis.channels.graph import ChanInfo
+
+        if analysis.tracked(node) or len(node.args) != 1 or node.kwargs:
+            return analysis.unknown(node, "an embedding reads indices, not channels") if analysis.tracked(node) \
+                else None
+        target = str(node.target)
+        cost = node.meta.get("cost")
+        out = analysis.producer(node, module, self, self.relation(module), target, None,
+                                int(cost.macs) if cost is not None else 0)
+        if isinstance(out, ChanInfo) and not getattr(analysis, "hidden", False):
+            analysis.block(out.atoms, f"Embedding '{target}' makes the hidden width (the residual stream); "
+                                      "prune:hidden=true prunes it")
+        return out
 
 
 class PoolRule(ChannelRule):
@@ -518,6 +590,7 @@ def _register_builtins() -> None:
         register_channel_rule(t, bn)
     register_channel_rule(nn.GroupNorm, GroupNormRule())
     register_channel_rule(nn.LayerNorm, LayerNormRule())
+    register_channel_rule(nn.Embedding, EmbeddingRule())
     same = PassThroughRule()
     for t in (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Hardsigmoid, nn.Hardswish, nn.Tanh, nn.LeakyReLU,
               nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
