@@ -73,6 +73,13 @@ def bench_model(name: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, 
         return {k: 1.0 / paired_interval([a / o for a, o in zip(v, samples["original"])])[0]
                 for k, v in samples.items()}
 
+    def intervals(samples):  # 95% interval of that speedup
+        out = {}
+        for k, v in samples.items():
+            _, lo, hi = paired_interval([a / o for a, o in zip(v, samples["original"])])
+            out[k] = [1.0 / hi if hi > 0 else 0.0, 1.0 / lo if lo > 0 else float("inf")]
+        return out
+
     med = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
     med_cpu = {k: statistics.median(v) * 1e3 for k, v in cpu.items()}
     speed, speed_cpu = speedups(wall), speedups(cpu)
@@ -83,7 +90,8 @@ def bench_model(name: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, 
     best_single = max(singles, key=singles.get) if singles else "original"
     return {"model": name, "batch": int(inputs[0].shape[0]), "search_s": search_s, "search_cpu_s": search_cpu_s,
             "pipeline": rep.pipeline, "median_ms": med, "median_cpu_ms": med_cpu, "speedup_vs_original": speed,
-            "speedup_vs_original_cpu": speed_cpu, "best_single_pass": best_single,
+            "speedup_vs_original_cpu": speed_cpu, "speedup_interval": intervals(wall),
+            "speedup_interval_cpu": intervals(cpu), "best_single_pass": best_single,
             "auto_vs_best_single": speed["auto"] / speed.get(best_single, 1.0),
             "auto_vs_best_single_cpu": speed_cpu["auto"] / speed_cpu.get(best_single, 1.0),
             "decisions": [{"candidate": c.pass_ + (f" [{c.layer}]" if c.layer else ""), "kept": c.kept,
@@ -139,6 +147,9 @@ def main() -> None:
         checks.append(f"{r['model']}: auto {s['auto']:.3f}x wall / {sc['auto']:.3f}x CPU of the original "
                       f"({'>=' if min(s['auto'], sc['auto']) >= 0.98 else 'BELOW'} 0.98), "
                       f"{r['auto_vs_best_single']:.3f} / {r['auto_vs_best_single_cpu']:.3f} of the best single pass")
+        iv = r["speedup_interval_cpu"]
+        checks[-1] += "; 95% intervals (CPU): " + ", ".join(f"{k} {a:.3f}-{b:.3f}x" for k, (a, b) in iv.items()
+                                                            if k != "original")
         if r["model"] == "resnet50":
             checks.append(f"resnet50 search time {r['search_s']:.0f} s wall, {r['search_cpu_s']:.0f} s CPU "
                           f"({'under' if r['search_s'] < 120 else 'OVER'} the 2-minute target in wall time)")

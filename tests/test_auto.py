@@ -150,6 +150,27 @@ def test_no_gain_under_noise_is_not_kept():
         assert not cmp.faster and cmp.verdict in ("not faster", "undecided")
 
 
+def test_undecided_stops_at_the_measuring_time_cap():
+    # the candidate alternates between 0.90x and 1.07x of the baseline's 10 ms: undecided at any number of
+    # rounds; they stop at max_s seconds of timed steps
+    class Alternating:
+        n = 0
+
+        def __call__(self, module) -> float:
+            if not _nhwc(module.get_submodule("b1.0")):
+                return 0.010
+            self.n += 1
+            return 0.010 * (0.90 if self.n % 2 else 1.07)
+
+    gm, cl, inputs = _cl_pair()
+    m = StepMeasurer(inputs, device="cpu", warmup=0, rounds=30, steps=1, max_s=0.2, timer=Alternating())
+    cmp = m.compare(cl, gm)
+    assert cmp.verdict == "undecided" and not cmp.faster and 10 <= cmp.rounds <= 11  # ~0.2 s in rounds of ~20 ms
+    assert m.compare(cl, gm, max_s=0.06).rounds == 3  # never fewer than min_rounds
+    m.max_s = None
+    assert m.compare(cl, gm).rounds == 30  # then the round cap
+
+
 def test_clock_is_thread_cpu_time_on_one_cpu_thread():
     gm, inputs = _captured()
     assert StepMeasurer(inputs, device="cpu").clock == "thread_cpu"

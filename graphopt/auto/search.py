@@ -197,8 +197,10 @@ class _Search:
         if self.progress:
             self.progress(rec)
 
-    def compare(self, gm: fx.GraphModule, best: fx.GraphModule) -> Any:
-        cmp = self.m.compare(gm, best, stop=self.out_of_time)
+    def compare(self, gm: fx.GraphModule, best: fx.GraphModule, per_layer: bool = False) -> Any:
+        # a per-layer refinement gets half the measuring time of a whole pass (its gains are smaller)
+        cap = self.m.max_s / 2 if per_layer and self.m.max_s is not None else -1.0
+        cmp = self.m.compare(gm, best, stop=self.out_of_time, max_s=cap)
         if best is self.original:
             self.original_cmp = cmp
         return cmp
@@ -226,7 +228,7 @@ class _Search:
                 self.record(rec)
                 return None
             try:
-                cmp = self.compare(gm, best)
+                cmp = self.compare(gm, best, per_layer=layer is not None)
             except Exception as exc:  # the candidate's step does not run on the device
                 rec.reason = f"its training step failed on {self.m.device}: {type(exc).__name__}: {str(exc)[:200]}"
                 self.m.release(gm)
@@ -238,6 +240,8 @@ class _Search:
                 why = ("slower" if cmp.slower else "stopped by the time budget" if cmp.stopped
                        else "within noise" if cmp.verdict == "not faster" else
                        f"undecided after {cmp.rounds} rounds")
+                if why.startswith("undecided"):
+                    why += " (its measuring time or round cap)"
                 extra = f", below the {self.m.min_gain:.0%} minimum gain" if why == "within noise" else ""
                 rec.reason = f"{why}: {cmp.summary()}{extra}"
                 if cmp.stopped:

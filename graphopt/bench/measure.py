@@ -377,7 +377,9 @@ class StepMeasurer:
     """Times the training step (zero_grad, forward, loss, backward, optimizer step) of modules on one
     device, alternating variants in one process (see the noise model above).
 
-    ``rounds``: the cap on paired rounds per comparison (it stops earlier once decided);
+    ``rounds`` and ``max_s``: the caps on paired rounds and on their time (the sum of the timed steps'
+    wall time, both variants) per comparison; it stops earlier once decided, and always runs
+    ``min_rounds``;
     ``steps``: steps per variant per round (``None``: enough for a round of ``round_s`` seconds per
     variant, from the first warm-up, at least 1); ``clock``: ``"thread_cpu"`` or ``"wall"``
     (default: thread CPU time on a CPU with one thread, else wall).
@@ -387,10 +389,10 @@ class StepMeasurer:
 
     def __init__(self, inputs: tuple[torch.Tensor, ...], target: torch.Tensor | None = None, *,
                  loss: Callable[..., torch.Tensor] | None = None, device: str | torch.device = "cpu",
-                 warmup: int = 2, rounds: int = 10, steps: int | None = None, threads: int | None = 1,
+                 warmup: int = 2, rounds: int = 30, steps: int | None = None, threads: int | None = 1,
                  optimizer: str = "sgd", lr: float = 0.01, min_rounds: int = 3, confidence: float = 0.95,
                  min_gain: float = 0.01, clock: str | None = None, round_s: float = 0.05,
-                 timer: ModelTimer | None = None) -> None:
+                 max_s: float | None = 15.0, timer: ModelTimer | None = None) -> None:
         self.inputs = tuple(inputs)
         self.target = target
         self.loss = loss
@@ -398,7 +400,7 @@ class StepMeasurer:
         self.warmup, self.rounds = warmup, max(1, rounds)
         self.steps = max(1, steps) if steps is not None else None
         self.min_rounds = max(2, min(min_rounds, self.rounds))
-        self.confidence, self.min_gain, self.round_s = confidence, min_gain, round_s
+        self.confidence, self.min_gain, self.round_s, self.max_s = confidence, min_gain, round_s, max_s
         self.threads, self.optimizer, self.lr = threads, optimizer, lr
         self.timer = timer
         if clock is None:
@@ -514,9 +516,12 @@ class StepMeasurer:
         """Per-round mean step seconds (decision clock) of each module, alternated round by round."""
         return self.measure_both(modules, rounds)[0]
 
-    def compare(self, candidate: Any, baseline: Any, *, stop: Callable[[], bool] | None = None) -> Comparison:
+    def compare(self, candidate: Any, baseline: Any, *, stop: Callable[[], bool] | None = None,
+                max_s: float | None = -1.0) -> Comparison:
         """Candidate vs baseline in paired rounds, sequentially: from ``min_rounds`` on, stops as soon as
-        :func:`paired_verdict` decides, else at ``rounds`` (or when ``stop()`` says so: a time budget)."""
+        :func:`paired_verdict` decides, else at ``rounds`` rounds or ``max_s`` seconds of timed steps
+        (default: the measurer's), or when ``stop()`` says so (a search's time budget)."""
+        cap_s = self.max_s if max_s == -1.0 else max_s
         c: list[float] = []
         b: list[float] = []
         cw: list[float] = []
@@ -535,6 +540,9 @@ class StepMeasurer:
                 verdict = paired_verdict(ratios, confidence=self.confidence, min_gain=self.min_gain,
                                          min_rounds=self.min_rounds)
                 if verdict != UNDECIDED:
+                    break
+                spent = (sum(cw) + sum(bw)) * (self.steps or 1)
+                if cap_s is not None and r + 1 >= self.min_rounds and spent >= cap_s:
                     break
                 if stop is not None and r + 1 < self.rounds and stop():
                     stopped = True
