@@ -45,7 +45,8 @@ MODELS = {"resnet50": "benchmarks/models/resnet50.py", "mobilenet_v2": "benchmar
 def bench_model(name: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], loss, args) -> dict:
     dev = torch.device(args.device)
     gm = graphopt.capture(module, inputs)
-    m = StepMeasurer(inputs, loss=loss, device=dev, warmup=args.warmup, rounds=args.rounds, steps=args.steps)
+    m = StepMeasurer(inputs, loss=loss, device=dev, warmup=args.warmup, rounds=args.rounds, steps=args.steps,
+                     max_s=args.decision_time)
     t0, c0 = time.perf_counter(), time.process_time()
     best, rep = auto_optimize(gm, inputs, device=dev, loss=loss, measurer=m, time_budget=args.budget,
                               progress=lambda c: print(f"  {name}: {c.pass_}{' [' + c.layer + ']' if c.layer else ''}"
@@ -105,8 +106,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", default="resnet50,mobilenet_v2,vit_tiny,bert,gpt")
     ap.add_argument("--batch", type=int, default=None, help="override the model files' batch size")
-    ap.add_argument("--rounds", type=int, default=10, help="cap on paired rounds per decision (the default)")
-    ap.add_argument("--final-rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=30, help="cap on paired rounds per decision (the CLI default)")
+    ap.add_argument("--decision-time", type=float, default=15.0, help="cap on timed seconds per decision (the CLI default)")
+    ap.add_argument("--final-rounds", type=int, default=12)
     ap.add_argument("--steps", type=int, default=None, help="steps per round [default: automatic, as the CLI]")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--budget", type=float, default=None)
@@ -154,7 +156,8 @@ def main() -> None:
             checks.append(f"resnet50 search time {r['search_s']:.0f} s wall, {r['search_cpu_s']:.0f} s CPU "
                           f"({'under' if r['search_s'] < 120 else 'OVER'} the 2-minute target in wall time)")
     notes = ("\n\nTargets: " + "; ".join(checks) + "." + f"\n\nSettings: decisions: at most {args.rounds} paired "
-             f"rounds (sequential, 95% interval, 1% minimum gain, thread CPU time on CPU), "
+             f"rounds or {args.decision_time:g} s of timed steps (half per layer; sequential, 95% interval, 1% minimum gain, "
+             "thread CPU time on CPU), "
              f"{args.steps or 'automatic'} step(s) per round, warm-up {args.warmup}; final comparison: all variants "
              f"alternated in one run, {args.final_rounds} rounds; speedups are 1 / the geometric mean of the "
              "per-round ratios variant/original, in wall time and in thread CPU time; the best single pass is "

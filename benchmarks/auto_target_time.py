@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--target", type=float, default=0.5)
-    ap.add_argument("--rounds", type=int, default=10, help="cap on paired rounds per decision (the CLI's default)")
+    ap.add_argument("--rounds", type=int, default=30, help="cap on paired rounds per decision (the CLI default)")
     ap.add_argument("--final-rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
