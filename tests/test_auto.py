@@ -404,13 +404,18 @@ def test_cli_without_passes_end_to_end(tmp_path, capsys):
     mf = tmp_path / "model.py"
     mf.write_text(textwrap.dedent(MODEL))
     report, out = tmp_path / "r.json", tmp_path / "out"
-    code = main(["optimize", str(mf), "--device", "cpu", "--rounds", "2", "--steps", "1", "--warmup", "1",
+    code = main(["optimize", str(mf), "--device", "cpu", "--rounds", "3", "--decision-time", "5", "--warmup", "1",
                  "--report", str(report), "-o", str(out), "--cache-dir", str(tmp_path / "cache")])
     text = capsys.readouterr().out
     assert code == 0, text
     assert "candidate channels_last" in text  # one progress line per candidate (not a TTY)
     doc = json.loads(report.read_text())
-    assert {"candidates", "speedup", "pipeline", "original_ms", "final_ms"} <= set(doc["auto"])
+    assert {"candidates", "speedup", "pipeline", "original_ms", "final_ms", "clock", "original_wall_ms",
+            "final_wall_ms", "wall_speedup"} <= set(doc["auto"])
+    assert doc["auto"]["clock"] == "thread_cpu"  # one CPU thread: decided on the step's thread CPU time
+    cl = next(c for c in doc["auto"]["candidates"] if c["pass"] == "channels_last" and c["layer"] is None)
+    assert 3 >= cl["comparison"]["rounds"] >= 2 and cl["comparison"]["verdict"] in ("faster", "not faster", "undecided")
+    assert len(cl["comparison"]["candidate_samples_ms"]) == cl["comparison"]["rounds"]
     assert doc["auto"]["speedup"] >= 1.0  # never slower: the original is kept otherwise
     assert doc["verified"] is True
     assert report.with_suffix(".png").stat().st_size > 1000
