@@ -14,7 +14,8 @@ from torch import nn
 import graphopt
 from graphopt.auto import auto_optimize
 from graphopt.auto.halp import LatencyTable, allocate_widths, keep_cost, next_share, width_grid
-from graphopt.bench.measure import StepMeasurer, noise_margin, paired_interval, paired_verdict, t_quantile
+from graphopt.bench.measure import (StepMeasurer, noninferior_verdict, noise_margin, paired_interval, paired_verdict,
+                                    t_quantile)
 from graphopt.cli import main
 from graphopt.serialize import dumps
 
@@ -96,6 +97,16 @@ def test_paired_interval_and_verdict():
     assert paired_verdict([0.9, 1.1, 0.95]) == "undecided"  # the interval straddles 1: more rounds
     assert paired_verdict([0.995, 0.996, 0.994]) == "not faster"  # significant but below the 1% minimum gain
     assert noise_margin([1.0, 1.0, 1.0]) == 0.0 and noise_margin([1.0]) == 0.05
+
+
+def test_final_check_is_non_inferiority():
+    # the combination's final check: faster on the estimate and, with confidence, at least 0.98x as fast
+    assert noninferior_verdict([0.94, 0.95, 0.96]) == "faster"
+    assert noninferior_verdict([0.995, 0.99, 1.0]) == "not slower"  # a small gain, surely no worse than 0.98x
+    assert noninferior_verdict([0.96, 1.02, 0.99]) == "undecided"  # could be up to ~1.06x slower: more rounds
+    assert noninferior_verdict([1.004, 0.999, 1.001]) == "not faster"  # estimate not faster: never accepted
+    assert noninferior_verdict([1.05, 1.06, 1.04]) == "slower"
+    assert noninferior_verdict([0.99, 0.99]) == "undecided"  # below min_rounds
 
 
 class NoisyTimer:

@@ -17,8 +17,10 @@
 4. Per-layer: once channels_last is kept, each top-level region holding convolutions is tried in
    NCHW (``channels_last:exclude=REGION.*``), kept when measured faster.
 5. ``target_time`` (accuracy-changing, opt-in): :mod:`graphopt.auto.halp` prunes by measured latency.
-6. Final: the result is compared with the original (the same sequential test); when it is not faster
-   with confidence, the original is returned (never slower). When nothing was kept there is nothing
+6. Final: the result is compared with the original, sequentially, for non-inferiority (each kept
+   pass already measured faster with confidence): emitted when its estimate is faster and its
+   interval shows it at least ``FLOOR`` (0.98) x the original's speed; otherwise the original is
+   returned (never slower). When nothing was kept there is nothing
    to compare: the original's time comes from the decisions' baselines.
 """
 
@@ -38,7 +40,7 @@ from graphopt.errors import GraphoptError, VerificationError
 from graphopt.ir import copy_graph
 from graphopt.pass_infra import Semantics, available_passes, create_pass
 
-__all__ = ["auto_optimize", "AutoReport", "CandidateRecord", "exact_candidates", "NOT_A_SPEEDUP", "ORDER"]
+__all__ = ["auto_optimize", "AutoReport", "CandidateRecord", "exact_candidates", "NOT_A_SPEEDUP", "ORDER", "FLOOR"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ NOT_A_SPEEDUP = {
     "partition": "splits the graph into pipeline stages for several devices; it does not speed up one device",
 }
 """Exact passes that are never candidates on one device, with the reason (reported)."""
+
+FLOOR = 0.98
+"""The final check: the combined result is emitted when it measures faster than the original and, with
+95% confidence, at least ``FLOOR`` x the original's speed (each kept pass already measured faster)."""
 
 ORDER = ("cleanup", "sdpa", "mixed_precision", "channels_last")
 """Preferred order of the candidates (others follow by name): cheap graph cleanups first, layout last."""
@@ -346,15 +352,19 @@ def auto_optimize(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], *, device:
         rep_.kept_original, rep_.speedup = True, 1.0
         pipeline, best_rep = [], None
     else:
-        cmp = m.compare(best, gm)
+        # every kept pass measured faster than the best before it; the combination is checked against the
+        # original for non-inferiority: kept unless it may be slower than FLOOR x the original's speed
+        cmp = m.compare(best, gm, floor=FLOOR)
         rep_.final_comparison = cmp.as_dict()
         rep_.original_ms, rep_.final_ms, rep_.final_margin = cmp.baseline_ms, cmp.candidate_ms, cmp.margin
         rep_.original_wall_ms, rep_.final_wall_ms = cmp.baseline_wall_ms, cmp.candidate_wall_ms
-        rep_.kept_original = not cmp.faster
+        rep_.kept_original = cmp.verdict not in ("faster", "not slower")
         if rep_.kept_original:
+            why = ("slower" if cmp.verdict == "slower" else
+                   f"not shown to be faster and at least {FLOOR}x as fast ({m.confidence:.0%} interval)")
             rec = CandidateRecord("combined", {"pipeline": [_spec(n, o) for n, o in pipeline]},
-                                  reason=f"the combined result measured {cmp.summary()} vs the original, "
-                                         "not faster with confidence: the original is kept")
+                                  reason=f"the combined result measured {cmp.summary()} vs the original: {why}: "
+                                         "the original is kept")
             rec.measured(cmp)
             s.record(rec)
             best, pipeline, best_rep = gm, [], None

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["thread_settings", "environment", "StepTimer", "MemoryProbe", "count_flops", "measure_peak_flops",
            "summarize", "rss_bytes", "trim_memory", "StepMeasurer", "Comparison", "noise_margin", "alternate",
-           "t_quantile", "paired_interval", "paired_verdict", "CLOCK_NAMES",
+           "t_quantile", "paired_interval", "paired_verdict", "noninferior_verdict", "CLOCK_NAMES",
            "ModelTimer"]
 
 
@@ -292,6 +292,7 @@ def paired_interval(ratios: list[float], confidence: float = 0.95) -> tuple[floa
 
 
 FASTER, NOT_FASTER, UNDECIDED = "faster", "not faster", "undecided"
+NOT_SLOWER, SLOWER = "not slower", "slower"
 
 
 def paired_verdict(ratios: list[float], *, confidence: float = 0.95, min_gain: float = 0.01,
@@ -305,6 +306,26 @@ def paired_verdict(ratios: list[float], *, confidence: float = 0.95, min_gain: f
     if hi < 1.0 and est <= 1.0 - min_gain:
         return FASTER
     if lo > 1.0 - min_gain:
+        return NOT_FASTER
+    return UNDECIDED
+
+
+def noninferior_verdict(ratios: list[float], *, floor: float = 0.98, confidence: float = 0.95,
+                        min_gain: float = 0.01, min_rounds: int = 3) -> str:
+    """The sequential non-inferiority decision (the final check of a combination whose parts each
+    measured faster): ``"faster"`` as :func:`paired_verdict`; ``"not slower"`` when the estimate is
+    below 1 and the interval's high end shows the candidate at least ``floor`` x the baseline's speed
+    (ratio at most ``1 / floor``); ``"slower"`` when the interval lies above 1; ``"not faster"`` when
+    :func:`paired_verdict` says so and the estimate is not below 1; else ``"undecided"``."""
+    v = paired_verdict(ratios, confidence=confidence, min_gain=min_gain, min_rounds=min_rounds)
+    if v == FASTER or len(ratios) < max(2, min_rounds):
+        return v
+    est, lo, hi = paired_interval(ratios, confidence)
+    if est < 1.0 and hi <= 1.0 / floor:
+        return NOT_SLOWER
+    if lo > 1.0:
+        return SLOWER
+    if v == NOT_FASTER and est >= 1.0:  # no 1% gain possible, and not faster on the estimate: stop
         return NOT_FASTER
     return UNDECIDED
 
@@ -517,10 +538,11 @@ class StepMeasurer:
         return self.measure_both(modules, rounds)[0]
 
     def compare(self, candidate: Any, baseline: Any, *, stop: Callable[[], bool] | None = None,
-                max_s: float | None = -1.0) -> Comparison:
+                max_s: float | None = -1.0, floor: float | None = None) -> Comparison:
         """Candidate vs baseline in paired rounds, sequentially: from ``min_rounds`` on, stops as soon as
-        :func:`paired_verdict` decides, else at ``rounds`` rounds or ``max_s`` seconds of timed steps
-        (default: the measurer's), or when ``stop()`` says so (a search's time budget)."""
+        :func:`paired_verdict` decides (with ``floor``: :func:`noninferior_verdict`), else at ``rounds``
+        rounds or ``max_s`` seconds of timed steps (default: the measurer's), or when ``stop()`` says so
+        (a search's time budget)."""
         cap_s = self.max_s if max_s == -1.0 else max_s
         c: list[float] = []
         b: list[float] = []
@@ -537,8 +559,12 @@ class StepMeasurer:
                     out.append(v)
                     wout.append(w)
                 ratios = [ci / bi for ci, bi in zip(c, b) if bi > 0]
-                verdict = paired_verdict(ratios, confidence=self.confidence, min_gain=self.min_gain,
-                                         min_rounds=self.min_rounds)
+                if floor is None:
+                    verdict = paired_verdict(ratios, confidence=self.confidence, min_gain=self.min_gain,
+                                             min_rounds=self.min_rounds)
+                else:
+                    verdict = noninferior_verdict(ratios, floor=floor, confidence=self.confidence,
+                                                  min_gain=self.min_gain, min_rounds=self.min_rounds)
                 if verdict != UNDECIDED:
                     break
                 spent = (sum(cw) + sum(bw)) * (self.steps or 1)
