@@ -4,8 +4,8 @@
    one device (``NOT_A_SPEEDUP``). Mixed precision is a candidate only on a device with fast half
    kernels (CUDA); elsewhere it is declined with the known reason.
 2. Candidates are tried in order; each one is applied *on top of the current best pipeline* by
-   re-running the whole pipeline from the captured graph through the PassManager with
-   verification. If that combination fails verification, the candidate is tried *first* in the
+   re-running the whole pipeline from the captured graph through the PassManager (verified once it
+   measured faster, see 3). If that combination fails verification, the candidate is tried *first* in the
    pipeline (order matters: e.g. mixed precision before channels_last); if that fails too, it is
    declined with the verifier's message: nothing is combined unverified.
 3. A combination is measured against the current best in paired alternated rounds, sequentially
@@ -20,8 +20,8 @@
 6. Final: the result is compared with the original, sequentially, for non-inferiority (each kept
    pass already measured faster with confidence): emitted when its estimate is faster and its
    interval shows it at least ``FLOOR`` (0.98) x the original's speed; otherwise the original is
-   returned (never slower). When nothing was kept there is nothing
-   to compare: the original's time comes from the decisions' baselines.
+   returned (never slower). When nothing was kept there is nothing to compare: the original's time
+   comes from the decisions' baselines.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 from torch import fx
 
 from graphopt.bench.measure import StepMeasurer, environment
-from graphopt.errors import GraphoptError, VerificationError
+from graphopt.errors import GraphoptError
 from graphopt.ir import copy_graph
 from graphopt.pass_infra import Semantics, available_passes, create_pass
 
