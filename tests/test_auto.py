@@ -14,7 +14,8 @@ from torch import nn
 import graphopt
 from graphopt.auto import auto_optimize
 from graphopt.auto.halp import LatencyTable, allocate_widths, keep_cost, next_share, width_grid
-from graphopt.bench.measure import StepMeasurer, noise_margin
+from graphopt.bench.measure import (StepMeasurer, noninferior_verdict, noise_margin, paired_interval, paired_verdict,
+                                    t_quantile)
 from graphopt.cli import main
 from graphopt.serialize import dumps
 
@@ -78,9 +79,143 @@ def _measurer(inputs, timer):
     return StepMeasurer(inputs, device="cpu", warmup=1, rounds=5, steps=1, timer=timer)
 
 
-def test_noise_margin_from_spread():
-    assert noise_margin([1.0, 1.0, 1.0, 1.0]) == 0.01  # the floor
-    assert noise_margin([0.9, 1.0, 1.1, 1.2, 0.8]) == pytest.approx(0.2)  # IQR of the ratios
+def test_t_quantile_matches_tables():
+    for df, exact in [(1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (10, 2.228), (30, 2.042), (10_000, 1.960)]:
+        assert t_quantile(0.975, df) == pytest.approx(exact, rel=0.01)
+    assert t_quantile(0.995, 9) == pytest.approx(3.250, rel=0.01)
+
+
+def test_paired_interval_and_verdict():
+    est, lo, hi = paired_interval([0.9, 0.9, 0.9])
+    assert est == pytest.approx(0.9) and lo == pytest.approx(0.9) and hi == pytest.approx(0.9)
+    est, lo, hi = paired_interval([0.94, 0.95, 0.96])
+    assert lo < est < hi < 1.0
+    assert paired_verdict([0.94, 0.95, 0.96]) == "faster"
+    assert paired_verdict([0.94, 0.95]) == "undecided"  # below min_rounds: never decided
+    assert paired_verdict([0.999, 1.0, 1.001]) == "not faster"  # no 1% gain inside the interval
+    assert paired_verdict([1.05, 1.06, 1.04]) == "not faster"  # slower
+    assert paired_verdict([0.9, 1.1, 0.95]) == "undecided"  # the interval straddles 1: more rounds
+    assert paired_verdict([0.995, 0.996, 0.994]) == "not faster"  # significant but below the 1% minimum gain
+    assert noise_margin([1.0, 1.0, 1.0]) == 0.0 and noise_margin([1.0]) == 0.05
+
+
+def test_final_check_is_non_inferiority():
+    # the combination's final check: faster on the estimate and, with confidence, at least 0.98x as fast
+    assert noninferior_verdict([0.94, 0.95, 0.96]) == "faster"
+    assert noninferior_verdict([0.995, 0.99, 1.0]) == "not slower"  # a small gain, surely no worse than 0.98x
+    assert noninferior_verdict([0.96, 1.02, 0.99]) == "undecided"  # could be up to ~1.06x slower: more rounds
+    assert noninferior_verdict([1.004, 0.999, 1.001]) == "not faster"  # estimate not faster: never accepted
+    assert noninferior_verdict([1.05, 1.06, 1.04]) == "slower"
+    assert noninferior_verdict([0.99, 0.99]) == "undecided"  # below min_rounds
+
+
+class NoisyTimer:
+    """Steps of 10 ms; modules whose first conv is channels_last take ``factor`` of that; every step is
+    off by up to +-``noise`` (seeded), as on a loaded machine."""
+
+    def __init__(self, factor: float, noise: float, seed: int = 0) -> None:
+        self.factor, self.noise, self.rng, self.calls = factor, noise, random.Random(seed), 0
+
+    def __call__(self, module) -> float:
+        self.calls += 1
+        f = self.factor if _nhwc(module.get_submodule("b1.0")) else 1.0
+        return 0.010 * f * (1 + self.rng.uniform(-self.noise, self.noise))
+
+
+def _cl_pair():
+    gm, inputs = _captured()
+    cl, _ = graphopt.optimize(gm, inputs, ["channels_last"])
+    return gm, cl, inputs
+
+
+def test_sequential_compare_stops_early_when_clear():
+    gm, cl, inputs = _cl_pair()
+    timer = NoisyTimer(0.6, 0.01)
+    m = StepMeasurer(inputs, device="cpu", warmup=1, rounds=10, steps=1, timer=timer)
+    cmp = m.compare(cl, gm)
+    assert cmp.faster and cmp.rounds == 3 and cmp.verdict == "faster"  # min_rounds, then decided
+    assert timer.calls == 2 + 3 * 2  # one warm-up each, three paired rounds
+    assert cmp.low < cmp.ratio < cmp.high < 1.0 and cmp.ratio == pytest.approx(0.6, rel=0.02)
+    cmp2 = m.compare(gm, cl)  # both warm already: no warm-up again
+    assert timer.calls == 8 + 3 * 2 and cmp2.slower and not cmp2.faster
+
+
+def test_small_real_gain_under_noise_is_kept_after_more_rounds():
+    # a 5% gain under +-4% step noise: the old rule (median ratio beyond the ratios' IQR) rejected such
+    # gains; the sequential test runs more rounds until the interval excludes 1
+    kept, rounds = 0, []
+    for seed in range(5):
+        gm, cl, inputs = _cl_pair()
+        m = StepMeasurer(inputs, device="cpu", warmup=1, rounds=20, steps=1, timer=NoisyTimer(0.95, 0.04, seed))
+        cmp = m.compare(cl, gm)
+        kept += cmp.faster
+        rounds.append(cmp.rounds)
+    assert kept == 5 and max(rounds) > 3
+
+
+def test_no_gain_under_noise_is_not_kept():
+    for seed in range(5):
+        gm, cl, inputs = _cl_pair()
+        m = StepMeasurer(inputs, device="cpu", warmup=1, rounds=10, steps=1, timer=NoisyTimer(1.0, 0.04, seed))
+        cmp = m.compare(cl, gm)
+        assert not cmp.faster and cmp.verdict in ("not faster", "undecided")
+
+
+def test_undecided_stops_at_the_measuring_time_cap():
+    # the candidate alternates between 0.90x and 1.07x of the baseline's 10 ms: undecided at any number of
+    # rounds; they stop at max_s seconds of timed steps
+    class Alternating:
+        n = 0
+
+        def __call__(self, module) -> float:
+            if not _nhwc(module.get_submodule("b1.0")):
+                return 0.010
+            self.n += 1
+            return 0.010 * (0.90 if self.n % 2 else 1.07)
+
+    gm, cl, inputs = _cl_pair()
+    m = StepMeasurer(inputs, device="cpu", warmup=0, rounds=30, steps=1, max_s=0.2, timer=Alternating())
+    cmp = m.compare(cl, gm)
+    assert cmp.verdict == "undecided" and not cmp.faster and 10 <= cmp.rounds <= 11  # ~0.2 s in rounds of ~20 ms
+    assert m.compare(cl, gm, max_s=0.06).rounds == 3  # never fewer than min_rounds
+    m.max_s = None
+    assert m.compare(cl, gm).rounds == 30  # then the round cap
+
+
+def test_clock_is_thread_cpu_time_on_one_cpu_thread():
+    gm, inputs = _captured()
+    assert StepMeasurer(inputs, device="cpu").clock == "thread_cpu"
+    assert StepMeasurer(inputs, device="cpu", threads=2).clock == "wall"
+    assert StepMeasurer(inputs, device="cpu", clock="wall").clock == "wall"
+    m = StepMeasurer(inputs, device="cpu", warmup=1, rounds=3, steps=1)
+    cmp = m.compare(gm, gm)  # real steps of a tiny model: both clocks recorded (no timing asserted)
+    assert cmp.rounds >= 3 and cmp.candidate_ms > 0 and cmp.candidate_wall_ms > 0
+    assert "thread CPU time" in cmp.summary() and not cmp.faster
+
+
+def test_only_a_candidate_measured_faster_is_verified(monkeypatch):
+    from graphopt.auto import search
+
+    calls = []
+    build = search._Search.build
+
+    def spy(self, specs, verify=True):
+        calls.append(([n for n, _ in specs], verify))
+        return build(self, specs, verify)
+
+    monkeypatch.setattr(search._Search, "build", spy)
+    gm, inputs = _captured()
+    best, rep = auto_optimize(gm, inputs, device="cpu", measurer=_measurer(inputs, FakeTimer()))
+    verified = [c for c in calls if c[1]]
+    kept = [c for c in rep.candidates if c.kept]
+    assert len(verified) == len(kept) == 2  # channels_last, then its b2 exclusion: b1/b3 were never verified
+    assert rep.pipeline_report.verified
+    # nothing kept: no final measurement of the original against itself; its time is the decisions' baseline
+    timer = FakeTimer(cl=(1.0, 1.0, 1.0))
+    _, rep2 = auto_optimize(gm, inputs, device="cpu", measurer=_measurer(inputs, timer), per_layer=False)
+    cl = next(c for c in rep2.candidates if c.pass_ == "channels_last")
+    assert rep2.kept_original and rep2.original_ms == cl.baseline_ms and rep2.final_comparison is None
+    assert timer.calls == 2 + 3 * 2  # warm-ups and three rounds of the one decision, nothing more
 
 
 def test_keeps_faster_rejects_noise_and_decides_per_region():
@@ -280,13 +415,18 @@ def test_cli_without_passes_end_to_end(tmp_path, capsys):
     mf = tmp_path / "model.py"
     mf.write_text(textwrap.dedent(MODEL))
     report, out = tmp_path / "r.json", tmp_path / "out"
-    code = main(["optimize", str(mf), "--device", "cpu", "--rounds", "2", "--steps", "1", "--warmup", "1",
+    code = main(["optimize", str(mf), "--device", "cpu", "--rounds", "3", "--decision-time", "5", "--warmup", "1",
                  "--report", str(report), "-o", str(out), "--cache-dir", str(tmp_path / "cache")])
     text = capsys.readouterr().out
     assert code == 0, text
     assert "candidate channels_last" in text  # one progress line per candidate (not a TTY)
     doc = json.loads(report.read_text())
-    assert {"candidates", "speedup", "pipeline", "original_ms", "final_ms"} <= set(doc["auto"])
+    assert {"candidates", "speedup", "pipeline", "original_ms", "final_ms", "clock", "original_wall_ms",
+            "final_wall_ms", "wall_speedup"} <= set(doc["auto"])
+    assert doc["auto"]["clock"] == "thread_cpu"  # one CPU thread: decided on the step's thread CPU time
+    cl = next(c for c in doc["auto"]["candidates"] if c["pass"] == "channels_last" and c["layer"] is None)
+    assert 3 >= cl["comparison"]["rounds"] >= 2 and cl["comparison"]["verdict"] in ("faster", "not faster", "undecided")
+    assert len(cl["comparison"]["candidate_samples_ms"]) == cl["comparison"]["rounds"]
     assert doc["auto"]["speedup"] >= 1.0  # never slower: the original is kept otherwise
     assert doc["verified"] is True
     assert report.with_suffix(".png").stat().st_size > 1000

@@ -29,8 +29,13 @@ def candidate_line(c: CandidateRecord) -> str:
 
 
 def auto_table(rep: AutoReport) -> Table:
+    from graphopt.bench.measure import CLOCK_NAMES
+
+    wall = (f"; wall time {_ms(rep.original_wall_ms)} -> {_ms(rep.final_wall_ms)} ms"
+            if rep.clock != "wall" and rep.original_wall_ms is not None else "")
     t = Table(title=f"automatic mode on {rep.device}: {rep.speedup:.3f}x "
-                    f"({_ms(rep.original_ms)} -> {_ms(rep.final_ms)} ms per training step)", header_style="bold")
+                    f"({_ms(rep.original_ms)} -> {_ms(rep.final_ms)} ms per training step, "
+                    f"{CLOCK_NAMES.get(rep.clock, rep.clock)}{wall})", header_style="bold")
     t.add_column("candidate [layer]", overflow="fold")
     t.add_column("ms", justify="right", no_wrap=True)
     t.add_column("best ms", justify="right", no_wrap=True)
@@ -59,7 +64,7 @@ def plot_auto(rep: AutoReport, path: str | Path) -> Path:
     ax.scatter(xs, base, marker="_", s=400, color="black", label="best so far (baseline of the decision)")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=7)
-    ax.set_ylabel("training step, median (ms)")
+    ax.set_ylabel(f"training step, median (ms, {rep.clock.replace('_', ' ')})")
     ax.set_title(f"{rep.device}: {rep.speedup:.3f}x; green kept, red rejected", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()

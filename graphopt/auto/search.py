@@ -4,23 +4,30 @@
    one device (``NOT_A_SPEEDUP``). Mixed precision is a candidate only on a device with fast half
    kernels (CUDA); elsewhere it is declined with the known reason.
 2. Candidates are tried in order; each one is applied *on top of the current best pipeline* by
-   re-running the whole pipeline from the captured graph through the PassManager with
-   verification. If that combination fails verification, the candidate is tried *first* in the
+   re-running the whole pipeline from the captured graph through the PassManager (verified once it
+   measured faster, see 3). If that combination fails verification, the candidate is tried *first* in the
    pipeline (order matters: e.g. mixed precision before channels_last); if that fails too, it is
    declined with the verifier's message: nothing is combined unverified.
-3. A verified combination is measured against the current best (alternated, median of rounds,
-   noise margin: :class:`graphopt.bench.measure.StepMeasurer`) and kept only when faster beyond the
-   margin.
+3. A combination is measured against the current best in paired alternated rounds, sequentially
+   (:meth:`graphopt.bench.measure.StepMeasurer.compare`: a confidence interval on the ratio, more
+   rounds only while undecided) and kept only when faster with confidence. It is built without the
+   numeric checks for the measurement; only a combination that measured faster is verified (and
+   declined, or tried in the other order, when that fails): rejected candidates cost no verification,
+   and nothing unverified is ever kept.
 4. Per-layer: once channels_last is kept, each top-level region holding convolutions is tried in
    NCHW (``channels_last:exclude=REGION.*``), kept when measured faster.
 5. ``target_time`` (accuracy-changing, opt-in): :mod:`graphopt.auto.halp` prunes by measured latency.
-6. Final: the result is compared with the original; when it is not faster beyond the margin, the
-   original is returned (never slower).
+6. Final: the result is compared with the original, sequentially, for non-inferiority (each kept
+   pass already measured faster with confidence): emitted when its estimate is faster and its
+   interval shows it at least ``FLOOR`` (0.98) x the original's speed; otherwise the original is
+   returned (never slower). When nothing was kept there is nothing to compare: the original's time
+   comes from the decisions' baselines.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -29,11 +36,11 @@ import torch
 from torch import fx
 
 from graphopt.bench.measure import StepMeasurer, environment
-from graphopt.errors import GraphoptError, VerificationError
+from graphopt.errors import GraphoptError
 from graphopt.ir import copy_graph
 from graphopt.pass_infra import Semantics, available_passes, create_pass
 
-__all__ = ["auto_optimize", "AutoReport", "CandidateRecord", "exact_candidates", "NOT_A_SPEEDUP", "ORDER"]
+__all__ = ["auto_optimize", "AutoReport", "CandidateRecord", "exact_candidates", "NOT_A_SPEEDUP", "ORDER", "FLOOR"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,10 @@ NOT_A_SPEEDUP = {
     "partition": "splits the graph into pipeline stages for several devices; it does not speed up one device",
 }
 """Exact passes that are never candidates on one device, with the reason (reported)."""
+
+FLOOR = 0.98
+"""The final check: the combined result is emitted when it measures faster than the original and, with
+95% confidence, at least ``FLOOR`` x the original's speed (each kept pass already measured faster)."""
 
 ORDER = ("cleanup", "sdpa", "mixed_precision", "channels_last")
 """Preferred order of the candidates (others follow by name): cheap graph cleanups first, layout last."""
@@ -59,10 +70,17 @@ class CandidateRecord:
     kept: bool = False
     reason: str = ""
     margin: float | None = None
+    comparison: dict[str, Any] | None = None  # the measurement behind the decision (ratio, interval, rounds...)
 
     def as_dict(self) -> dict[str, Any]:
         return {"pass": self.pass_, "options": self.options, "layer": self.layer, "measured_ms": self.measured_ms,
-                "baseline_ms": self.baseline_ms, "kept": self.kept, "reason": self.reason, "margin": self.margin}
+                "baseline_ms": self.baseline_ms, "kept": self.kept, "reason": self.reason, "margin": self.margin,
+                "comparison": self.comparison}
+
+    def measured(self, cmp: Any) -> None:
+        """Fill the times from a :class:`graphopt.bench.measure.Comparison`."""
+        self.measured_ms, self.baseline_ms, self.margin = cmp.candidate_ms, cmp.baseline_ms, cmp.margin
+        self.comparison = cmp.as_dict()
 
 
 @dataclass
@@ -73,6 +91,10 @@ class AutoReport:
     final_ms: float | None = None
     speedup: float = 1.0
     final_margin: float | None = None
+    clock: str = "wall"  # the decision clock: "thread_cpu" (CPU, one thread) or "wall"; *_ms are in it
+    original_wall_ms: float | None = None
+    final_wall_ms: float | None = None
+    final_comparison: dict[str, Any] | None = None
     kept_original: bool = False
     not_tried: list[str] = field(default_factory=list)
     budget_s: float | None = None
@@ -87,6 +109,10 @@ class AutoReport:
     def as_dict(self) -> dict[str, Any]:
         return {"device": self.device, "pipeline": self.pipeline, "original_ms": self.original_ms,
                 "final_ms": self.final_ms, "speedup": self.speedup, "final_margin": self.final_margin,
+                "clock": self.clock, "original_wall_ms": self.original_wall_ms, "final_wall_ms": self.final_wall_ms,
+                "wall_speedup": (self.original_wall_ms / self.final_wall_ms
+                                 if self.original_wall_ms and self.final_wall_ms else None),
+                "final_comparison": self.final_comparison,
                 "kept_original": self.kept_original, "not_tried": self.not_tried, "budget_s": self.budget_s,
                 "search_s": self.search_s, "target_time": self.target_time, "pruning": self.pruning,
                 "candidates": [c.as_dict() for c in self.candidates], "env": self.env}
@@ -161,71 +187,91 @@ class _Search:
         self.budget = budget
         self.progress = progress
         self.report = AutoReport()
+        self.original_cmp: Any = None  # the last comparison whose baseline was the original
 
     def out_of_time(self) -> bool:
         return self.budget is not None and self.clock() - self.t0 >= self.budget
 
-    def build(self, specs: Sequence[tuple[str, dict[str, Any]]]) -> tuple[fx.GraphModule, Any]:
+    def build(self, specs: Sequence[tuple[str, dict[str, Any]]], verify: bool = True) -> tuple[fx.GraphModule, Any]:
         from graphopt.manager import PassManager
 
         passes = [create_pass(n, o) for n, o in specs]
-        return PassManager(passes, verify=True).run(copy_graph(self.original), self.inputs)
+        return PassManager(passes, verify=verify).run(copy_graph(self.original), self.inputs)
 
     def record(self, rec: CandidateRecord) -> None:
         self.report.candidates.append(rec)
         if self.progress:
             self.progress(rec)
 
+    def compare(self, gm: fx.GraphModule, best: fx.GraphModule, per_layer: bool = False) -> Any:
+        # a per-layer refinement gets half the measuring time of a whole pass (its gains are smaller)
+        cap = self.m.max_s / 2 if per_layer and self.m.max_s is not None else -1.0
+        cmp = self.m.compare(gm, best, stop=self.out_of_time, max_s=cap)
+        if best is self.original:
+            self.original_cmp = cmp
+        return cmp
+
     def try_candidate(self, pipeline: list[tuple[str, dict[str, Any]]], best: fx.GraphModule,
                       name: str, options: dict[str, Any], layer: str | None = None
                       ) -> tuple[list[tuple[str, dict[str, Any]]], fx.GraphModule, Any] | None:
-        """Apply, verify and measure one candidate on top of ``pipeline``; the new state when kept."""
+        """Apply and measure one candidate on top of ``pipeline``, verify it when it measured faster;
+        the new state when kept. Orders: after the kept passes, else first (when the first order does
+        not verify)."""
         rec = CandidateRecord(name, dict(options), layer)
         base = [(n, o) for n, o in pipeline if n != name]  # a per-layer variant replaces the pass's entry
         tries = [base + [(name, options)]] + ([[(name, options)] + base] if base else [])
-        built = None
-        errors = []
-        for specs in tries:
+        errors: list[str] = []
+        for k, specs in enumerate(tries):
             try:
-                gm, rep = self.build(specs)
-            except VerificationError as exc:
-                errors.append(str(exc))
-                continue
+                gm, rep = self.build(specs, verify=False)
             except GraphoptError as exc:
                 errors.append(str(exc))
                 continue
-            rec_ = rep.records[[s[0] for s in specs].index(name)]
-            if not rec_.modified:
+            prec = rep.records[[s[0] for s in specs].index(name)]
+            if not prec.modified:
                 rec.reason = "nothing to rewrite in this model" + (
-                    f" ({rec_.declined[0]['reason']})" if rec_.declined else "")
+                    f" ({prec.declined[0]['reason']})" if prec.declined else "")
                 self.record(rec)
                 return None
-            built = (specs, gm, rep)
-            break
-        if built is None:
-            rec.reason = "not verifiable in any order with the kept passes: " + errors[-1][:300]
-            self.record(rec)
-            return None
-        specs, gm, rep = built
-        try:
-            cmp = self.m.compare(gm, best)
-        except Exception as exc:  # the candidate's step does not run on the device
-            rec.reason = f"its training step failed on {self.m.device}: {type(exc).__name__}: {str(exc)[:200]}"
-            self.record(rec)
-            return None
-        rec.measured_ms, rec.baseline_ms, rec.margin = cmp.candidate_ms, cmp.baseline_ms, cmp.margin
-        order = "" if specs[-1][0] == name else " (placed first: the other order does not verify)"
-        if cmp.faster:
+            try:
+                cmp = self.compare(gm, best, per_layer=layer is not None)
+            except Exception as exc:  # the candidate's step does not run on the device
+                rec.reason = f"its training step failed on {self.m.device}: {type(exc).__name__}: {str(exc)[:200]}"
+                self.m.release(gm)
+                self.record(rec)
+                return None
+            rec.measured(cmp)
+            if not cmp.faster:
+                self.m.release(gm)
+                why = ("slower" if cmp.slower else "stopped by the time budget" if cmp.stopped
+                       else "within noise" if cmp.verdict == "not faster" else
+                       f"undecided after {cmp.rounds} rounds")
+                if why.startswith("undecided"):
+                    why += " (its measuring time or round cap)"
+                extra = f", below the {self.m.min_gain:.0%} minimum gain" if why == "within noise" else ""
+                rec.reason = f"{why}: {cmp.summary()}{extra}"
+                if cmp.stopped:
+                    self.report.not_tried.append(_spec(name, options) + (f" [{layer}]" if layer else "")
+                                                 + f" (undecided when the time budget ran out, {cmp.rounds} rounds)")
+                self.record(rec)
+                return None
+            measured = gm
+            try:  # measured faster: now the numeric checks the passes' semantics promise
+                gm, rep = self.build(specs, verify=True)
+            except GraphoptError as exc:
+                self.m.release(measured)
+                errors.append(str(exc))  # the other order is a different graph: measured on its own
+                continue
+            self.m.adopt(gm, measured)  # the same pass output: its warm training copy is reused
+            order = "" if k == 0 else " (placed first: the other order does not verify)"
             rec.kept = True
-            rec.reason = f"faster: {1 / cmp.ratio:.3f}x, beyond the noise margin {cmp.margin:.1%}{order}"
-        else:
-            rec.reason = (f"{'slower' if cmp.slower else 'within noise'}: {1 / cmp.ratio:.3f}x "
-                          f"(margin {cmp.margin:.1%})")
-        self.record(rec)
-        if rec.kept:
-            self.m.release(best)
+            rec.reason = f"faster: {cmp.summary()}; verified{order}"
+            self.record(rec)
+            if best is not self.original:  # the original stays warm for the final comparison
+                self.m.release(best)
             return specs, gm, rep
-        self.m.release(gm)
+        rec.reason = "not verifiable in any order with the kept passes: " + errors[-1][:300]
+        self.record(rec)
         return None
 
 
@@ -244,6 +290,7 @@ def auto_optimize(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], *, device:
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     m = measurer or StepMeasurer(inputs, target, loss=loss, device=dev)
     s = _Search(gm, inputs, m, time_budget, clock, progress)
+    s.report.clock = m.clock
     s.report.device, s.report.budget_s, s.report.target_time = str(dev), time_budget, target_time
     s.report.env = environment(dev)
     # the original's step must run on the device: a user error otherwise (one line, exit 2)
@@ -292,24 +339,39 @@ def auto_optimize(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], *, device:
         s.report.not_tried.append(f"pruning to --target-time {target_time}")
     # final: measured against the original, never slower
     s.report.search_s = clock() - s.t0
-    if best is gm:
-        cmp = m.compare(gm, gm)
-        s.report.kept_original = True
+    rep_ = s.report
+    if best is gm:  # nothing kept: nothing to compare; the original's time from the decisions' baselines
+        ref = s.original_cmp
+        if ref is None:
+            c, w = m.measure_both({"original": gm}, rounds=m.min_rounds)
+            rep_.original_ms = rep_.final_ms = statistics.median(c["original"]) * 1e3
+            rep_.original_wall_ms = rep_.final_wall_ms = statistics.median(w["original"]) * 1e3
+        else:
+            rep_.original_ms = rep_.final_ms = ref.baseline_ms
+            rep_.original_wall_ms = rep_.final_wall_ms = ref.baseline_wall_ms
+        rep_.kept_original, rep_.speedup = True, 1.0
+        pipeline, best_rep = [], None
     else:
-        cmp = m.compare(best, gm)
-        s.report.kept_original = not cmp.faster
-    s.report.original_ms, s.report.final_ms, s.report.final_margin = cmp.baseline_ms, cmp.candidate_ms, cmp.margin
-    if s.report.kept_original:
-        if best is not gm:
-            s.record(CandidateRecord("combined", {"pipeline": [_spec(n, o) for n, o in pipeline]},
-                                     measured_ms=cmp.candidate_ms, baseline_ms=cmp.baseline_ms, margin=cmp.margin,
-                                     reason=f"the combined result measured {1 / cmp.ratio:.3f}x vs the original, "
-                                            "not faster beyond the noise: the original is kept"))
-        best, pipeline, best_rep = gm, [], None
-        s.report.final_ms = cmp.baseline_ms
-        s.report.speedup = 1.0
-    else:
-        s.report.speedup = 1.0 / cmp.ratio
+        # every kept pass measured faster than the best before it; the combination is checked against the
+        # original for non-inferiority: kept unless it may be slower than FLOOR x the original's speed
+        cmp = m.compare(best, gm, floor=FLOOR)
+        rep_.final_comparison = cmp.as_dict()
+        rep_.original_ms, rep_.final_ms, rep_.final_margin = cmp.baseline_ms, cmp.candidate_ms, cmp.margin
+        rep_.original_wall_ms, rep_.final_wall_ms = cmp.baseline_wall_ms, cmp.candidate_wall_ms
+        rep_.kept_original = cmp.verdict not in ("faster", "not slower")
+        if rep_.kept_original:
+            why = ("slower" if cmp.verdict == "slower" else
+                   f"not shown to be faster and at least {FLOOR}x as fast ({m.confidence:.0%} interval)")
+            rec = CandidateRecord("combined", {"pipeline": [_spec(n, o) for n, o in pipeline]},
+                                  reason=f"the combined result measured {cmp.summary()} vs the original: {why}: "
+                                         "the original is kept")
+            rec.measured(cmp)
+            s.record(rec)
+            best, pipeline, best_rep = gm, [], None
+            rep_.final_ms, rep_.final_wall_ms = cmp.baseline_ms, cmp.baseline_wall_ms
+            rep_.speedup = 1.0
+        else:
+            rep_.speedup = 1.0 / cmp.ratio
     s.report.pipeline = [_spec(n, o) for n, o in pipeline]
     s.report.pipeline_report = best_rep
     return best, s.report

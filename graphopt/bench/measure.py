@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import datetime as _dt
 import gc
+import math
 import os
 import platform
 import statistics
@@ -25,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["thread_settings", "environment", "StepTimer", "MemoryProbe", "count_flops", "measure_peak_flops",
            "summarize", "rss_bytes", "trim_memory", "StepMeasurer", "Comparison", "noise_margin", "alternate",
+           "t_quantile", "paired_interval", "paired_verdict", "noninferior_verdict", "CLOCK_NAMES",
            "ModelTimer"]
 
 
@@ -232,16 +234,21 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
 # ----------------------------------------------------------------------------- the measurement engine
 #
 # Noise model (also in the README, "How auto decides"):
-# - every variant is warmed up (``warmup`` steps: allocator, oneDNN/cuDNN kernel choice);
-# - timed rounds alternate the variants (the starting variant rotates each round), so drifting
-#   machine load hits every variant alike; a round runs ``steps`` steps per variant and records
-#   their mean;
-# - the decision uses the per-round *ratio* candidate/baseline (the two ran back to back, so slow
-#   drifts cancel), its median over the rounds, and a noise margin from its spread: the
-#   interquartile range of the ratios, at least ``min_margin`` (1%). A candidate counts as
-#   faster only when ``median ratio < 1 - margin``.
-# - GPU: CUDA events around each step and one synchronize per round (no host sync inside the
-#   timed region); CPU: perf_counter with one intra-op thread (see thread_settings).
+# - every variant is warmed up once (``warmup`` steps: allocator, oneDNN/cuDNN kernel choice,
+#   optimizer state); a variant that stays the baseline is not warmed again;
+# - the clock: on a CPU with one intra-op thread, the *thread CPU time* of the step
+#   (``time.thread_time``: the step runs entirely in the calling thread, and the time the thread
+#   waits for a core taken by another process is not counted), else wall time (CUDA events on a
+#   GPU). Wall time is recorded alongside, always;
+# - paired rounds: each round runs candidate and baseline back to back (``steps`` steps each, the
+#   order alternating), so a slow drift hits both; the statistic is the per-round log-ratio
+#   ``d = log(candidate / baseline)``. Its mean gives the ratio estimate ``exp(mean d)`` and a
+#   Student-t confidence interval ``exp(mean d +- t * sd / sqrt(n))`` (``confidence``, 95%);
+# - sequential: after ``min_rounds`` (3) rounds the interval is checked after every round:
+#   *faster* when the whole interval is below 1 and the estimate is at least ``min_gain`` (1%)
+#   faster; *not faster* when the interval's lower end is above ``1 - min_gain`` (slower, or a gain
+#   too small to matter); otherwise another round, up to ``rounds`` (10). Still undecided at the
+#   cap: not faster. Clear cases stop after 3 rounds; small real gains get more rounds.
 
 
 def alternate(runners: Mapping[str, Callable[[], Any]], rounds: int,
@@ -257,38 +264,130 @@ def alternate(runners: Mapping[str, Callable[[], Any]], rounds: int,
             runners[n]()
 
 
+def t_quantile(p: float, df: int) -> float:
+    """Quantile ``p`` of Student's t with ``df`` degrees of freedom (Cornish-Fisher expansion around
+    the normal quantile: within 1% of the exact value for df >= 2, exact in the limit)."""
+    z = statistics.NormalDist().inv_cdf(p)
+    if df <= 0:
+        return float("inf")
+    if df == 1:  # Cauchy: closed form
+        return math.tan(math.pi * (p - 0.5))
+    z3, z5, z7, z9 = z**3, z**5, z**7, z**9
+    return (z + (z3 + z) / (4 * df) + (5 * z5 + 16 * z3 + 3 * z) / (96 * df**2)
+            + (3 * z7 + 19 * z5 + 17 * z3 - 15 * z) / (384 * df**3)
+            + (79 * z9 + 776 * z7 + 1482 * z5 - 1920 * z3 - 945 * z) / (92160 * df**4))
+
+
+def paired_interval(ratios: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(estimate, low, high) of the candidate/baseline time ratio from paired per-round ratios: the
+    geometric mean and the Student-t interval of the mean log-ratio (``(nan, 0, inf)`` below 2 rounds)."""
+    d = [math.log(r) for r in ratios if r > 0 and math.isfinite(r)]
+    if not d:
+        return float("nan"), 0.0, float("inf")
+    m = statistics.fmean(d)
+    if len(d) < 2:
+        return math.exp(m), 0.0, float("inf")
+    half = t_quantile(0.5 + confidence / 2, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return math.exp(m), math.exp(m - half), math.exp(m + half)
+
+
+FASTER, NOT_FASTER, UNDECIDED = "faster", "not faster", "undecided"
+NOT_SLOWER, SLOWER = "not slower", "slower"
+
+
+def paired_verdict(ratios: list[float], *, confidence: float = 0.95, min_gain: float = 0.01,
+                   min_rounds: int = 3) -> str:
+    """The sequential decision on paired ratios (candidate/baseline): ``"faster"`` when the interval
+    lies below 1 and the estimate is at least ``min_gain`` faster; ``"not faster"`` when the
+    interval's low end is above ``1 - min_gain``; else ``"undecided"`` (also below ``min_rounds``)."""
+    if len(ratios) < max(2, min_rounds):
+        return UNDECIDED
+    est, lo, hi = paired_interval(ratios, confidence)
+    if hi < 1.0 and est <= 1.0 - min_gain:
+        return FASTER
+    if lo > 1.0 - min_gain:
+        return NOT_FASTER
+    return UNDECIDED
+
+
+def noninferior_verdict(ratios: list[float], *, floor: float = 0.98, confidence: float = 0.95,
+                        min_gain: float = 0.01, min_rounds: int = 3) -> str:
+    """The sequential non-inferiority decision (the final check of a combination whose parts each
+    measured faster): ``"faster"`` as :func:`paired_verdict`; ``"not slower"`` when the estimate is
+    below 1 and the interval's high end shows the candidate at least ``floor`` x the baseline's speed
+    (ratio at most ``1 / floor``); ``"slower"`` when the interval lies above 1; ``"not faster"`` when
+    :func:`paired_verdict` says so and the estimate is not below 1; else ``"undecided"``."""
+    v = paired_verdict(ratios, confidence=confidence, min_gain=min_gain, min_rounds=min_rounds)
+    if v == FASTER or len(ratios) < max(2, min_rounds):
+        return v
+    est, lo, hi = paired_interval(ratios, confidence)
+    if est < 1.0 and hi <= 1.0 / floor:
+        return NOT_SLOWER
+    if lo > 1.0:
+        return SLOWER
+    if v == NOT_FASTER and est >= 1.0:  # no 1% gain possible, and not faster on the estimate: stop
+        return NOT_FASTER
+    return UNDECIDED
+
+
 @dataclass
 class Comparison:
-    """Candidate vs baseline, measured alternately in one process."""
+    """Candidate vs baseline, measured in paired alternated rounds in one process. Times are medians
+    of the per-round means in the decision clock (``clock``); ``wall_*``: the same in wall time."""
 
     candidate_ms: float
     baseline_ms: float
-    ratio: float  # median over rounds of candidate/baseline (< 1: candidate faster)
-    margin: float  # relative noise margin derived from the spread of the per-round ratios
+    ratio: float  # geometric mean over rounds of candidate/baseline (< 1: candidate faster)
+    margin: float  # relative half-width of the confidence interval of the ratio
     rounds: int
     candidate_samples_ms: list[float] = field(default_factory=list)
     baseline_samples_ms: list[float] = field(default_factory=list)
+    low: float = float("nan")  # confidence interval of the ratio
+    high: float = float("nan")
+    verdict: str = UNDECIDED  # "faster" | "not faster" | "undecided" (at the round cap or stopped)
+    clock: str = "wall"
+    candidate_wall_ms: float = float("nan")
+    baseline_wall_ms: float = float("nan")
+    confidence: float = 0.95
+    stopped: bool = False  # stopped early by the caller (time budget) before a decision
 
     @property
     def faster(self) -> bool:
-        return self.ratio < 1.0 - self.margin
+        return self.verdict == FASTER
 
     @property
     def slower(self) -> bool:
-        return self.ratio > 1.0 + self.margin
+        return self.low > 1.0
+
+    @property
+    def wall_ratio(self) -> float:
+        return self.candidate_wall_ms / self.baseline_wall_ms if self.baseline_wall_ms > 0 else float("nan")
 
     def as_dict(self) -> dict[str, Any]:
         return {"candidate_ms": self.candidate_ms, "baseline_ms": self.baseline_ms, "ratio": self.ratio,
-                "margin": self.margin, "rounds": self.rounds, "faster": self.faster}
+                "ratio_interval": [self.low, self.high], "confidence": self.confidence, "margin": self.margin,
+                "rounds": self.rounds, "verdict": self.verdict, "faster": self.faster, "clock": self.clock,
+                "candidate_wall_ms": self.candidate_wall_ms, "baseline_wall_ms": self.baseline_wall_ms,
+                "candidate_samples_ms": [round(v, 3) for v in self.candidate_samples_ms],
+                "baseline_samples_ms": [round(v, 3) for v in self.baseline_samples_ms]}
+
+    def summary(self) -> str:
+        """``1.418x (95% interval 1.35-1.49x, 4 rounds, thread CPU time)`` in speed-up terms."""
+        lo = f"{1 / self.high:.3f}" if self.high > 0 and math.isfinite(self.high) else "0"
+        hi = f"{1 / self.low:.3f}" if self.low > 0 else "inf"
+        return (f"{1 / self.ratio:.3f}x ({self.confidence:.0%} interval {lo}-{hi}x, {self.rounds} paired rounds, "
+                f"{CLOCK_NAMES.get(self.clock, self.clock)})")
 
 
-def noise_margin(ratios: list[float], min_margin: float = 0.01) -> float:
-    """The relative margin a ratio must beat: the interquartile range of the per-round ratios
-    (at least ``min_margin``)."""
-    if len(ratios) < 2:
-        return max(min_margin, 0.05)
-    q = statistics.quantiles(sorted(ratios), n=4, method="inclusive")
-    return max(min_margin, q[2] - q[0])
+CLOCK_NAMES = {"thread_cpu": "thread CPU time", "wall": "wall time", "injected": "injected timer"}
+
+
+def noise_margin(ratios: list[float], confidence: float = 0.95) -> float:
+    """The relative half-width of the confidence interval of the paired ratios (0.05 below 2 rounds)."""
+    est, lo, hi = paired_interval(ratios, confidence)
+    if not math.isfinite(hi) or not est > 0:
+        return 0.05
+    return max(hi / est - 1.0, 1.0 - lo / est)
 
 
 ModelTimer = Callable[[Any], float]
@@ -299,23 +398,40 @@ class StepMeasurer:
     """Times the training step (zero_grad, forward, loss, backward, optimizer step) of modules on one
     device, alternating variants in one process (see the noise model above).
 
+    ``rounds`` and ``max_s``: the caps on paired rounds and on their time (the sum of the timed steps'
+    wall time, both variants) per comparison; it stops earlier once decided, and always runs
+    ``min_rounds``;
+    ``steps``: steps per variant per round (``None``: enough for a round of ``round_s`` seconds per
+    variant, from the first warm-up, at least 1); ``clock``: ``"thread_cpu"`` or ``"wall"``
+    (default: thread CPU time on a CPU with one thread, else wall).
     ``timer``: replaces running and timing a real step (tests inject a deterministic one); the
-    engine's alternation, medians and margins stay the same.
+    engine's alternation, warm-up and decisions stay the same.
     """
 
     def __init__(self, inputs: tuple[torch.Tensor, ...], target: torch.Tensor | None = None, *,
                  loss: Callable[..., torch.Tensor] | None = None, device: str | torch.device = "cpu",
-                 warmup: int = 2, rounds: int = 5, steps: int = 2, threads: int | None = 1,
-                 optimizer: str = "sgd", lr: float = 0.01, min_margin: float = 0.01,
-                 timer: ModelTimer | None = None) -> None:
+                 warmup: int = 2, rounds: int = 30, steps: int | None = None, threads: int | None = 1,
+                 optimizer: str = "sgd", lr: float = 0.01, min_rounds: int = 3, confidence: float = 0.95,
+                 min_gain: float = 0.01, clock: str | None = None, round_s: float = 0.05,
+                 max_s: float | None = 15.0, timer: ModelTimer | None = None) -> None:
         self.inputs = tuple(inputs)
         self.target = target
         self.loss = loss
         self.device = torch.device(device)
-        self.warmup, self.rounds, self.steps = warmup, max(1, rounds), max(1, steps)
-        self.threads, self.optimizer, self.lr, self.min_margin = threads, optimizer, lr, min_margin
+        self.warmup, self.rounds = warmup, max(1, rounds)
+        self.steps = max(1, steps) if steps is not None else None
+        self.min_rounds = max(2, min(min_rounds, self.rounds))
+        self.confidence, self.min_gain, self.round_s, self.max_s = confidence, min_gain, round_s, max_s
+        self.threads, self.optimizer, self.lr = threads, optimizer, lr
         self.timer = timer
+        if clock is None:
+            clock = ("injected" if timer is not None else
+                     "thread_cpu" if self.device.type == "cpu" and threads == 1 else "wall")
+        if clock not in CLOCK_NAMES:
+            raise ValueError(f"clock must be 'thread_cpu' or 'wall', not {clock!r}")
+        self.clock = clock
         self._backends: dict[int, tuple[Any, Any, tuple[Any, ...]]] = {}
+        self._warm: set[int] = set()
         self.measured_steps = 0
 
     # -- one module --------------------------------------------------------------------------
@@ -334,51 +450,132 @@ class StepMeasurer:
                           lr=self.lr, device=self.device)
         data = be.prepare(self.inputs, self.target)
         self._backends[id(module)] = (module, be, data)
+        self._warm.discard(id(module))
         return be, data
 
     def release(self, module: Any) -> None:
         """Drop the training copy of ``module`` (memory)."""
         self._backends.pop(id(module), None)
+        self._warm.discard(id(module))
 
-    def _run(self, module: Any, n: int) -> float:
-        """Mean seconds of ``n`` steps of ``module``."""
+    def adopt(self, new: Any, old: Any) -> None:
+        """Time ``new`` with ``old``'s (warm) training copy from now on: for a module built again
+        identically (the same passes on the same graph), so it is not set up and warmed twice."""
+        hit = self._backends.pop(id(old), None)
+        warm = id(old) in self._warm
+        self._warm.discard(id(old))
+        if hit is not None:
+            self._backends[id(new)] = (new, hit[1], hit[2])
+        if warm and (hit is not None or self.timer is not None):
+            self._warm.add(id(new))
+
+    def _run2(self, module: Any, n: int) -> tuple[float, float]:
+        """(decision-clock seconds, wall seconds): means over ``n`` steps of ``module``."""
         self.measured_steps += n
         if self.timer is not None:
-            return sum(self.timer(module) for _ in range(n)) / n
+            v = sum(self.timer(module) for _ in range(n)) / n
+            return v, v
         be, (x, y) = self._backend(module)
         t = StepTimer(self.device)
+        c0 = time.thread_time()
         for _ in range(n):
             with t.time():
                 be.step(x, y)
-        return statistics.fmean(t.samples())
+        cpu = (time.thread_time() - c0) / n
+        wall = statistics.fmean(t.samples())
+        return (cpu if self.clock == "thread_cpu" else wall), wall
+
+    def _run(self, module: Any, n: int) -> float:
+        """Mean seconds of ``n`` steps of ``module`` (decision clock)."""
+        return self._run2(module, n)[0]
+
+    def _is_warm(self, module: Any) -> bool:
+        if id(module) not in self._warm:
+            return False
+        hit = self._backends.get(id(module))
+        return self.timer is not None or (hit is not None and hit[0] is module)
+
+    def _warm_up(self, module: Any, force: bool = False) -> float:
+        """``warmup`` untimed steps, once per module (a baseline kept across comparisons is not warmed
+        again); the first warm-up also sets ``steps`` when it is automatic."""
+        if self._is_warm(module) and not force:
+            return float("nan")
+        last = float("nan")
+        for _ in range(max(self.warmup, 1 if force else 0)):
+            last = self._run(module, 1)
+        self._warm.add(id(module))
+        if self.steps is None and last == last:
+            self.steps = max(1, min(50, math.ceil(self.round_s / max(last, 1e-6))))
+        return last
 
     def warm(self, module: Any) -> float:
         """Warm ``module`` up (also proves its step runs on the device); returns the last step's seconds."""
-        last = float("nan")
         with thread_settings(self.device, self.threads):
-            for _ in range(max(1, self.warmup)):
-                last = self._run(module, 1)
-        return last
+            return self._warm_up(module, force=True)
 
     # -- alternation ---------------------------------------------------------------------------
-    def measure(self, modules: Mapping[str, Any]) -> dict[str, list[float]]:
-        """Per-round mean step seconds of each module, the variants alternated round by round."""
+    def measure_both(self, modules: Mapping[str, Any], rounds: int | None = None
+                     ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        """Per-round mean step seconds of each module, the variants alternated round by round:
+        (decision clock, wall)."""
         names = list(modules)
         out: dict[str, list[float]] = {n: [] for n in names}
+        wall: dict[str, list[float]] = {n: [] for n in names}
+
+        def run(n: str) -> None:
+            c, w = self._run2(modules[n], self.steps or 1)
+            out[n].append(c)
+            wall[n].append(w)
+
         with thread_settings(self.device, self.threads):
             for n in names:
-                for _ in range(self.warmup):
-                    self._run(modules[n], 1)
-            alternate({n: (lambda n=n: out[n].append(self._run(modules[n], self.steps))) for n in names},
-                      self.rounds)
-        return out
+                self._warm_up(modules[n])
+            alternate({n: (lambda n=n: run(n)) for n in names}, rounds or self.rounds)
+        return out, wall
 
-    def compare(self, candidate: Any, baseline: Any) -> Comparison:
-        """Candidate vs baseline: medians, per-round ratios and the noise margin."""
-        s = self.measure({"candidate": candidate, "baseline": baseline})
-        c, b = s["candidate"], s["baseline"]
+    def measure(self, modules: Mapping[str, Any], rounds: int | None = None) -> dict[str, list[float]]:
+        """Per-round mean step seconds (decision clock) of each module, alternated round by round."""
+        return self.measure_both(modules, rounds)[0]
+
+    def compare(self, candidate: Any, baseline: Any, *, stop: Callable[[], bool] | None = None,
+                max_s: float | None = -1.0, floor: float | None = None) -> Comparison:
+        """Candidate vs baseline in paired rounds, sequentially: from ``min_rounds`` on, stops as soon as
+        :func:`paired_verdict` decides (with ``floor``: :func:`noninferior_verdict`), else at ``rounds``
+        rounds or ``max_s`` seconds of timed steps (default: the measurer's), or when ``stop()`` says so
+        (a search's time budget)."""
+        cap_s = self.max_s if max_s == -1.0 else max_s
+        c: list[float] = []
+        b: list[float] = []
+        cw: list[float] = []
+        bw: list[float] = []
+        verdict, stopped = UNDECIDED, False
+        with thread_settings(self.device, self.threads):
+            self._warm_up(candidate)
+            self._warm_up(baseline)
+            for r in range(self.rounds):
+                pair = [(candidate, c, cw), (baseline, b, bw)]
+                for mod, out, wout in (pair if r % 2 == 0 else pair[::-1]):
+                    v, w = self._run2(mod, self.steps or 1)
+                    out.append(v)
+                    wout.append(w)
+                ratios = [ci / bi for ci, bi in zip(c, b) if bi > 0]
+                if floor is None:
+                    verdict = paired_verdict(ratios, confidence=self.confidence, min_gain=self.min_gain,
+                                             min_rounds=self.min_rounds)
+                else:
+                    verdict = noninferior_verdict(ratios, floor=floor, confidence=self.confidence,
+                                                  min_gain=self.min_gain, min_rounds=self.min_rounds)
+                if verdict != UNDECIDED:
+                    break
+                spent = (sum(cw) + sum(bw)) * (self.steps or 1)
+                if cap_s is not None and r + 1 >= self.min_rounds and spent >= cap_s:
+                    break
+                if stop is not None and r + 1 < self.rounds and stop():
+                    stopped = True
+                    break
         ratios = [ci / bi for ci, bi in zip(c, b) if bi > 0]
-        return Comparison(statistics.median(c) * 1e3, statistics.median(b) * 1e3,
-                          statistics.median(ratios) if ratios else float("nan"),
-                          noise_margin(ratios, self.min_margin), len(ratios),
-                          [v * 1e3 for v in c], [v * 1e3 for v in b])
+        est, lo, hi = paired_interval(ratios, self.confidence)
+        return Comparison(statistics.median(c) * 1e3, statistics.median(b) * 1e3, est,
+                          noise_margin(ratios, self.confidence), len(ratios),
+                          [v * 1e3 for v in c], [v * 1e3 for v in b], lo, hi, verdict, self.clock,
+                          statistics.median(cw) * 1e3, statistics.median(bw) * 1e3, self.confidence, stopped)

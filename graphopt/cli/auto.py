@@ -31,10 +31,16 @@ def auto_options(f: Callable[..., Any]) -> Callable[..., Any]:
                           "no distillation)."),
         click.option("--batch-size", "auto_batch", type=click.IntRange(min=1), default=None,
                      help="Automatic mode: batch size the step is measured at [default: the example inputs']."),
-        click.option("--rounds", "auto_rounds", type=click.IntRange(min=2), default=5, show_default=True,
-                     help="Automatic mode: alternated timing rounds per decision."),
-        click.option("--steps", "auto_steps", type=click.IntRange(min=1), default=2, show_default=True,
-                     help="Automatic mode: training steps per variant per round."),
+        click.option("--rounds", "auto_rounds", type=click.IntRange(min=2), default=30, show_default=True,
+                     help="Automatic mode: at most this many paired timing rounds per decision (a decision stops "
+                          "after 3 once its confidence interval decides it)."),
+        click.option("--decision-time", "auto_decision_s", type=click.FloatRange(min=0), default=15.0,
+                     show_default=True, metavar="SECONDS",
+                     help="Automatic mode: at most this much timed stepping per undecided decision (half for a "
+                          "per-layer one); at least 3 rounds."),
+        click.option("--steps", "auto_steps", type=click.IntRange(min=1), default=None,
+                     help="Automatic mode: training steps per variant per round [default: enough for 50 ms, "
+                          "at least 1]."),
         click.option("--warmup", "auto_warmup", type=click.IntRange(min=0), default=2, show_default=True,
                      help="Automatic mode: warm-up steps per variant."),
         click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
@@ -59,7 +65,7 @@ def rebatch(inputs: tuple[Any, ...], batch: int | None) -> tuple[Any, ...]:
 
 def run_auto(console: Console, spec: Any, gm: Any, *, device: str | None, time_budget: float | None,
              target_time: float | None, max_error: float | None, auto_batch: int | None, auto_rounds: int,
-             auto_steps: int, auto_warmup: int, cache_dir: str | None, report_path: str | None,
+             auto_steps: int | None, auto_warmup: int, auto_decision_s: float = 15.0, cache_dir: str | None, report_path: str | None,
              out_path: Path, recover_epochs: int = 1, no_recover: bool = False) -> tuple[Any, Any, Any]:
     import os
 
@@ -74,7 +80,7 @@ def run_auto(console: Console, spec: Any, gm: Any, *, device: str | None, time_b
     dev = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     inputs = rebatch(tuple(spec.example_inputs), auto_batch)
     measurer = StepMeasurer(inputs, loss=spec.loss, device=dev, warmup=auto_warmup, rounds=auto_rounds,
-                            steps=auto_steps)
+                            steps=auto_steps, max_s=auto_decision_s)
     cache = cache_dir or os.environ.get("GRAPHOPT_CACHE_DIR") or str(Path.home() / ".cache" / "graphopt")
     tty = sys.stdout.isatty()
     if tty:
