@@ -98,12 +98,23 @@ class _Consumer:
         self.cols = {u: torch.as_tensor(c, dtype=torch.long) for u, c in cols.items()}
 
     def cost(self, u: int) -> float:
-        j = self.cols.get(u)
-        if j is None:
-            return 0.0
-        hjj = self.hinv[j][:, j]
-        wj = self.w[j]
-        return float((wj * torch.linalg.solve(hjj, wj)).sum()) / self.energy
+        return float(self.costs([u])[0])
+
+    def costs(self, units: Sequence[int]) -> np.ndarray:
+        """Relative increase of the refit error if each of ``units`` went next (0 for units this
+        consumer does not read); batched over units with the same number of columns."""
+        out = np.zeros(len(units))
+        by_size: dict[int, list[int]] = {}
+        for k, u in enumerate(units):
+            j = self.cols.get(u)
+            if j is not None:
+                by_size.setdefault(len(j), []).append(k)
+        for ks in by_size.values():
+            idx = torch.stack([self.cols[units[k]] for k in ks])  # [U, c]
+            hb = self.hinv[idx[:, :, None], idx[:, None, :]]  # [U, c, c]
+            wb = self.w[idx]  # [U, c, out]
+            out[ks] = ((wb * torch.linalg.solve(hb, wb)).sum((1, 2)) / self.energy).numpy()
+        return out
 
     def remove(self, u: int) -> None:
         j = self.cols.pop(u, None)
@@ -177,7 +188,7 @@ def reconstruction_scores(gm: fx.GraphModule, cg: ChannelGraph, groups: Sequence
         left = list(range(len(units)))
         step = np.zeros(len(units))
         for s in range(len(units)):
-            costs = [sum(c.cost(u) for c in consumers) for u in left]
+            costs = sum(c.costs(left) for c in consumers)
             u = left.pop(int(np.argmin(costs)))
             step[u] = s
             for c in consumers:
