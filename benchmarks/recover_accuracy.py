@@ -409,6 +409,17 @@ def run_transformer(args: argparse.Namespace) -> None:
                      "recovery_train_time_s": r.train_time_s, "total_time_s": start + r.train_time_s,
                      "curve": [[start, rows[src]["test_accuracy"]]] + curve(r, start)}
         print(f"{key}: {r.final['test_accuracy']:.4f} ({rows[key]['delta_vs_original_points']:+.2f} points)", flush=True)
+    # the distillation recipe: 1 epoch from the layer-wise-only reconstruction (0.8x accuracy), where recovery has
+    # work to do, at the recovery lr and at the original's training lr, a few temperatures / KL weights
+    recipe = []
+    for lr in (1e-3, 3e-3):
+        cfg_r = TrainConfig(**{**one.as_dict(), "lr": lr})
+        for temp, alpha in ((4.0, 0.9), (1.0, 0.9), (4.0, 0.5), (None, None)):
+            key = f"lr {lr:g}, " + ("fine-tune (no teacher)" if temp is None else f"T {temp:g}, alpha {alpha:g}")
+            r = recoveries(original, rw, [(key, "prune_rec", temp is not None)], (train, test), cfg_r, ex,
+                           temp or 1.0, alpha or 0.0)[key]
+            recipe.append({"lr": lr, "temperature": temp, "alpha": alpha, "test_accuracy": r.final["test_accuracy"]})
+            print(f"recipe {key}: {r.final['test_accuracy']:.4f}", flush=True)
     c_orig, c_small = curve(base), curve(sres)
     s_reach = reach(c_small, base_acc)
     checks = {
@@ -430,7 +441,7 @@ def run_transformer(args: argparse.Namespace) -> None:
                         "half_macs_from_scratch": {"test_accuracy": sres.final["test_accuracy"],
                                                    "train_time_s": sres.train_time_s, "curve": c_small,
                                                    "macs": small_rec.get("after", {}).get("macs")},
-                        "step_time_ms": st, **rows}, "checks": checks}
+                        "step_time_ms": st, "distill_recipe_from_prune_rec": recipe, **rows}, "checks": checks}
     fname = f"recover_transformer{args.tag}"
     curves = {"original": c_orig, "half-MACs architecture from scratch": c_small}
     curves.update({k: rows[k]["curve"] for k, _, _ in plan})
@@ -472,6 +483,13 @@ def run_transformer(args: argparse.Namespace) -> None:
         r = rows[key]
         md.append(f"| {key} | {r['test_accuracy']:.4f} | {r['delta_vs_original_points']:+.2f} | "
                   f"{r['recovery_train_time_s']:.1f} | {r['total_time_s']:.1f} |")
+    md += ["", f"Distillation recipe: 1 epoch (AdamW, cosine) from `{rows['prune_rec']['spec']}` (layer-wise only, "
+               f"test accuracy {rows['prune_rec']['test_accuracy']:.4f}), not timed:", "",
+           "| lr | temperature | alpha (KL weight) | test accuracy |", "|---:|---:|---:|---:|"]
+    for r in recipe:
+        md.append(f"| {r['lr']:g} | {_fmt(r['temperature'], 1)} | {_fmt(r['alpha'], 1)} | {r['test_accuracy']:.4f} |"
+                  if r["temperature"] is not None else f"| {r['lr']:g} | (fine-tune, no teacher) | | "
+                  f"{r['test_accuracy']:.4f} |")
     md += ["", f"The half-MACs architecture trained from scratch, interleaved with the original: "
                f"{sres.final['test_accuracy']:.4f} in {sres.train_time_s:.1f} s; reached the original's final accuracy "
                f"at {_fmt(s_reach, 1)} s.", "",
