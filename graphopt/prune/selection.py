@@ -18,6 +18,12 @@ greedy order's first channels. Groups no Linear/Conv2d reads fall back to ``l1``
 Unlike magnitude, this ranks channels by what the layer after them can *not* rebuild from the
 channels kept: redundant channels (whose contribution the others carry) go first. It pairs with
 ``reconstruct=N``, which performs the refit the selection assumed.
+
+Cost: per group, one Gram matrix per consumer (``fan_in`` squared, float64) and one greedy pass
+whose every step updates it (``fan_in`` squared times the unit's columns): on the benchmark CNNs
+(width 32 / 64, random weights, 8 batches) it added 1 / 4 s to a 4 / 8 s ``reconstruct=8`` on one
+CPU thread; it grows as ``fan_in`` squared times the kernel size per removed channel (not measured
+on larger models).
 """
 
 from __future__ import annotations
