@@ -46,7 +46,10 @@ class Prune(Pass):
                                     "with scope=global); sparsity modes: share of weights zeroed", min=0.0, max=0.99),
         "macs": Option(float, None, "structured: keep this share of the MACs instead of a ratio (e.g. 0.5)",
                        min=0.01, max=1.0, nullable=True),
-        "criterion": Option(str, "l1", "channel/weight importance", choices=("l1", "l2", "bn_scale", "taylor")),
+        "criterion": Option(str, "l1", "channel/weight importance; reconstruction (structured): keep the channels "
+                                        "whose loss the next layers' least-squares refit compensates worst, greedy "
+                                        "on calibration batches (ThiNet-style)",
+                            choices=("l1", "l2", "bn_scale", "taylor", "reconstruction")),
         "scope": Option(str, "per_layer", "rank per group/layer, or globally", choices=("per_layer", "global")),
         "round_to": Option(int, 1, "structured: kept channel counts are multiples of this (8 for tensor cores)",
                            min=1),
@@ -59,7 +62,8 @@ class Prune(Pass):
         "exclude": Option(list, [], "module globs never pruned (layers producing model outputs never are); "
                                     "old name: ignore"),
         "keep_zero": Option(bool, True, "sparsity modes: keep pruned weights at zero during fine-tuning"),
-        "batches": Option(int, 4, "taylor: batches of calibration data for the gradients", min=1),
+        "batches": Option(int, 4, "taylor: batches of calibration data for the gradients; reconstruction: "
+                                  "batches for the selection when reconstruct=0", min=1),
         "reconstruct": Option(int, 0, "refit on N calibration batches from data() (0: off): structured: least "
                                       "squares of each consumer layer on the kept channels; sparsity modes: "
                                       "SparseGPT mask + weight update", min=0),
@@ -93,14 +97,21 @@ class Prune(Pass):
         if c["mode"] != "structured" and c["hidden"]:
             raise PassConfigError("hidden=true prunes the hidden width (channels): it needs mode=structured",
                                   where=f"pass '{self.name}'", fix="drop hidden=true or use mode=structured")
+        if c["mode"] != "structured" and c["criterion"] == "reconstruction":
+            raise PassConfigError("criterion reconstruction ranks channels, not single weights",
+                                  where=f"pass '{self.name}'", fix="use reconstruct=N (SparseGPT) with mode=" + c["mode"])
         if c["mode"] != "structured" and c["macs"] is not None:
             raise PassConfigError("a MACs target needs mode=structured (zeroed weights do not cut dense MACs)",
                                   where=f"pass '{self.name}'", fix="give ratio= instead")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         c = self.config
-        batches = list(calibration_batches(gm, c["batches"])) if c["criterion"] == "taylor" else None
         rec = c["reconstruct"]
+        batches = None
+        if c["criterion"] == "taylor":
+            batches = list(calibration_batches(gm, c["batches"]))
+        elif c["criterion"] == "reconstruction":
+            batches = list(calibration_batches(gm, rec or c["batches"]))
         calib = original = None
         if rec:
             from graphopt.ir import copy_graph

@@ -475,7 +475,8 @@ def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | No
 
     ``exclude``: globs of module paths whose *output* channels are kept (groups with an excluded
     producer or coupled layer are not pruned; ``ignore`` is its old name, still accepted).
-    ``batches``: input batches for ``taylor``. ``hidden``: also prune the hidden width of transformers
+    ``batches``: input batches for ``taylor`` and ``reconstruction`` (data-aware selection,
+    :mod:`graphopt.prune.selection`). ``hidden``: also prune the hidden width of transformers
     (embeddings, residual adds, LayerNorm/RMSNorm over the channels sliced; approximate: the norms'
     statistics are then over the kept channels, so the result has no exact masked reference).
     """
@@ -508,7 +509,17 @@ def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | No
     grads = None
     if criterion == "taylor":
         grads = gradients(gm, batches or [], loss_fn)
-    scores, fallback = channel_scores(gm, cg, criterion, grads)
+    if criterion == "reconstruction":
+        from graphopt.prune.selection import reconstruction_scores
+
+        scores, unscored = reconstruction_scores(gm, cg, candidates, batches or [])
+        if unscored:
+            l1, _ = channel_scores(gm, cg, "l1")
+            scores.update({gid: l1[gid] for gid in unscored})
+            notes["reconstruction_fallback_l1"] = [g.name for g in candidates if g.id in unscored]
+        fallback = []
+    else:
+        scores, fallback = channel_scores(gm, cg, criterion, grads)
     if fallback:
         notes["bn_scale_fallback_l1"] = [g.name for g in cg.groups if g.id in fallback and g in candidates]
     plan = plan_pruning(cg, scores, candidates, ratio=ratio, macs=macs, scope=scope, round_to=round_to,

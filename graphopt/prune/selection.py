@@ -1,0 +1,206 @@
+"""Data-aware channel selection: keep the channels the consumer layers can best do without.
+
+``criterion=reconstruction`` (structured pruning). For each channel group, the consumer layers
+that read its channels (``in`` members: Linear, Conv2d with ``groups=1``) are run on calibration
+batches and their least-squares problem is set up on their own inputs ``X`` (im2col rows for a
+conv, plus a ones column for the bias) against their own outputs ``Y = X W^T + b``. Channels are
+then removed greedily, one at a time (whole units at a time where the group removes whole units,
+e.g. attention heads), each time the one whose removal raises the *refit* error least, the
+remaining weights re-solved after each removal (He et al. 2017, "Channel Pruning"; ThiNet, Luo
+et al. 2017, which select channels by the reconstruction error of the next layer; the increase and
+the update are the optimal-brain-surgeon block formulas on ``H = (X^T X + damp)^{-1}``: removing
+columns ``J`` raises the squared error by ``tr(W_J^T (H_JJ)^{-1} W_J)``). Where several consumers
+read a group, their increases are summed, each relative to its own output energy.
+
+The score of a channel is the step at which it would be removed (later = more important), so
+the planner's per-group choice (``scope=per_layer``, ratio or MACs target) removes exactly the
+greedy order's first channels. Groups no Linear/Conv2d reads fall back to ``l1`` (reported).
+Unlike magnitude, this ranks channels by what the layer after them can *not* rebuild from the
+channels kept: redundant channels (whose contribution the others carry) go first. It pairs with
+``reconstruct=N``, which performs the refit the selection assumed.
+
+Cost: per group, one Gram matrix per consumer (``fan_in`` squared, float64) and one greedy pass
+whose every step updates it (``fan_in`` squared times the unit's columns): on the benchmark CNNs
+(width 32 / 64, random weights, 8 batches) it added 1 / 4 s to a 4 / 8 s ``reconstruct=8`` on one
+CPU thread; it grows as ``fan_in`` squared times the kernel size per removed channel (not measured
+on larger models).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from graphopt.analysis.channels import ChannelGraph, ChannelGroup
+
+__all__ = ["reconstruction_scores"]
+
+log = logging.getLogger(__name__)
+
+
+def _consumer_inputs(gm: fx.GraphModule, paths: Sequence[str], batches: Sequence[tuple[torch.Tensor, ...]],
+                     max_rows: int, seed: int) -> dict[str, torch.Tensor]:
+    """Rows (float64, subsampled to ``max_rows``) each layer multiplies with its weight, with a
+    ones column appended for layers with a bias."""
+    from graphopt.ir import eval_mode
+
+    got: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+    hooks = []
+    for p in paths:
+        mod = gm.get_submodule(p)
+
+        def hook(m: nn.Module, args: Any, _out: Any, p: str = p) -> None:
+            x = args[0].detach()
+            if isinstance(m, nn.Linear):
+                rows = x.reshape(-1, x.shape[-1])
+            else:
+                u = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+                rows = u.transpose(1, 2).reshape(-1, u.shape[1])
+            got[p].append(rows)
+
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        with eval_mode(gm), torch.no_grad():
+            for b in batches:
+                gm(*b)
+    finally:
+        for h in hooks:
+            h.remove()
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for p, rows in got.items():
+        if not rows:
+            continue
+        per = max(1, max_rows // len(rows))
+        picked = []
+        for r in rows:
+            if r.shape[0] > per:
+                r = r[torch.randperm(r.shape[0], generator=g)[:per]]
+            picked.append(r.double())
+        a = torch.cat(picked)
+        if gm.get_submodule(p).bias is not None:
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+        out[p] = a
+    return out
+
+
+class _Consumer:
+    """One consumer's least-squares state: ``hinv`` (inverse damped Gram), ``w`` (optimal weights,
+    [fan_in, out]), ``energy`` (squared norm of its outputs), ``cols[u]`` (its input columns of
+    removal unit ``u``)."""
+
+    def __init__(self, a: torch.Tensor, w: torch.Tensor, cols: dict[int, np.ndarray], damp: float):
+        y = a @ w  # the layer's own outputs
+        h = a.T @ a
+        h.diagonal().add_(damp * float(h.diagonal().mean()) + 1e-12)
+        self.hinv = torch.linalg.inv(h)
+        self.w = self.hinv @ (a.T @ y)
+        self.energy = float(y.pow(2).sum()) or 1.0
+        self.cols = {u: torch.as_tensor(c, dtype=torch.long) for u, c in cols.items()}
+
+    def cost(self, u: int) -> float:
+        return float(self.costs([u])[0])
+
+    def costs(self, units: Sequence[int]) -> np.ndarray:
+        """Relative increase of the refit error if each of ``units`` went next (0 for units this
+        consumer does not read); batched over units with the same number of columns."""
+        out = np.zeros(len(units))
+        by_size: dict[int, list[int]] = {}
+        for k, u in enumerate(units):
+            j = self.cols.get(u)
+            if j is not None:
+                by_size.setdefault(len(j), []).append(k)
+        for ks in by_size.values():
+            idx = torch.stack([self.cols[units[k]] for k in ks])  # [U, c]
+            hb = self.hinv[idx[:, :, None], idx[:, None, :]]  # [U, c, c]
+            wb = self.w[idx]  # [U, c, out]
+            out[ks] = ((wb * torch.linalg.solve(hb, wb)).sum((1, 2)) / self.energy).numpy()
+        return out
+
+    def remove(self, u: int) -> None:
+        j = self.cols.pop(u, None)
+        if j is None:
+            return
+        hj = self.hinv[:, j]  # [F, |J|]
+        sol = torch.linalg.solve(self.hinv[j][:, j], torch.cat([hj.T, self.w[j]], 1))  # [|J|, F + out]
+        f = self.hinv.shape[0]
+        self.hinv -= hj @ sol[:, :f]
+        self.w -= hj @ sol[:, f:]
+        self.hinv[j] = 0
+        self.hinv[:, j] = 0
+        self.hinv[j, j] = 1.0  # inert: removed columns stay out of later updates
+        self.w[j] = 0
+
+
+def reconstruction_scores(gm: fx.GraphModule, cg: ChannelGraph, groups: Sequence[ChannelGroup],
+                          batches: Sequence[tuple[torch.Tensor, ...]], *, max_rows: int = 16384,
+                          damp: float = 1e-4, seed: int = 0) -> tuple[dict[int, np.ndarray], list[int]]:
+    """Per group id (of ``groups``): a score per channel (its step in the greedy removal order, see
+    the module docstring). Also the ids of groups without a Linear/Conv2d consumer (not scored)."""
+    from graphopt.prune.structured import _GroupRule, _cols
+
+    pos_of: dict[int, tuple[int, int]] = {int(c): (g.id, i) for g in groups for i, c in enumerate(g.classes)}
+    uses: dict[int, list[tuple[str, np.ndarray, np.ndarray]]] = {g.id: [] for g in groups}  # path, positions, cols
+    for m in cg.members:
+        if m.kind != "in" or m.rule is None:
+            continue
+        mod = gm.get_submodule(m.target)
+        if not (isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1
+                                               and mod.padding_mode == "zeros" and not isinstance(mod.padding, str))):
+            continue
+        kk = int(np.prod(mod.kernel_size)) if isinstance(mod, nn.Conv2d) else 1
+        roots = cg.root[m.atoms]
+        per_group: dict[int, tuple[list[int], list[np.ndarray]]] = {}
+        for a, r in enumerate(roots):
+            gi = pos_of.get(int(r))
+            if gi is None:
+                continue
+            feats = _cols(np.array([a]), m.inner)
+            cols = (feats[:, None] * kk + np.arange(kk)[None, :]).reshape(-1)
+            ps, cs = per_group.setdefault(gi[0], ([], []))
+            ps.append(gi[1])
+            cs.append(cols)
+        for gid, (ps, cs) in per_group.items():
+            uses[gid].append((m.target, np.array(ps), np.concatenate([c[None] for c in cs])))
+    paths = sorted({p for u in uses.values() for p, _, _ in u})
+    rows = _consumer_inputs(gm, paths, batches, max_rows, seed) if paths else {}
+    scores: dict[int, np.ndarray] = {}
+    unscored: list[int] = []
+    for g in groups:
+        used = [(p, ps, cs) for p, ps, cs in uses[g.id] if p in rows]
+        if not used:
+            unscored.append(g.id)
+            continue
+        rule = _GroupRule(g, cg, 1, 1, 0.99)
+        units = [np.array(u) for u in rule.units] if rule.units is not None else [np.array([i]) for i in range(g.size)]
+        unit_of = np.empty(g.size, dtype=np.int64)
+        for k, u in enumerate(units):
+            unit_of[u] = k
+        consumers = []
+        for p, ps, cs in used:
+            mod = gm.get_submodule(p)
+            w = mod.weight.detach().double().reshape(mod.weight.shape[0], -1).T  # [fan_in, out]
+            if mod.bias is not None:
+                w = torch.cat([w, mod.bias.detach().double()[None]], 0)
+            cols: dict[int, list[np.ndarray]] = {}
+            for pos, c in zip(ps, cs):
+                cols.setdefault(int(unit_of[pos]), []).append(c)
+            consumers.append(_Consumer(rows[p], w, {u: np.concatenate(c) for u, c in cols.items()}, damp))
+        left = list(range(len(units)))
+        step = np.zeros(len(units))
+        for s in range(len(units)):
+            costs = sum(c.costs(left) for c in consumers)
+            u = left.pop(int(np.argmin(costs)))
+            step[u] = s
+            for c in consumers:
+                c.remove(u)
+        sc = np.empty(g.size)
+        for k, u in enumerate(units):
+            sc[u] = (step[k] + 1.0) / len(u)  # summed over a unit's channels: the unit's step + 1
+        scores[g.id] = sc
+    return scores, unscored
