@@ -151,11 +151,13 @@ def test_declines_a_traced_conv_whose_weight_is_computed_at_run_time():
 
 @pytest.mark.zoo
 def test_real_architecture_with_opaque_blocks(zoo):
-    """timm's MobileViT: its transformer blocks stay opaque (a shape check used as control flow)."""
+    """timm's MobileViT through torch.fx: its transformer blocks stay opaque (a shape check used as
+    control flow), and channels_last declines the convs inside them. (The default front end takes it
+    whole through torch.export: see test_real_architecture_taken_whole_by_export.)"""
     torch.manual_seed(0)
     module = zoo("timm:mobilevit_xxs").eval()
     x = torch.randn(1, 3, 64, 64)
-    gm, rec = run_pass("channels_last", module, (x,))
+    gm, rec = run_pass("channels_last", graphopt.capture(module, (x,), capture="fx"), (x,))
     opaque = set(gm.meta["graphopt"]["opaque"])
     assert opaque and rec.modified and rec.verification.status == "passed"
     inside = {n for n, m in gm.named_modules() if isinstance(m, nn.Conv2d)
@@ -164,4 +166,18 @@ def test_real_architecture_with_opaque_blocks(zoo):
     assert inside and inside <= declined
     assert all(not gm.get_submodule(n).weight.is_contiguous(memory_format=torch.channels_last)
                or gm.get_submodule(n).weight.shape[2:] == (1, 1) for n in inside)
+    torch.testing.assert_close(gm(x), module(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.zoo
+def test_real_architecture_taken_whole_by_export(zoo):
+    """The same MobileViT with the default front end: torch.fx would leave 74% of it opaque, so
+    torch.export captures it whole and channels_last reaches every conv."""
+    torch.manual_seed(0)
+    module = zoo("timm:mobilevit_xxs").eval()
+    x = torch.randn(1, 3, 64, 64)
+    gm, rec = run_pass("channels_last", module, (x,))
+    meta = gm.meta["graphopt"]
+    assert meta["front_end"]["used"] == "export" and meta["cost"].coverage["fraction"] == 1.0
+    assert rec.modified and rec.verification.status == "passed" and not rec.declined
     torch.testing.assert_close(gm(x), module(x), rtol=1e-4, atol=1e-5)
