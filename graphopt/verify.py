@@ -398,14 +398,9 @@ def _without_random_functions(module: nn.Module) -> tuple[nn.Module, int]:
     nodes = [n for n in _random_function_nodes(module) if _dropout_like(n)]
     if not nodes or not isinstance(module, fx.GraphModule):
         return module, 0
-    from graphopt.ir import graph_meta
+    from graphopt.ir import copy_graph
 
-    meta = graph_meta(module)
-    shared = {k: meta.pop(k) for k in ("example_inputs", "calibration_data") if k in meta}
-    try:
-        gm = copy.deepcopy(module)
-    finally:
-        meta.update(shared)
+    gm = copy_graph(module)
     count = 0
     for n in list(gm.graph.nodes):
         if n.op in ("call_function", "call_method") and _dropout_like(n) and n.args:
