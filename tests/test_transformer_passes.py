@@ -369,3 +369,79 @@ def test_prune_hidden_width_rewrites_literal_sizes_and_declines_what_it_cannot_f
     assert gm.get_submodule("emb").weight.shape == (32, 64)
     reasons = " | ".join(d["reason"] for d in rec.declined if "emb" in d["target"])
     assert "reduces over the channel axis" in reasons
+
+
+class _FunctionalNorms(nn.Module):
+    """A hand-written pre-LN model whose norms are ``F.layer_norm`` calls over its own parameters
+    (what torch.fx gives for a LayerNorm subclass that calls it, as timm's does): one with weight and
+    bias, a final one with a weight only (keywords). ``norm``: "other_axes" normalizes over the
+    positions and the channels, "computed" passes ``h.shape[-1:]``."""
+
+    def __init__(self, norm: str = "last", vocab: int = 32, dim: int = 64, T: int = 5):
+        super().__init__()
+        self.emb, self.fc1, self.fc2, self.head = (nn.Embedding(vocab, dim), nn.Linear(dim, 128),
+                                                   nn.Linear(128, dim), nn.Linear(dim, vocab))
+        g = torch.Generator().manual_seed(0)
+        self.ln_w = nn.Parameter(1 + 0.1 * torch.randn(dim, generator=g))
+        self.ln_b = nn.Parameter(0.1 * torch.randn(dim, generator=g))
+        self.norm_w = nn.Parameter(1 + 0.1 * torch.randn(dim, generator=g))
+        self.norm, self.dim, self.T = norm, dim, T
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        if self.norm == "other_axes":
+            shape = (self.T, self.dim)
+            w, b = None, None
+        else:
+            shape = h.shape[-1:] if self.norm == "computed" else (self.dim,)
+            w, b = self.ln_w, self.ln_b
+        h = h + self.fc2(torch.relu(self.fc1(F.layer_norm(h, shape, w, b, 1e-5))))
+        return self.head(F.layer_norm(h, (self.dim,), weight=self.norm_w, eps=1e-6))
+
+
+def test_prune_hidden_width_slices_functional_layer_norm(tmp_path):
+    """``F.layer_norm`` over the last axis is sliced like the LayerNorm module: its weight and bias
+    (get_attr parameters) and the ``normalized_shape`` literal; declined without hidden=true (with the
+    opt-in hint), over other axes too, or with a computed shape (with those reasons)."""
+    ids = (torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1)),)
+    torch.manual_seed(0)
+    model = _FunctionalNorms().eval()
+    gm, rec = run_pass("prune:ratio=0.25,hidden=true,exclude=fc1", model, ids)  # the MLP width stays
+    assert rec.modified and rec.verification.status == "passed", rec.verification.summary()
+    hid = _hidden_rewrite(rec)
+    assert (hid["data"]["before"], hid["data"]["after"]) == (64, 48)
+    assert any("layer_norm" in why for why in rec.notes["hidden_width"][0]["approximate"])
+    assert gm.ln_w.shape == gm.ln_b.shape == gm.norm_w.shape == (48,)
+    assert gm.emb.weight.shape == (32, 48) and gm.fc1.weight.shape == (128, 48) and gm.head.weight.shape == (32, 48)
+    norms = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.layer_norm]
+    assert [tuple(n.args[1]) for n in norms] == [(48,), (48,)]
+    # every tensor was sliced with the same kept channels: the original computed over them alone
+    keep = torch.isin(model.emb.weight[0], gm.emb.weight[0]).nonzero().flatten()
+    assert len(keep) == 48
+    with torch.no_grad():
+        m = model
+        h = m.emb.weight[:, keep][ids[0]]
+        y = F.layer_norm(h, (48,), m.ln_w[keep], m.ln_b[keep], 1e-5)
+        h = h + F.linear(torch.relu(F.linear(y, m.fc1.weight[:, keep], m.fc1.bias)), m.fc2.weight[keep], m.fc2.bias[keep])
+        ref = F.linear(F.layer_norm(h, (48,), m.norm_w[keep], eps=1e-6), m.head.weight[:, keep], m.head.bias)
+        torch.testing.assert_close(gm(*ids), ref)
+    losses = _lm_loss_steps(gm, ids)
+    assert losses[-1] < losses[0]
+    out = tmp_path / "pruned"
+    graphopt.emit_torch_folder(gm, out)
+    loaded = graphopt.load(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*ids), gm.eval()(*ids))
+    assert loaded.ln_w.shape == (48,)
+
+    gm, rec = run_pass("prune:ratio=0.25", _FunctionalNorms().eval(), ids)  # not opted in
+    assert gm.ln_w.shape == (64,)
+    reasons = " | ".join(d["reason"] for d in rec.declined if "emb" in d["target"])
+    assert "layer_norm (node layer_norm) normalizes over the channel axis" in reasons and "hidden=true" in reasons
+    for norm, why in (("other_axes", "normalizes over the channels and other axes (normalized_shape (5, 64))"),
+                      ("computed", "its normalized_shape is computed in the graph")):
+        gm, rec = run_pass("prune:ratio=0.25,hidden=true", _FunctionalNorms(norm).eval(), ids)
+        assert gm.emb.weight.shape == (32, 64), norm
+        reasons = " | ".join(d["reason"] for d in rec.declined if "emb" in d["target"])
+        assert why in reasons, reasons
+
