@@ -445,3 +445,53 @@ def test_prune_hidden_width_slices_functional_layer_norm(tmp_path):
         reasons = " | ".join(d["reason"] for d in rec.declined if "emb" in d["target"])
         assert why in reasons, reasons
 
+
+@pytest.mark.zoo
+def test_prune_hidden_width_on_timm_vit(tmp_path):
+    """timm ViT (its LayerNorm traced to ``F.layer_norm``): the hidden width is pruned (cls token,
+    position embeddings, patch embedding, every norm), trains and reloads."""
+    from tests.transformer_models import timm_vit
+
+    x = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
+    gm, rec = run_pass("prune:ratio=0.25,hidden=true", timm_vit(), x)
+    assert rec.modified and rec.verification.status == "passed", rec.verification.summary()
+    hid = _hidden_rewrite(rec)
+    assert (hid["data"]["before"], hid["data"]["after"]) == (192, 144)
+    shapes = {k: tuple(p.shape) for k, p in gm.named_parameters()}
+    assert shapes["cls_token"] == (1, 1, 144) and shapes["pos_embed"] == (1, 17, 144)
+    assert shapes["patch_embed.proj.weight"] == (144, 3, 8, 8) and shapes["blocks.1.norm2.bias"] == (144,)
+    assert shapes["blocks.0.attn.qkv.weight"] == (576, 144) and shapes["norm.weight"] == (144,)
+    assert shapes["head.weight"] == (1000, 144)
+    assert {tuple(n.args[1]) for n in gm.graph.nodes if n.target is F.layer_norm} == {(144,)}
+    gm.train()
+    opt = torch.optim.AdamW(gm.parameters(), lr=1e-3)
+    F.cross_entropy(gm(*x), torch.tensor([0, 1])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gm.parameters())
+    opt.step()
+    out = tmp_path / "timm_vit"
+    graphopt.emit_torch_folder(gm, out)
+    loaded = graphopt.load(out, trust_code=True).eval()  # the graph calls a timm function (its attention mask)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*x), gm.eval()(*x))
+    assert loaded.get_parameter("cls_token").shape == (1, 1, 144)
+
+
+@pytest.mark.zoo
+def test_prune_hidden_width_declined_on_torchvision_vit_and_swin(zoo):
+    """torchvision ViT and Swin decline the hidden width with the reason: nn.MultiheadAttention's
+    embed_dim is its input and output width too; Swin's shifted_window_attention is a function the
+    analysis does not see into."""
+    from tests.transformer_models import small_vit
+
+    x = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
+    gm, rec = run_pass("prune:ratio=0.25,hidden=true", small_vit(), x)
+    assert gm.get_submodule("conv_proj").weight.shape[0] == 64 and not any(
+        r["data"].get("hidden_width") for r in rec.rewrites)
+    reasons = " | ".join(d["reason"] for d in rec.declined if "conv_proj" in d["target"])
+    assert "nn.MultiheadAttention" in reasons and "embed_dim" in reasons
+
+    gm, rec = run_pass("prune:ratio=0.25,hidden=true", zoo("swin_t"), (torch.randn(1, 3, 64, 64),))
+    assert gm.get_submodule("features.0.0").weight.shape[0] == 96 and not any(
+        r["data"].get("hidden_width") for r in rec.rewrites)
+    reasons = " | ".join(d["reason"] for d in rec.declined if "features.0.0" in d["target"])
+    assert "shifted_window_attention() (node shifted_window_attention) is not understood" in reasons
