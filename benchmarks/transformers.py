@@ -13,7 +13,7 @@ allocator's own peak is not observable on CPU.
 
     python benchmarks/transformers.py [--device cuda] [--rounds 21]
 
-Runs in about a minute on one CPU thread (21 rounds; 23 s with --rounds 5).
+Runs in under 40 s (load 2.7) or 74 s (load 3.6-4.8) on one CPU thread; 23 s with --rounds 5.
 """
 
 from __future__ import annotations
