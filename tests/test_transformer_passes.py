@@ -399,21 +399,25 @@ class _FunctionalNorms(nn.Module):
         return self.head(F.layer_norm(h, (self.dim,), weight=self.norm_w, eps=1e-6))
 
 
-def test_prune_hidden_width_slices_functional_layer_norm(tmp_path):
-    """``F.layer_norm`` over the last axis is sliced like the LayerNorm module: its weight and bias
-    (get_attr parameters) and the ``normalized_shape`` literal; declined without hidden=true (with the
-    opt-in hint), over other axes too, or with a computed shape (with those reasons)."""
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_prune_hidden_width_slices_functional_layer_norm(tmp_path, capture):
+    """``F.layer_norm`` over the last axis (``aten.layer_norm`` through torch.export) is sliced like the
+    LayerNorm module: its weight and bias (get_attr parameters) and the ``normalized_shape`` literal;
+    declined without hidden=true (with the opt-in hint), over other axes too, or with a computed shape
+    (with those reasons)."""
     ids = (torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1)),)
     torch.manual_seed(0)
     model = _FunctionalNorms().eval()
-    gm, rec = run_pass("prune:ratio=0.25,hidden=true,exclude=fc1", model, ids)  # the MLP width stays
+    captured = graphopt.capture(model, ids, capture=capture)
+    gm, rec = run_pass("prune:ratio=0.25,hidden=true,exclude=fc1", captured, ids)  # the MLP width stays
     assert rec.modified and rec.verification.status == "passed", rec.verification.summary()
     hid = _hidden_rewrite(rec)
     assert (hid["data"]["before"], hid["data"]["after"]) == (64, 48)
     assert any("layer_norm" in why for why in rec.notes["hidden_width"][0]["approximate"])
     assert gm.ln_w.shape == gm.ln_b.shape == gm.norm_w.shape == (48,)
     assert gm.emb.weight.shape == (32, 48) and gm.fc1.weight.shape == (128, 48) and gm.head.weight.shape == (32, 48)
-    norms = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.layer_norm]
+    norms = [n for n in gm.graph.nodes if n.op == "call_function"
+             and n.target in (F.layer_norm, torch.ops.aten.layer_norm.default)]
     assert [tuple(n.args[1]) for n in norms] == [(48,), (48,)]
     # every tensor was sliced with the same kept channels: the original computed over them alone
     keep = torch.isin(model.emb.weight[0], gm.emb.weight[0]).nonzero().flatten()
@@ -434,13 +438,16 @@ def test_prune_hidden_width_slices_functional_layer_norm(tmp_path):
         torch.testing.assert_close(loaded(*ids), gm.eval()(*ids))
     assert loaded.ln_w.shape == (48,)
 
-    gm, rec = run_pass("prune:ratio=0.25", _FunctionalNorms().eval(), ids)  # not opted in
+    gm, rec = run_pass("prune:ratio=0.25", captured, ids)  # not opted in
     assert gm.ln_w.shape == (64,)
     reasons = " | ".join(d["reason"] for d in rec.declined if "emb" in d["target"])
     assert "layer_norm (node layer_norm) normalizes over the channel axis" in reasons and "hidden=true" in reasons
-    for norm, why in (("other_axes", "normalizes over the channels and other axes (normalized_shape (5, 64))"),
-                      ("computed", "its normalized_shape is computed in the graph")):
-        gm, rec = run_pass("prune:ratio=0.25,hidden=true", _FunctionalNorms(norm).eval(), ids)
+    cases = [("other_axes", "normalizes over the channels and other axes (normalized_shape (5, 64))")]
+    if capture == "fx":  # torch.export makes h.shape[-1:] a literal
+        cases.append(("computed", "its normalized_shape is computed in the graph"))
+    for norm, why in cases:
+        gm, rec = run_pass("prune:ratio=0.25,hidden=true",
+                           graphopt.capture(_FunctionalNorms(norm).eval(), ids, capture=capture), ids)
         assert gm.emb.weight.shape == (32, 64), norm
         reasons = " | ".join(d["reason"] for d in rec.declined if "emb" in d["target"])
         assert why in reasons, reasons

@@ -49,6 +49,7 @@ _ATEN_SLICE = torch.ops.aten.slice.Tensor
 _ATEN_ALIAS = torch.ops.aten.alias.default
 _ATEN_SELECT = torch.ops.aten.select.int
 _ATEN_INDEX = torch.ops.aten.index.Tensor
+_ATEN_LAYER_NORM = torch.ops.aten.layer_norm.default  # F.layer_norm as torch.export captures it
 _ATEN_SAME = {"aten::to", "aten::_to_copy", "aten::alias", "aten::clone", "aten::contiguous"}  # dtype/device/copies
 HIDDEN_HINT = "; prune:hidden=true slices it (approximate: the statistics are then over the kept channels)"
 
@@ -371,7 +372,7 @@ class ChannelAnalysis:
             if isinstance(x, ChanInfo) and d is not None and _norm_dim(d, x.ndim) != x.dim:
                 return x
             return self.unknown(node, "softmax over the channel axis")
-        if fn is F.layer_norm:
+        if fn is F.layer_norm or fn is _ATEN_LAYER_NORM:
             return self.functional_layer_norm(node, x)
         if fn is F.batch_norm:
             return self.functional_bn(node, x)
@@ -739,7 +740,7 @@ class ChannelAnalysis:
 
     def functional_layer_norm(self, node: fx.Node, x: Any) -> Any:
         """``F.layer_norm(x, normalized_shape, weight, bias, eps)`` (a hand-traced graph, timm's
-        LayerNorm traced through): over other axes the channels pass; over the channel (last) axis
+        LayerNorm traced through; ``aten.layer_norm`` from torch.export): over other axes the channels pass; over the channel (last) axis
         alone, with the ``hidden`` option, sliced like the LayerNorm module (weight and bias, the
         ``get_attr`` parameters it reads, and the ``normalized_shape`` literal), approximately."""
         ns = _arg(node, 1, "normalized_shape")
