@@ -166,7 +166,8 @@ HIDDEN = {
     # position ids computed from the padding (cumsum of the mask); the classifier's dense layer
     "roberta": {"roberta.embeddings.word_embeddings.weight": (128, 48),
                 "roberta.embeddings.position_embeddings.weight": (66, 48),
-                "roberta.embeddings.token_type_embeddings.weight": (2, 48), "roberta.embeddings.LayerNorm.weight": (48,),
+                "roberta.embeddings.token_type_embeddings.weight": (2, 48),
+                "roberta.embeddings.LayerNorm.weight": (48,),
                 "roberta.encoder.layer.0.attention.self.key.weight": (48, 48),
                 "roberta.encoder.layer.1.output.dense.weight": (48, 96),
                 "roberta.encoder.layer.1.output.LayerNorm.bias": (48,),

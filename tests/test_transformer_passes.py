@@ -426,7 +426,8 @@ def test_prune_hidden_width_slices_functional_layer_norm(tmp_path, capture):
         m = model
         h = m.emb.weight[:, keep][ids[0]]
         y = F.layer_norm(h, (48,), m.ln_w[keep], m.ln_b[keep], 1e-5)
-        h = h + F.linear(torch.relu(F.linear(y, m.fc1.weight[:, keep], m.fc1.bias)), m.fc2.weight[keep], m.fc2.bias[keep])
+        mlp = torch.relu(F.linear(y, m.fc1.weight[:, keep], m.fc1.bias))
+        h = h + F.linear(mlp, m.fc2.weight[keep], m.fc2.bias[keep])
         ref = F.linear(F.layer_norm(h, (48,), m.norm_w[keep], eps=1e-6), m.head.weight[:, keep], m.head.bias)
         torch.testing.assert_close(gm(*ids), ref)
     losses = _lm_loss_steps(gm, ids)

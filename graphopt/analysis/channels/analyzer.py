@@ -740,9 +740,10 @@ class ChannelAnalysis:
 
     def functional_layer_norm(self, node: fx.Node, x: Any) -> Any:
         """``F.layer_norm(x, normalized_shape, weight, bias, eps)`` (a hand-traced graph, timm's
-        LayerNorm traced through; ``aten.layer_norm`` from torch.export): over other axes the channels pass; over the channel (last) axis
-        alone, with the ``hidden`` option, sliced like the LayerNorm module (weight and bias, the
-        ``get_attr`` parameters it reads, and the ``normalized_shape`` literal), approximately."""
+        LayerNorm traced through; ``aten.layer_norm`` from torch.export): over other axes the channels
+        pass; over the channel (last) axis alone, with the ``hidden`` option, sliced like the LayerNorm
+        module (weight and bias, the ``get_attr`` parameters it reads, and the ``normalized_shape``
+        literal), approximately."""
         ns = _arg(node, 1, "normalized_shape")
         if not isinstance(x, ChanInfo) or len(self.tracked(node)) != 1:
             return self.unknown(node)
