@@ -496,7 +496,7 @@ def test_prune_hidden_width_declined_on_torchvision_vit_and_swin(zoo):
     assert gm.get_submodule("conv_proj").weight.shape[0] == 64 and not any(
         r["data"].get("hidden_width") for r in rec.rewrites)
     reasons = " | ".join(d["reason"] for d in rec.declined if "conv_proj" in d["target"])
-    assert "nn.MultiheadAttention" in reasons and "embed_dim" in reasons
+    assert "nn.MultiheadAttention" in reasons and "nor the residual stream (prune:hidden=true)" in reasons
 
     gm, rec = run_pass("prune:ratio=0.25,hidden=true", zoo("swin_t"), (torch.randn(1, 3, 64, 64),))
     assert gm.get_submodule("features.0.0").weight.shape[0] == 96 and not any(
