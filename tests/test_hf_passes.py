@@ -1,7 +1,8 @@
 """Every pass on the HuggingFace models themselves (small configs, random weights, nothing downloaded):
 BERT, GPT-2 (Conv1D layers, fused q/k/v), LLaMA (rotary embeddings, grouped-query attention, RMSNorm)
-and T5 (relative position bias, encoder-decoder). Each pass applies and verifies, or declines what it
-cannot handle with the reason; pruned models shrink, train a step and reload from the emitted folder.
+and T5 (relative position bias, encoder-decoder); the hidden width (prune:hidden=true) also on
+DistilBERT, RoBERTa, ViT and Whisper. Each pass applies and verifies, or declines what it cannot
+handle with the reason; pruned models shrink, train a step and reload from the emitted folder.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def _run(hf, name, spec):
 def _loss(gm, name, inputs):
     """A training loss on the model's logits (classification for BERT, next token otherwise)."""
     logits = gm(*inputs.values())["logits"].float()
-    if name in ("bert", "vit"):
+    if name in ("bert", "distilbert", "roberta", "vit"):
         return F.cross_entropy(logits, torch.tensor([0, 1]))
-    ids = inputs["decoder_input_ids"] if name == "t5" else inputs["input_ids"]
+    ids = inputs["decoder_input_ids"] if name in ("t5", "whisper") else inputs["input_ids"]
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
@@ -153,6 +154,33 @@ HIDDEN = {
     # Conv1D (weight [in, out]); the token embedding is tied to the LM head and stays tied
     "gpt2": {"transformer.wte.weight": (128, 48), "transformer.wpe.weight": (64, 48), "transformer.ln_f.weight": (48,),
              "transformer.h.0.attn.c_attn.weight": (48, 144), "transformer.h.1.mlp.c_proj.weight": (192, 48)},
+    # no token type embedding; its own names for the norms (sa_layer_norm, output_layer_norm)
+    "distilbert": {"distilbert.embeddings.word_embeddings.weight": (128, 48),
+                   "distilbert.embeddings.position_embeddings.weight": (64, 48),
+                   "distilbert.embeddings.LayerNorm.bias": (48,),
+                   "distilbert.transformer.layer.0.attention.q_lin.weight": (48, 48),
+                   "distilbert.transformer.layer.0.sa_layer_norm.weight": (48,),
+                   "distilbert.transformer.layer.1.ffn.lin2.weight": (48, 96),
+                   "distilbert.transformer.layer.1.output_layer_norm.weight": (48,),
+                   "pre_classifier.weight": (48, 48), "classifier.weight": (2, 48)},
+    # position ids computed from the padding (cumsum of the mask); the classifier's dense layer
+    "roberta": {"roberta.embeddings.word_embeddings.weight": (128, 48),
+                "roberta.embeddings.position_embeddings.weight": (66, 48),
+                "roberta.embeddings.token_type_embeddings.weight": (2, 48),
+                "roberta.embeddings.LayerNorm.weight": (48,),
+                "roberta.encoder.layer.0.attention.self.key.weight": (48, 48),
+                "roberta.encoder.layer.1.output.dense.weight": (48, 96),
+                "roberta.encoder.layer.1.output.LayerNorm.bias": (48,),
+                "classifier.dense.weight": (48, 48), "classifier.out_proj.weight": (2, 48)},
+    # the decoder's stream (its cross-attention's q and o, not k/v, which read the encoder's);
+    # the encoder's stream reaches the output (encoder_last_hidden_state) and stays 64 wide
+    "whisper": {"model.decoder.embed_tokens.weight": (128, 48), "model.decoder.embed_positions.weight": (32, 48),
+                "model.decoder.layers.0.self_attn_layer_norm.weight": (48,),
+                "model.decoder.layers.0.encoder_attn.q_proj.weight": (48, 48),
+                "model.decoder.layers.0.encoder_attn.k_proj.weight": (48, 64),
+                "model.decoder.layers.1.fc2.weight": (48, 96), "model.decoder.layer_norm.bias": (48,),
+                "proj_out.weight": (128, 48), "model.encoder.layers.0.self_attn_layer_norm.weight": (64,),
+                "model.encoder.layers.1.fc2.weight": (64, 96), "model.encoder.embed_positions.weight": (32, 64)},
     # the cls token and the position embeddings (parameters added into the stream) are sliced
     "vit": {"vit.embeddings.cls_token": (1, 1, 48), "vit.embeddings.position_embeddings": (1, 17, 48),
             "vit.embeddings.patch_embeddings.projection.weight": (48, 3, 8, 8), "classifier.weight": (10, 48)},
@@ -172,10 +200,24 @@ def test_prune_hidden_width(hf, name, tmp_path):
     assert rec.notes["hidden_width"][0]["approximate"]
     if name == "gpt2":
         assert gm.get_parameter("lm_head.weight") is gm.get_parameter("transformer.wte.weight")
+    if name == "whisper":
+        assert gm.get_parameter("proj_out.weight") is gm.get_parameter("model.decoder.embed_tokens.weight")
     loaded = _reloads(gm, inputs, tmp_path)
     path, shape = next(iter(HIDDEN[name].items()))
     assert tuple(dict(loaded.named_parameters())[path].shape) == shape
     assert torch.isfinite(torch.tensor(_train_step(loaded, name, inputs)))
+
+
+def test_prune_hidden_width_whisper_declines_the_encoder_stream_with_the_reason(hf):
+    """Whisper's encoder stream (conv stem, position embedding, its layers) reaches the model output as
+    ``encoder_last_hidden_state``: declined with that reason while the decoder's stream is pruned."""
+    inputs, gm, rec = _run(hf, "whisper", "prune:ratio=0.25,hidden=true")
+    encoder = [d for d in rec.declined if "model.encoder.embed_positions" in d["target"]]
+    assert len(encoder) == 1 and "reaches the model output" in encoder[0]["reason"], rec.declined
+    hidden = [r for r in rec.rewrites if r["data"].get("hidden_width")]
+    assert len(hidden) == 1 and "model.decoder.embed_tokens" in hidden[0]["detail"]
+    assert not any("model.encoder" in p for p in hidden[0]["data"]["producers"])
+    assert gm(*inputs.values())["encoder_last_hidden_state"].shape == (2, 32, 64)
 
 
 def test_prune_hidden_width_declines_weights_tied_across_groups(hf):

@@ -369,3 +369,137 @@ def test_prune_hidden_width_rewrites_literal_sizes_and_declines_what_it_cannot_f
     assert gm.get_submodule("emb").weight.shape == (32, 64)
     reasons = " | ".join(d["reason"] for d in rec.declined if "emb" in d["target"])
     assert "reduces over the channel axis" in reasons
+
+
+class _FunctionalNorms(nn.Module):
+    """A hand-written pre-LN model whose norms are ``F.layer_norm`` calls over its own parameters
+    (what torch.fx gives for a LayerNorm subclass that calls it, as timm's does): one with weight and
+    bias, a final one with a weight only (keywords). ``norm``: "other_axes" normalizes over the
+    positions and the channels, "computed" passes ``h.shape[-1:]``."""
+
+    def __init__(self, norm: str = "last", vocab: int = 32, dim: int = 64, T: int = 5):
+        super().__init__()
+        self.emb, self.fc1, self.fc2, self.head = (nn.Embedding(vocab, dim), nn.Linear(dim, 128),
+                                                   nn.Linear(128, dim), nn.Linear(dim, vocab))
+        g = torch.Generator().manual_seed(0)
+        self.ln_w = nn.Parameter(1 + 0.1 * torch.randn(dim, generator=g))
+        self.ln_b = nn.Parameter(0.1 * torch.randn(dim, generator=g))
+        self.norm_w = nn.Parameter(1 + 0.1 * torch.randn(dim, generator=g))
+        self.norm, self.dim, self.T = norm, dim, T
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        if self.norm == "other_axes":
+            shape = (self.T, self.dim)
+            w, b = None, None
+        else:
+            shape = h.shape[-1:] if self.norm == "computed" else (self.dim,)
+            w, b = self.ln_w, self.ln_b
+        h = h + self.fc2(torch.relu(self.fc1(F.layer_norm(h, shape, w, b, 1e-5))))
+        return self.head(F.layer_norm(h, (self.dim,), weight=self.norm_w, eps=1e-6))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_prune_hidden_width_slices_functional_layer_norm(tmp_path, capture):
+    """``F.layer_norm`` over the last axis (``aten.layer_norm`` through torch.export) is sliced like the
+    LayerNorm module: its weight and bias (get_attr parameters) and the ``normalized_shape`` literal;
+    declined without hidden=true (with the opt-in hint), over other axes too, or with a computed shape
+    (with those reasons)."""
+    ids = (torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1)),)
+    torch.manual_seed(0)
+    model = _FunctionalNorms().eval()
+    captured = graphopt.capture(model, ids, capture=capture)
+    gm, rec = run_pass("prune:ratio=0.25,hidden=true,exclude=fc1", captured, ids)  # the MLP width stays
+    assert rec.modified and rec.verification.status == "passed", rec.verification.summary()
+    hid = _hidden_rewrite(rec)
+    assert (hid["data"]["before"], hid["data"]["after"]) == (64, 48)
+    assert any("layer_norm" in why for why in rec.notes["hidden_width"][0]["approximate"])
+    assert gm.ln_w.shape == gm.ln_b.shape == gm.norm_w.shape == (48,)
+    assert gm.emb.weight.shape == (32, 48) and gm.fc1.weight.shape == (128, 48) and gm.head.weight.shape == (32, 48)
+    norms = [n for n in gm.graph.nodes if n.op == "call_function"
+             and n.target in (F.layer_norm, torch.ops.aten.layer_norm.default)]
+    assert [tuple(n.args[1]) for n in norms] == [(48,), (48,)]
+    # every tensor was sliced with the same kept channels: the original computed over them alone
+    keep = torch.isin(model.emb.weight[0], gm.emb.weight[0]).nonzero().flatten()
+    assert len(keep) == 48
+    with torch.no_grad():
+        m = model
+        h = m.emb.weight[:, keep][ids[0]]
+        y = F.layer_norm(h, (48,), m.ln_w[keep], m.ln_b[keep], 1e-5)
+        mlp = torch.relu(F.linear(y, m.fc1.weight[:, keep], m.fc1.bias))
+        h = h + F.linear(mlp, m.fc2.weight[keep], m.fc2.bias[keep])
+        ref = F.linear(F.layer_norm(h, (48,), m.norm_w[keep], eps=1e-6), m.head.weight[:, keep], m.head.bias)
+        torch.testing.assert_close(gm(*ids), ref)
+    losses = _lm_loss_steps(gm, ids)
+    assert losses[-1] < losses[0]
+    out = tmp_path / "pruned"
+    graphopt.emit_torch_folder(gm, out)
+    loaded = graphopt.load(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*ids), gm.eval()(*ids))
+    assert loaded.ln_w.shape == (48,)
+
+    gm, rec = run_pass("prune:ratio=0.25", captured, ids)  # not opted in
+    assert gm.ln_w.shape == (64,)
+    reasons = " | ".join(d["reason"] for d in rec.declined if "emb" in d["target"])
+    assert "layer_norm (node layer_norm) normalizes over the channel axis" in reasons and "hidden=true" in reasons
+    cases = [("other_axes", "normalizes over the channels and other axes (normalized_shape (5, 64))")]
+    if capture == "fx":  # torch.export makes h.shape[-1:] a literal
+        cases.append(("computed", "its normalized_shape is computed in the graph"))
+    for norm, why in cases:
+        gm, rec = run_pass("prune:ratio=0.25,hidden=true",
+                           graphopt.capture(_FunctionalNorms(norm).eval(), ids, capture=capture), ids)
+        assert gm.emb.weight.shape == (32, 64), norm
+        reasons = " | ".join(d["reason"] for d in rec.declined if "emb" in d["target"])
+        assert why in reasons, reasons
+
+
+@pytest.mark.zoo
+def test_prune_hidden_width_on_timm_vit(tmp_path):
+    """timm ViT (its LayerNorm traced to ``F.layer_norm``): the hidden width is pruned (cls token,
+    position embeddings, patch embedding, every norm), trains and reloads."""
+    from tests.transformer_models import timm_vit
+
+    x = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
+    gm, rec = run_pass("prune:ratio=0.25,hidden=true", timm_vit(), x)
+    assert rec.modified and rec.verification.status == "passed", rec.verification.summary()
+    hid = _hidden_rewrite(rec)
+    assert (hid["data"]["before"], hid["data"]["after"]) == (192, 144)
+    shapes = {k: tuple(p.shape) for k, p in gm.named_parameters()}
+    assert shapes["cls_token"] == (1, 1, 144) and shapes["pos_embed"] == (1, 17, 144)
+    assert shapes["patch_embed.proj.weight"] == (144, 3, 8, 8) and shapes["blocks.1.norm2.bias"] == (144,)
+    assert shapes["blocks.0.attn.qkv.weight"] == (576, 144) and shapes["norm.weight"] == (144,)
+    assert shapes["head.weight"] == (1000, 144)
+    assert {tuple(n.args[1]) for n in gm.graph.nodes if n.target is F.layer_norm} == {(144,)}
+    gm.train()
+    opt = torch.optim.AdamW(gm.parameters(), lr=1e-3)
+    F.cross_entropy(gm(*x), torch.tensor([0, 1])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gm.parameters())
+    opt.step()
+    out = tmp_path / "timm_vit"
+    graphopt.emit_torch_folder(gm, out)
+    loaded = graphopt.load(out, trust_code=True).eval()  # the graph calls a timm function (its attention mask)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*x), gm.eval()(*x))
+    assert loaded.get_parameter("cls_token").shape == (1, 1, 144)
+
+
+@pytest.mark.zoo
+def test_prune_hidden_width_declined_on_torchvision_vit_and_swin(zoo):
+    """torchvision ViT and Swin decline the hidden width with the reason: nn.MultiheadAttention's
+    embed_dim is its input and output width too; Swin's shifted_window_attention is a function the
+    analysis does not see into."""
+    from tests.transformer_models import small_vit
+
+    x = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
+    gm, rec = run_pass("prune:ratio=0.25,hidden=true", small_vit(), x)
+    assert gm.get_submodule("conv_proj").weight.shape[0] == 64 and not any(
+        r["data"].get("hidden_width") for r in rec.rewrites)
+    reasons = " | ".join(d["reason"] for d in rec.declined if "conv_proj" in d["target"])
+    assert "nn.MultiheadAttention" in reasons and "nor the residual stream (prune:hidden=true)" in reasons
+
+    gm, rec = run_pass("prune:ratio=0.25,hidden=true", zoo("swin_t"), (torch.randn(1, 3, 64, 64),))
+    assert gm.get_submodule("features.0.0").weight.shape[0] == 96 and not any(
+        r["data"].get("hidden_width") for r in rec.rewrites)
+    reasons = " | ".join(d["reason"] for d in rec.declined if "features.0.0" in d["target"])
+    assert "shifted_window_attention() (node shifted_window_attention) is not understood" in reasons

@@ -329,7 +329,22 @@ def _rewrite_split(gm: fx.GraphModule, nodes: dict[str, fx.Node], m: Member, kee
         node.kwargs = kwargs
 
 
-_GRAPH_MEMBERS = {"param": _slice_param, "bn_f": _slice_bn_f, "reshape": _rewrite_reshape, "split": _rewrite_split}
+def _rewrite_norm_shape(gm: fx.GraphModule, nodes: dict[str, fx.Node], m: Member, keep: np.ndarray) -> None:
+    """``F.layer_norm(x, (C,), ...)`` (or ``aten.layer_norm``) over the hidden width: ``normalized_shape``
+    becomes ``(kept,)``."""
+    node = nodes[m.node]
+    if len(node.args) > 1:
+        args = list(node.args)
+        args[1] = type(args[1])([len(keep)]) if isinstance(args[1], (list, tuple)) else (len(keep),)
+        node.args = tuple(args)
+    else:
+        old = node.kwargs["normalized_shape"]
+        node.kwargs = {**node.kwargs, "normalized_shape": type(old)([len(keep)]) if isinstance(old, (list, tuple))
+                       else (len(keep),)}
+
+
+_GRAPH_MEMBERS = {"param": _slice_param, "bn_f": _slice_bn_f, "reshape": _rewrite_reshape, "split": _rewrite_split,
+                  "norm_shape": _rewrite_norm_shape}
 
 
 def apply_pruning(gm: fx.GraphModule, cg: ChannelGraph, removed: np.ndarray) -> dict[str, Any]:

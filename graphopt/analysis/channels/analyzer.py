@@ -49,6 +49,7 @@ _ATEN_SLICE = torch.ops.aten.slice.Tensor
 _ATEN_ALIAS = torch.ops.aten.alias.default
 _ATEN_SELECT = torch.ops.aten.select.int
 _ATEN_INDEX = torch.ops.aten.index.Tensor
+_ATEN_LAYER_NORM = torch.ops.aten.layer_norm.default  # F.layer_norm as torch.export captures it
 _ATEN_SAME = {"aten::to", "aten::_to_copy", "aten::alias", "aten::clone", "aten::contiguous"}  # dtype/device/copies
 HIDDEN_HINT = "; prune:hidden=true slices it (approximate: the statistics are then over the kept channels)"
 
@@ -371,16 +372,8 @@ class ChannelAnalysis:
             if isinstance(x, ChanInfo) and d is not None and _norm_dim(d, x.ndim) != x.dim:
                 return x
             return self.unknown(node, "softmax over the channel axis")
-        if fn is F.layer_norm:
-            ns = _arg(node, 1, "normalized_shape")
-            if isinstance(x, ChanInfo) and isinstance(ns, (list, tuple)) and x.dim < x.ndim - len(ns):
-                return x
-            if isinstance(x, ChanInfo):
-                self.block(x.atoms, f"layer_norm (node {node.name}) normalizes over the channel axis: removing "
-                                    "channels changes its statistics, so the pruned model would not equal the "
-                                    "masked one")
-                return x
-            return self.unknown(node)
+        if fn is F.layer_norm or fn is _ATEN_LAYER_NORM:
+            return self.functional_layer_norm(node, x)
         if fn is F.batch_norm:
             return self.functional_bn(node, x)
         return self.unknown(node)
@@ -744,6 +737,60 @@ class ChannelAnalysis:
             items.append(ChanInfo(dim, x.atoms[start:start + s], x.ndim))
             start += s
         return _Tuple(items)
+
+    def functional_layer_norm(self, node: fx.Node, x: Any) -> Any:
+        """``F.layer_norm(x, normalized_shape, weight, bias, eps)`` (a hand-traced graph, timm's
+        LayerNorm traced through; ``aten.layer_norm`` from torch.export): over other axes the channels
+        pass; over the channel (last) axis alone, with the ``hidden`` option, sliced like the LayerNorm
+        module (weight and bias, the ``get_attr`` parameters it reads, and the ``normalized_shape``
+        literal), approximately."""
+        ns = _arg(node, 1, "normalized_shape")
+        if not isinstance(x, ChanInfo) or len(self.tracked(node)) != 1:
+            return self.unknown(node)
+        if isinstance(ns, int) and not isinstance(ns, bool):
+            ns = (ns,)
+        if isinstance(ns, (list, tuple)) and x.dim < x.ndim - len(ns):
+            return x
+        last_only = (isinstance(ns, (list, tuple)) and len(ns) == 1 and x.inner == 1 and x.dim == x.ndim - 1
+                     and ns[0] == len(x.atoms))
+        if not self.hidden:
+            self.block(x.atoms, f"layer_norm (node {node.name}) normalizes over the channel axis: removing "
+                                "channels changes its statistics, so the pruned model would not equal the "
+                                "masked one" + (HIDDEN_HINT if last_only else ""))
+            return x
+        if not isinstance(ns, (list, tuple)) or not all(isinstance(d, int) for d in ns):
+            self.block(x.atoms, f"layer_norm (node {node.name}): its normalized_shape is computed in the graph "
+                                "(a literal is rewritten when pruning): not sliced")
+            return x
+        if not last_only:
+            self.block(x.atoms, f"layer_norm (node {node.name}) normalizes over the channels and other axes "
+                                f"(normalized_shape {tuple(ns)}): not sliced")
+            return x
+        params = []
+        for i, key in ((2, "weight"), (3, "bias")):
+            a = _arg(node, i, key)
+            if a is None:
+                continue
+            v = self.val(a)
+            t = self._tensor_of(v) if isinstance(v, _Attr) and not v.view else None
+            if t is None or t.ndim != 1 or t.shape[0] != len(x.atoms):
+                self.block(x.atoms, f"layer_norm (node {node.name}): its {key} is not a parameter of the model "
+                                    f"of width {len(x.atoms)} (computed in the graph?): not sliced")
+                return x
+            params.append(v)
+        for v in params:
+            self._param_member(v, 0, 1, node, x.atoms)
+        self.members.append(Member("norm_shape", node.name, node.name, x.atoms))
+        self.approx.append((x.atoms, f"layer_norm (node {node.name}) normalizes over the kept channels"))
+        return x
+
+    def _tensor_of(self, v: _Attr) -> torch.Tensor | None:
+        for get in (self.gm.get_parameter, self.gm.get_buffer):
+            try:
+                return get(v.target)
+            except AttributeError:
+                continue
+        return None
 
     def functional_bn(self, node: fx.Node, x: Any) -> Any:
         params = [_arg(node, i, k) for i, k in enumerate(("input", "running_mean", "running_var", "weight", "bias"))]

@@ -44,7 +44,8 @@ class Member:
     Linear after flatten), ``coupled`` (one channel set for input and output: BatchNorm,
     depthwise conv). Graph members (no rule): ``param`` (a get_attr tensor along ``axis``),
     ``bn_f`` (``F.batch_norm`` parameters and statistics), ``reshape`` (a literal size in a
-    view/reshape), ``split`` (the sizes of a split), ``slice`` (literal bounds of a channel slice).
+    view/reshape), ``split`` (the sizes of a split), ``slice`` (literal bounds of a channel slice),
+    ``norm_shape`` (the ``normalized_shape`` of an ``F.layer_norm`` over the hidden width).
     ``atoms``: the atom at each position of the sliced axis.
     """
 

@@ -610,7 +610,8 @@ def _register_builtins() -> None:
     _RULES_BY_NAME["transformers.pytorch_utils.Conv1D"] = TransposedLinearRule()
     register_channel_rule(nn.MultiheadAttention, BlockedRule(
         "attention heads of nn.MultiheadAttention {name} are not pruned: its embed_dim is both the head width "
-        "sum and its input/output width, so heads cannot go without narrowing the residual stream"))
+        "sum and its input/output width, so heads cannot go without narrowing the residual stream, nor the "
+        "residual stream (prune:hidden=true) without changing its heads"))
 
 
 _register_builtins()
