@@ -81,3 +81,10 @@ def tp_prune(base: nn.Module, ratio: float, x: torch.Tensor) -> nn.Module:
                                   ignored_layers=[m.fc], global_pruning=False)
     pruner.step()
     return m
+
+
+def device_slug(name: str) -> str:
+    """A device name as a results folder name: ``NVIDIA H200`` -> ``nvidia-h200`` (as precision_gpu.py)."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
