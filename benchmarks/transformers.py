@@ -9,7 +9,7 @@ CPU the bytes autograd saves for backward during the forward (activation memory,
 saved_tensors_hooks) plus parameters, gradients and AdamW state: the allocator's own peak is not
 observable on CPU.
 
-    python benchmarks/transformers.py [--device cuda] [--rounds 7]
+    python benchmarks/transformers.py [--device cuda] [--rounds 7] [--batch 8] [--seq 64] [--out DIR]
 
 Runs in well under 2 minutes on one CPU thread.
 """
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder [benchmarks/results/cpu, or benchmarks/results/gpu with --device cuda]")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md.append("\nVariants: `sdpa` (hand-written attention -> scaled_dot_product_attention), "
               "`prune:ratio=0.3` (attention heads by key/value group + MLP width), "
               "`freeze` (embeddings and the first 2 of 4 blocks).")
-    write_results("transformers", results, "\n".join(md) + "\n", args.device)
+    write_results("transformers", results, "\n".join(md) + "\n", args.device, args.out)
     print("\n".join(md))
     return results
 
