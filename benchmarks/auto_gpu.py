@@ -75,7 +75,7 @@ CNNS = {"resnet50", "resnet18", "mobilenet_v2"}
 # settings per device: (cuda = the GPU session's run; cpu --quick = the same code with tiny settings)
 DEFAULTS = {
     "cuda": dict(batch=64, image=224, rounds=10, steps=5, warmup=3, auto_rounds=10, decision_time=3.0,
-                 auto_budget=60.0, compile_timeout=150.0),
+                 auto_budget=45.0, compile_timeout=90.0),
     "cpu": dict(batch=4, image=64, rounds=4, steps=2, warmup=2, auto_rounds=6, decision_time=4.0,
                 auto_budget=40.0, compile_timeout=60.0),
     "cpu_quick": dict(batch=2, image=32, rounds=2, steps=1, warmup=1, auto_rounds=3, decision_time=0.5,

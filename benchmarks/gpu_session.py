@@ -86,20 +86,22 @@ def plan(device: str, dry_run: bool, out: Path) -> list[Step]:
     budget on CUDA: a step that runs over its limit is cut, not the session)."""
     o = str(out)
     pytest = Step("pytest_gpu", ["-m", "pytest", *gpu_test_files(), "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                                 "-o", "addopts=-ra", "--junitxml", f"{o}/pytest_gpu.xml"], 75,
+                                 "-o", "addopts=-ra", "--junitxml", f"{o}/pytest_gpu.xml"], 60,
                   note="the repository's gpu-marked tests (without a GPU they are all skipped)")
     if device == "cuda" and not dry_run:
         return [
             pytest,
-            Step("auto_gpu", ["benchmarks/auto_gpu.py", "--device", "cuda", "--models", "resnet50,gpt",
-                              "--out", o], 150,
-                 note="ResNet-50 batch 64 at 224x224 and the GPT-style decoder; automatic mode budget 60 s per model"),
+            Step("auto_gpu", ["benchmarks/auto_gpu.py", "--device", "cuda", "--models", "gpt,resnet50",
+                              "--out", o], 180,
+                 note="the GPT-style decoder, then ResNet-50 (batch 64, 224x224); automatic mode budget 45 s and "
+                      "torch.compile 90 s per model; results written after each model"),
             Step("precision_gpu", ["benchmarks/precision_gpu.py", "--device", "cuda", "--models", "resnet50,vit_b_16",
-                                   "--dtype", "both", "--batch", "64", "--steps", "20", "--warmup", "5", "--out", o], 100),
+                                   "--dtype", "both", "--batch", "64", "--steps", "20", "--warmup", "5", "--out", o], 90,
+                 note="results written after each model"),
             Step("transformers", ["benchmarks/transformers.py", "--device", "cuda", "--batch", "16", "--seq", "128",
                                   "--rounds", "10", "--out", o], 45),
             Step("suite", ["benchmarks/run_suite.py", "--device", "cuda", "--quick", "--only", "steps", "--models",
-                           "plain_cnn_mnist,resnet18,resnet50,mobilenet_v2,vit_tiny", "--update-results", "--out", o], 75,
+                           "resnet18,resnet50,mobilenet_v2,vit_tiny", "--update-results", "--out", o], 60,
                  note="training-step sections only (every registered pipeline on the model files' small inputs)"),
         ]
     # dry run: the same scripts with the tiniest settings (on CPU: a check of the code path, not a measurement);
