@@ -227,7 +227,12 @@ def summary_markdown(doc: dict[str, Any]) -> str:
              + (f", CUDA {doc['cuda']}" if doc.get("cuda") else "") + f"; started {doc.get('date', '?')}; "
              f"wall {doc.get('wall_s', 0):.0f} s of a {doc['budget_s']:.0f} s budget.", ""]
     if doc.get("passes") is not None:
-        lines += [f"graphopt {doc.get('graphopt', '?')}, registered passes: {', '.join(doc['passes']) or 'NONE'}.", ""]
+        lines += [f"graphopt {doc.get('graphopt', '?')}, registered passes: {', '.join(doc['passes']) or 'NONE'}"
+                  + (f" ({doc['entry_points']})" if doc.get("entry_points", "installed") != "installed" else "") + ".", ""]
+    if doc.get("packages"):
+        missing = [k for k, v in doc["packages"].items() if not v]
+        lines += [f"Packages: {', '.join(k for k, v in doc['packages'].items() if v)} present"
+                  + (f"; missing: {', '.join(missing)}" if missing else "") + ".", ""]
     lines += ["| step | status | seconds | limit s | detail | command |", "|---|---|---:|---:|---|---|"]
     for s in doc["steps"]:
         detail = "; ".join(x for x in (s["detail"], s["note"]) if x).replace("|", "/")
@@ -282,7 +287,54 @@ def check_args(step: Step) -> str:
 
 
 # -- entry point --------------------------------------------------------------------------------------
+def entry_point_shim(folder: Path) -> Path:
+    """A ``graphopt-<version>.dist-info`` (METADATA + entry_points.txt from pyproject.toml) in ``folder``: on
+    a machine where the repository is not pip-installed (the GPU machine gets a copy of the working tree),
+    putting ``folder`` on the path registers the built-in passes, emitters and backends exactly as an
+    install would, without pip. Parsed by hand: the GPU machine's Python may predate tomllib."""
+    text = (ROOT / "pyproject.toml").read_text()
+    version = re.search(r'^version\s*=\s*"([^"]+)"', text, re.M).group(1)
+    sections: list[str] = []
+    current = None
+    for line in text.splitlines():
+        head = re.match(r'^\[project\.entry-points\."([^"]+)"\]\s*$', line)
+        if head:
+            current = head.group(1)
+            sections.append(f"[{current}]")
+            continue
+        if line.startswith("["):
+            current = None
+            continue
+        m = re.match(r'^\s*([\w.-]+)\s*=\s*"([^"]+)"', line)
+        if current and m:
+            sections.append(f"{m.group(1)} = {m.group(2)}")
+    info = folder / f"graphopt-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: graphopt\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text("\n".join(sections) + "\n")
+    return folder
+
+
+def ensure_registered() -> str:
+    """When graphopt's entry points are not installed, register them through :func:`entry_point_shim` (for
+    this process and, through PYTHONPATH, for every step); returns what was done ('' when nothing)."""
+    import importlib
+    from importlib import metadata
+
+    if any(True for _ in metadata.entry_points(group="graphopt.passes")):
+        return ""
+    import tempfile
+
+    shim = entry_point_shim(Path(tempfile.mkdtemp(prefix="graphopt-entry-points-")))
+    sys.path.append(str(shim))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(shim)) if p)
+    importlib.invalidate_caches()
+    return f"graphopt is not installed here: its entry points were registered from pyproject.toml ({shim})"
+
+
 def _header(device: str, dry_run: bool) -> dict[str, Any]:
+    import importlib.util
+
     import torch
 
     doc: dict[str, Any] = {"mode": ("dry run" if dry_run else "full") + f" on {device}", "torch": torch.__version__,
@@ -295,7 +347,10 @@ def _header(device: str, dry_run: bool) -> dict[str, Any]:
         from benchmarks._common import cpu_name
 
         doc["device"] = cpu_name()
+    doc["packages"] = {m: bool(importlib.util.find_spec(m)) for m in ("torchvision", "timm", "transformers",
+                                                                       "pytest", "pytest_timeout", "psutil")}
     try:
+        doc["entry_points"] = ensure_registered() or "installed"
         import graphopt
 
         doc["graphopt"] = graphopt.__version__
@@ -369,9 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if bad else 0
     header = _header(args.device, args.dry_run)
     if not header["passes"]:
-        print("error: graphopt has no registered passes (" + header.get("graphopt_error", "the package is not "
-              "installed, so its entry points are missing") + "): run `pip install --no-deps --no-build-isolation -e .` "
-              "in the repository first", file=sys.stderr)
+        print("error: graphopt has no registered passes (" + header.get("graphopt_error", "its entry points are "
+              "missing") + "): run `pip install --no-deps --no-build-isolation -e .` in the repository first",
+              file=sys.stderr)
         return 3
     print(f"GPU session on {header['device']} ({header['mode']}): {len(steps)} steps, budget {args.budget:.0f} s, "
           f"results in {out}", flush=True)

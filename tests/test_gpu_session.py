@@ -170,3 +170,22 @@ def test_cpu_dry_run_end_to_end(tmp_path):
         assert set(m["variants"]) == {"eager_fp32", "autocast_bf16", "autocast_fp16", "compile", "graphopt_auto"}
         for name, v in m["variants"].items():  # measured, or (torch.compile on CPU only) skipped with a reason
             assert "median_ms" in v or (name == "compile" and v["skipped"]), (m["model"], name, v)
+
+
+def test_entry_point_shim_registers_what_pyproject_declares(tmp_path):
+    """Without a pip install (the GPU machine gets a copy of the tree), the session writes a dist-info from
+    pyproject.toml: the same passes, emitters and backends, loadable."""
+    from importlib import metadata
+
+    gs.entry_point_shim(tmp_path)
+    (info,) = tmp_path.glob("graphopt-*.dist-info")
+    dist = metadata.PathDistribution(info)
+    assert dist.metadata["Name"] == "graphopt"
+    eps = {(ep.group, ep.name): ep for ep in dist.entry_points}
+    declared = {n for g, n in eps if g == "graphopt.passes"}
+    assert {"channels_last", "cleanup", "mixed_precision", "sdpa", "prune", "partition"} <= declared
+    assert ("graphopt.emitters", "torch") in eps and ("graphopt.backends", "torch") in eps
+    import graphopt
+
+    assert set(graphopt.available_passes()) >= declared  # the installed registry declares the same
+    assert eps[("graphopt.passes", "channels_last")].load().name == "channels_last"
