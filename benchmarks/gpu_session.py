@@ -101,7 +101,7 @@ def plan(device: str, dry_run: bool, out: Path) -> list[Step]:
             Step("transformers", ["benchmarks/transformers.py", "--device", "cuda", "--batch", "16", "--seq", "128",
                                   "--rounds", "10", "--out", o], 45),
             Step("suite", ["benchmarks/run_suite.py", "--device", "cuda", "--quick", "--only", "steps", "--models",
-                           "resnet18,resnet50,mobilenet_v2,vit_tiny", "--update-results", "--out", o], 60,
+                           "resnet50,mobilenet_v2,vit_tiny", "--update-results", "--out", o], 60,
                  note="training-step sections only (every registered pipeline on the model files' small inputs)"),
         ]
     # dry run: the same scripts with the tiniest settings (on CPU: a check of the code path, not a measurement);
