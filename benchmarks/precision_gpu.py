@@ -160,7 +160,8 @@ def write(results: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "precision.json", results)
     lines = [f"# Mixed precision training step: {results['device']}", "",
-             f"torch {results['torch']}, CUDA {results['cuda']}, {results['date']}, batch {results['batch']}, "
+             f"torch {results['torch']}, " + (f"CUDA {results['cuda']}, " if results.get("cuda") else "")
+             + f"{results['date']}, batch {results['batch']}, image {results.get('image', 224)}, "
              f"{results['steps']} timed steps after {results['warmup']} warm-up (median, "
              f"{'CUDA events' if results.get('device_kind', 'cuda') == 'cuda' else 'perf_counter, CPU: a path check'}), "
              f"variants interleaved; load average {results['loadavg']}.", ""]
