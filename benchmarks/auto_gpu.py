@@ -17,8 +17,8 @@ inputs, or at the measured inputs for a graph captured at a fixed batch size), t
 Every variant is warmed up, then timed in rounds whose starting variant rotates (``steps`` steps per
 variant per round; CUDA events on a GPU, so times are device times; perf_counter on CPU); reported:
 the median of the per-round means, the speed-up vs eager float32 (1 / the geometric mean of the paired
-per-round ratios, with its 95% interval) and the peak memory of one step (CUDA allocator peak; on CPU
-the sampled RSS above the step's start). Results are written after every model (a run stopped by a
+per-round ratios, with its 95% interval) and the variant's own peak memory (what it holds between steps
+plus one step's transient peak above its start: CUDA allocator; on CPU the sampled RSS). Results are written after every model (a run stopped by a
 time limit keeps what it finished).
 
     python benchmarks/auto_gpu.py --device cuda [--models resnet50,gpt] [--batch 64] [--image 224]
@@ -231,10 +231,19 @@ def time_runners(runners: dict[str, Runner], dev: torch.device, rounds: int, ste
     return per_round
 
 
+def _grad_bytes(module: torch.nn.Module) -> int:
+    return sum(p.grad.numel() * p.grad.element_size() for p in module.parameters() if p.grad is not None)
+
+
 def peak_memory(r: Runner, dev: torch.device) -> dict[str, Any]:
+    """The variant's own peak: what it holds between steps (parameters, buffers, float32 masters, optimizer
+    state, gradients) plus the step's transient peak above its start. Every variant is resident on the
+    device at once, so the allocator's absolute peak would count the others' weights too."""
+    held = sum(r.be.persistent_bytes().values()) + _grad_bytes(r.be.module)
     with MemoryProbe(dev) as p:
         r.step()
-    return {"peak_bytes": p.peak, "step_delta_bytes": p.delta, "source": p.source}
+    return {"peak_bytes": held + p.delta, "held_bytes": held, "step_transient_bytes": p.delta,
+            "device_peak_bytes": p.peak, "source": p.source}
 
 
 def bench_model(name: str, args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
@@ -341,8 +350,10 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {v} | {d['median_ms']:.2f} | {sp} | {d['samples_per_s']:.0f} | "
                          f"{mem.get('peak_bytes', 0) / 2**20:.0f} | warm-up {d['setup_and_warmup_s']} s |")
         lines.append("")
-    lines += ["Peak memory: CUDA allocator peak during one step (model, optimizer state and activations); on CPU "
-              "the process RSS sampled every 0.5 ms. torch.compile: default mode, its compilation is the warm-up.", ""]
+    lines += ["Peak memory: the variant's own: what it holds between steps (parameters, buffers, float32 masters, "
+              "optimizer state, gradients) plus the transient peak of one step above its start (CUDA allocator; on "
+              "CPU the process RSS sampled every 0.5 ms). torch.compile: default mode, its compilation is the "
+              "warm-up.", ""]
     return "\n".join(lines)
 
 

@@ -2,7 +2,9 @@
 
 Training steps (forward + cross-entropy + backward + SGD step) of resnet50 and vit_b_16 on
 random data, timed with CUDA events after warm-up; the variants are interleaved round by round
-in one process and the median per-step time is reported, plus peak memory per variant:
+in one process and the median per-step time is reported, plus each variant's own peak memory (the
+parameters, buffers, gradients and optimizer state it holds, plus one step's transient peak above its
+start: all variants are resident at once, so the allocator's absolute peak would mix them):
 
     eager_fp32            the model as written
     autocast_<dt>         the model under torch.autocast("cuda", dtype) (+ GradScaler for float16)
@@ -143,10 +145,16 @@ def time_variants(vs: list[Variant], x: torch.Tensor, y: torch.Tensor, steps: in
             with t.time():
                 v.step(x, y)
             times[v.label].append(t.samples()[0] * 1000)
-    for v in vs:
-        with MemoryProbe(dev) as probe:  # CUDA: the allocator's peak; CPU: sampled RSS
+    for v in vs:  # the variant's own peak: what it holds between steps + one step's transient peak above its start
+        # (all variants are resident at once: the allocator's absolute peak would count the others' weights)
+        tensors = {id(t): t for t in [*v.model.parameters(), *v.model.buffers(),
+                                      *(p.grad for p in v.model.parameters() if p.grad is not None),
+                                      *(t for st in v.opt.state.values() for t in st.values()
+                                        if isinstance(t, torch.Tensor))]}
+        held = sum(t.numel() * t.element_size() for t in tensors.values())
+        with MemoryProbe(dev) as probe:  # CUDA: the allocator; CPU: sampled RSS
             v.step(x, y)
-        peak[v.label] = probe.peak
+        peak[v.label] = held + probe.delta
     res = {}
     for v in vs:
         t = times[v.label]
