@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda but no CUDA device is available here (use --device cpu --quick to check the "
               "code path)", file=sys.stderr)
         return 2
-    preset = DEFAULTS["cuda" if args.device == "cuda" else ("cpu_quick" if args.quick else "cpu")]
+    preset = DEFAULTS["cpu_quick" if args.quick else args.device]  # --quick: tiny settings on either device
     for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
