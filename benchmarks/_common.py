@@ -51,8 +51,10 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     }
 
 
-def write_results(name: str, data: dict[str, Any], markdown: str, device: str = "cpu") -> Path:
-    folder = RESULTS / ("cpu" if not device.startswith("cuda") else "gpu")
+def write_results(name: str, data: dict[str, Any], markdown: str, device: str = "cpu",
+                  folder: Path | None = None) -> Path:
+    """``<folder>/<name>.{json,md}``; default folder benchmarks/results/cpu or benchmarks/results/gpu."""
+    folder = Path(folder) if folder is not None else RESULTS / ("cpu" if not device.startswith("cuda") else "gpu")
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / f"{name}.json", data)
     env = data.get("environment", {})
@@ -81,3 +83,10 @@ def tp_prune(base: nn.Module, ratio: float, x: torch.Tensor) -> nn.Module:
                                   ignored_layers=[m.fc], global_pruning=False)
     pruner.step()
     return m
+
+
+def device_slug(name: str) -> str:
+    """A device name as a results folder name: ``NVIDIA H200`` -> ``nvidia-h200`` (as precision_gpu.py)."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

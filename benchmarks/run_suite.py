@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated section names (steps,tta,early_stopping,"
                                                "sweep_batch,sweep_depth,prune)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    ap.add_argument("--models", default="", help="comma-separated models of the steps sections (benchmarks/models/"
+                                                 "NAME.py) [default: all five; --quick: plain_cnn_mnist,resnet18]")
     args = ap.parse_args(argv)
     results = (HERE / "results").resolve()
     out = args.out or (results / args.device if args.update_results else HERE.parent / "out" / "bench" / args.device)
@@ -342,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     models = ["plain_cnn_mnist", "resnet18"] if args.quick else ["plain_cnn_mnist", "resnet18", "resnet50",
                                                                  "mobilenet_v2", "vit_tiny"]
+    if args.models:
+        models = [m for m in args.models.split(",") if m]
+        missing = [m for m in models if not (MODELS / f"{m}.py").is_file()]
+        if missing:
+            print(f"error: no model file benchmarks/models/{missing[0]}.py", file=sys.stderr)
+            return 2
     if not only or "steps" in only:
         for m in models:
             suite.section(f"steps_{m}", lambda m=m: steps(suite, m))

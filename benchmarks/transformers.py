@@ -11,7 +11,7 @@ shared machine than wall time). Memory: on CUDA the peak allocated during a step
 (activation memory, via saved_tensors_hooks) plus parameters, gradients and AdamW state: the
 allocator's own peak is not observable on CPU.
 
-    python benchmarks/transformers.py [--device cuda] [--rounds 21]
+    python benchmarks/transformers.py [--device cuda] [--rounds 21] [--batch 8] [--seq 64] [--out DIR]
 
 Runs in under 40 s (load 2.7) or 74 s (load 3.6-4.8) on one CPU thread; 23 s with --rounds 5.
 """
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder [benchmarks/results/cpu, or benchmarks/results/gpu with --device cuda]")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "`prune:ratio=0.3,hidden=true` (the same + 30% of the hidden width: embeddings, LayerNorms, "
               "every residual add; approximate, not verified exactly against the masked original), "
               "`freeze` (embeddings and the first 2 of 4 blocks).")
-    write_results("transformers", results, "\n".join(md) + "\n", args.device)
+    write_results("transformers", results, "\n".join(md) + "\n", args.device, args.out)
     print("\n".join(md))
     return results
 

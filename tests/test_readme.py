@@ -24,6 +24,9 @@ How the README is covered (the extraction is generic: a block added to the READM
     default suite ``graphopt launch`` runs with ``--print-command`` appended (the folder, stages x
     replicas, microbatches and batch are all checked, no process is started). ``--device cuda``
     lines need a GPU (skipped without one).
+  * ``python benchmarks/gpu_session.py ...`` (the GPU session's command): run with ``--check-args``
+    appended: it plans its steps and checks each step's arguments against that script's argparse,
+    running nothing (so it is checked without a GPU too).
   A command that exits non-zero fails the test with the README line, the command and its output.
 - ```python blocks run with ``exec`` in a fresh temporary folder, in a namespace with what the
   README's prose assumes (:func:`_namespace`: ``model``, ``x``, ``y``, ``gm``, ``batches``,
@@ -312,6 +315,12 @@ def _run_block(cmds, session, capfd, slow: bool) -> int:
                 r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *cmd[3:]], cwd=ROOT,
                                    capture_output=True, text=True, timeout=600)
                 assert r.returncode == 0, f"README line {line}: `{shlex.join(cmd)}`:\n{r.stdout[-3000:]}"
+                continue
+            if cmd[:2] == ["python", "benchmarks/gpu_session.py"]:  # plans and checks its steps, runs nothing
+                r = subprocess.run([sys.executable, *cmd[1:], "--check-args"], cwd=ROOT, capture_output=True,
+                                   text=True, timeout=300)
+                assert r.returncode == 0, f"README line {line}: `{shlex.join(cmd)} --check-args`:\n{r.stdout[-3000:]}" \
+                                          f"{r.stderr[-2000:]}"
                 continue
             assert cmd[0] == "graphopt", f"README line {line}: unknown command `{shlex.join(cmd)}` (teach " \
                                          "tests/test_readme.py how to run it)"
