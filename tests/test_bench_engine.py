@@ -169,3 +169,33 @@ def test_cli_bench_reports_interval_rounds_clock_and_wall_medians(pair, tmp_path
     md = (out / "bench.md").read_text()
     assert "speedup [95% interval]" in md and "within noise" in md and "injected timer" in md
     assert math.isfinite(v["speedup_vs_baseline"])
+
+
+def test_benchmarks_common_exposes_the_engine():
+    import importlib.util
+    from pathlib import Path
+
+    from graphopt.bench.measure import Comparison
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_common.py"
+    spec = importlib.util.spec_from_file_location("bench_common_for_test", path)
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    assert common.paired_rounds is paired_rounds and common.StepMeasurer is StepMeasurer
+    cmp = Comparison(8.0, 10.0, 0.8, 0.05, 4, low=0.76, high=0.84, clock="thread_cpu", candidate_wall_ms=9.0,
+                     baseline_wall_ms=11.0)
+    rec = common.speedup_record(cmp)
+    assert rec["speedup"] == pytest.approx(1.25) and rec["speedup_interval"] == pytest.approx([1 / 0.84, 1 / 0.76])
+    assert rec["verdict"] == "faster" and rec["rounds"] == 4 and rec["wall_speedup"] == pytest.approx(11 / 9)
+    assert common.speedup_text(rec) == "1.25x [1.19-1.32], 95%, 4 rounds, thread CPU time"
+    calls = {"a": 0, "b": 0}
+
+    def step(n):
+        def f():
+            calls[n] += 1
+        return f
+
+    out = common.paired_steps({"a": step("a"), "b": step("b")}, "a", rounds=4, min_rounds=4, steps_per_round=2,
+                              warmup=1, max_s=None)
+    assert out.rounds == 4 and calls == {"a": 1 + 8, "b": 1 + 8}  # warm-up, then 4 rounds of 2 steps
+    assert out.comparisons["b"].clock == "thread_cpu" and len(out.samples["b"]) == 4
