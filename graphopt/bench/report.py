@@ -190,7 +190,13 @@ def plot_bench(res: BenchResult, path: str | Path, title: str | None = None, *, 
            [(v.step_time_s["p75"] - v.step_time_s["median"]) * 1000 for v in vs]]
     colors = ["#607d8b" if i == 0 else "#2196f3" for i in range(len(names))]
     axes[0].bar(names, med, yerr=err, color=colors, capsize=4)
-    axes[0].set_ylabel("training step, median (ms)")
+    axes[0].set_ylabel("training step, wall median (ms)")
+    for i, n in enumerate(names):  # the paired speedup and its interval (the engine's) above each variant
+        if res.speedup_interval(n) is not None:
+            axes[0].annotate(speedup_cell(res, n).replace(" within noise", "\nwithin noise"), (i, med[i] + err[1][i]),
+                             textcoords="offset points", xytext=(0, 3), ha="center", va="bottom", fontsize=7)
+    if res.comparisons:
+        axes[0].set_title(f"speedup [95% interval], {clock_text(res)}", fontsize=8)
     axes[1].bar(names, [v.samples_per_s for v in vs], color=colors)
     axes[1].set_ylabel("samples / s")
     peaks = [(v.memory.get("peak_bytes") or 0) / 2**20 for v in vs]
