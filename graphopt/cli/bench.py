@@ -222,8 +222,9 @@ def bench(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
           steps: int, warmup: int, rounds: int | None, max_rounds: int, decision_s: float, train_mode: bool,
           no_verify: bool, out: str | None,
           force: bool, fmt: str, trust_code: bool = False, **kw: Any) -> None:
-    """Original vs rewritten, side by side in one process: training-step time, samples/s, peak
-    memory, params, MACs, achieved FLOP/s, or (--train) time to a target accuracy.
+    """Original vs rewritten, side by side in one process: the training step's speedup with its 95%
+    interval (paired rounds, the automatic mode's measurement engine), wall-time medians, samples/s,
+    peak memory, params, MACs, achieved FLOP/s, or (--train) time to a target accuracy.
 
     \b
     Writes bench.json, bench.md and bench.png (train.* with --train) into the output folder.
