@@ -585,8 +585,9 @@ def paired_rounds(runners: Mapping[str, RoundRunner], baseline: str, *, rounds: 
     """The measurement engine: the baseline and every candidate in paired rounds, sequentially.
 
     Each round runs every still-undecided candidate and the baseline once (``runners[name]()``: its
-    ``steps`` steps), the starting one rotating from round to round (with one candidate: candidate
-    first in even rounds, baseline first in odd ones). After every round each candidate's per-round
+    ``steps`` steps), the starting one rotating from round to round through the runners' order
+    (:meth:`StepMeasurer.compare` lists the candidate first: candidate first in even rounds, baseline
+    first in odd ones). After every round each candidate's per-round
     ratios ``t_candidate / t_baseline`` (decision clock) get :func:`paired_verdict` (with ``floor``:
     :func:`noninferior_verdict`); a decided candidate stops running. The rounds stop when every
     candidate is decided (never before ``min_rounds``), at ``rounds`` rounds, once ``max_s`` seconds of
