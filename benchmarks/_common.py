@@ -1,17 +1,32 @@
-"""Shared bits of the benchmark scripts: environment description and result writing."""
+"""Shared bits of the benchmark scripts: environment description, result writing, and the measurement
+engine for any speedup a benchmark computes.
+
+The engine is graphopt's one engine (``graphopt.bench.measure.paired_rounds``, the one the automatic
+mode and ``graphopt bench`` decide and report with; its noise model is in the README): variants in
+paired rounds (the starting one alternating), the decision clock (thread CPU time on one CPU thread,
+else wall time), the speedup as the geometric mean of the per-round ratios with a 95% Student-t
+interval, sequential stopping. A benchmark timing training steps of modules uses
+:func:`measure_speedup` (``StepMeasurer.compare``) or ``graphopt.bench.compare`` (step, memory and FLOPs
+of several variants); one timing its own step functions uses :func:`paired_steps`; both report with
+:func:`speedup_record`.
+"""
 
 from __future__ import annotations
 
 import copy
 import datetime as _dt
+import math
 import os
 import platform
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
+from graphopt.bench.measure import (CLOCK_NAMES, Comparison, PairedRounds, StepMeasurer, StepTimer, default_clock,
+                                    paired_rounds, thread_settings)
 from graphopt.serialize import write_json
 
 RESULTS = Path(__file__).parent / "results"
@@ -90,3 +105,66 @@ def device_slug(name: str) -> str:
     import re
 
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# -- the measurement engine ------------------------------------------------------------------------------
+def measure_speedup(candidate: nn.Module, baseline: nn.Module, inputs: tuple[torch.Tensor, ...],
+                    target: torch.Tensor | None = None, *, loss: Callable[..., torch.Tensor] | None = None,
+                    device: str = "cpu", rounds: int = 30, steps: int | None = None, warmup: int = 2,
+                    max_s: float | None = 15.0, threads: int | None = 1) -> Comparison:
+    """Training step of ``candidate`` vs ``baseline`` (zero_grad, forward, loss, backward, SGD step) by the
+    engine, exactly as the automatic mode decides: :meth:`StepMeasurer.compare`."""
+    m = StepMeasurer(tuple(inputs), target, loss=loss, device=device, warmup=warmup, rounds=rounds, steps=steps,
+                     max_s=max_s, threads=threads)
+    return m.compare(candidate, baseline)
+
+
+def paired_steps(steps: Mapping[str, Callable[[], Any]], baseline: str, *, rounds: int = 30, min_rounds: int = 3,
+                 steps_per_round: int = 1, warmup: int = 2, device: str = "cpu", threads: int | None = 1,
+                 max_s: float | None = 15.0, clock: str | None = None) -> PairedRounds:
+    """Time each variant's own step function (``steps[name]()``: one step) by the engine: ``warmup``
+    untimed calls each, then paired rounds of ``steps_per_round`` calls per variant, sequentially (every
+    variant vs ``baseline``); ``clock``: default thread CPU time on one CPU thread, else wall (CUDA
+    events on a GPU; wall is recorded always). ``result.comparisons[name]`` -> :func:`speedup_record`."""
+    dev = torch.device(device)
+    clock = clock or default_clock(dev, threads)
+
+    def runner(fn: Callable[[], Any]) -> Callable[[], tuple[float, float]]:
+        def run() -> tuple[float, float]:
+            t = StepTimer(dev)
+            c0 = time.thread_time()
+            for _ in range(steps_per_round):
+                with t.time():
+                    fn()
+            cpu = (time.thread_time() - c0) / steps_per_round
+            wall = sum(t.samples()) / steps_per_round
+            return (cpu if clock == "thread_cpu" else wall), wall
+        return run
+
+    with thread_settings(dev, threads):
+        for fn in steps.values():
+            for _ in range(warmup):
+                fn()
+        return paired_rounds({n: runner(fn) for n, fn in steps.items()}, baseline, rounds=rounds,
+                             min_rounds=min_rounds, max_s=max_s, steps=steps_per_round, clock=clock)
+
+
+def speedup_record(cmp: Comparison) -> dict[str, Any]:
+    """What a results file states about one speedup: the estimate (baseline / candidate, decision clock),
+    its interval, rounds, clock, the verdict ("faster" / "slower" / "within noise": where the interval
+    lies against 1) and the wall-time medians."""
+    lo = 1.0 / cmp.high if cmp.high > 0 and math.isfinite(cmp.high) else 0.0
+    hi = 1.0 / cmp.low if cmp.low > 0 else float("inf")
+    return {"speedup": 1.0 / cmp.ratio, "speedup_interval": [lo, hi], "confidence": cmp.confidence,
+            "rounds": cmp.rounds, "clock": cmp.clock, "clock_name": CLOCK_NAMES.get(cmp.clock, cmp.clock),
+            "verdict": "faster" if lo > 1.0 else "slower" if hi < 1.0 else "within noise",
+            "candidate_ms": cmp.candidate_ms, "baseline_ms": cmp.baseline_ms,
+            "candidate_wall_ms": cmp.candidate_wall_ms, "baseline_wall_ms": cmp.baseline_wall_ms,
+            "wall_speedup": cmp.baseline_wall_ms / cmp.candidate_wall_ms if cmp.candidate_wall_ms > 0 else None}
+
+
+def speedup_text(rec: dict[str, Any]) -> str:
+    """``1.42x [1.35-1.49], 95%, 4 rounds, thread CPU time`` (+ ``, within noise``) from :func:`speedup_record`."""
+    lo, hi = rec["speedup_interval"]
+    return (f"{rec['speedup']:.2f}x [{lo:.2f}-{hi:.2f}], {rec['confidence']:.0%}, {rec['rounds']} rounds, "
+            f"{rec['clock_name']}" + (", within noise" if rec["verdict"] == "within noise" else ""))

@@ -145,7 +145,10 @@ def steps(suite: Suite, model: str) -> dict[str, Any]:
     suite.write(f"steps_{model}", res.as_dict(), rep.bench_markdown(res, f"Training step: {model}", notes),
                 lambda p: rep.plot_bench(res, p, title=f"{model}: training step, batch {res.config['batch_size']}"))
     return {"kind": "steps", "model": model, "batch": res.config["batch_size"], "skipped": skipped,
+            "clock": res.engine.get("clock"),
             "variants": {k: {"step_ms": v.step_time_s["median"] * 1000, "speedup": res.speedup(k),
+                             "speedup_interval": res.speedup_interval(k), "verdict": res.verdict(k),
+                             "rounds": res.rounds(k), "wall_speedup": res.wall_speedup(k),
                              "peak_mib": (v.memory["peak_bytes"] or 0) / 2**20, "macs": v.macs, "params": v.params,
                              "achieved_gflops": (v.achieved_flops_per_s or 0) / 1e9}
                          for k, v in res.variants.items()}}
@@ -279,10 +282,15 @@ def index_markdown(suite: Suite, wall: float) -> str:
             lines += [f"Failed: `{s['error']}`", ""]
             continue
         if s["kind"] == "steps":
-            lines += ["| variant | step (ms) | speedup | peak mem (MiB) | GMACs | achieved GFLOP/s |",
-                      "|---|---:|---:|---:|---:|---:|"]
+            lines += [f"Speedup: paired rounds, {s.get('clock')} clock, 95% interval (graphopt's measurement engine); "
+                      "step: wall-time median.", "",
+                      "| variant | step (ms) | speedup [95% interval] | rounds | peak mem (MiB) | GMACs | achieved GFLOP/s |",
+                      "|---|---:|---:|---:|---:|---:|---:|"]
             for k, v in s["variants"].items():
-                lines.append(f"| {k} | {v['step_ms']:.1f} | {v['speedup']:.3f}x | {v['peak_mib']:.1f} | "
+                iv = v.get("speedup_interval")
+                cell = (f"{v['speedup']:.3f}x" + (f" [{iv[0]:.3f}-{iv[1]:.3f}]" if iv else "")
+                        + (" within noise" if v.get("verdict") == "within noise" else ""))
+                lines.append(f"| {k} | {v['step_ms']:.1f} | {cell} | {v.get('rounds') or '-'} | {v['peak_mib']:.1f} | "
                              f"{(v['macs'] or 0) / 1e9:.3f} | {v['achieved_gflops']:.2f} |")
             if s["skipped"]:
                 lines += ["", "Not run: " + "; ".join(f"{k} ({v})" for k, v in s["skipped"].items())]

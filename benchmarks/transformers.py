@@ -3,17 +3,18 @@
 Two hand-written models (tests/transformer_models.py): a LLaMA-style causal LM with grouped-query
 attention and a gated MLP, and a BERT-style encoder with a padding mask. Each variant is built by
 graphopt.optimize from the same model; one training step = forward, cross-entropy, backward,
-AdamW step. Variants are timed alternately in one process (warm-up, then the median of the
-rounds), in wall time and in the main thread's CPU time (``time.thread_time``: on one thread the
-forward and the CPU backward run in it, so CPU time is less sensitive to other processes on a
-shared machine than wall time). Memory: on CUDA the peak allocated during a step
-(torch.cuda.max_memory_allocated); on CPU the bytes autograd saves for backward during the forward
-(activation memory, via saved_tensors_hooks) plus parameters, gradients and AdamW state: the
-allocator's own peak is not observable on CPU.
+AdamW step. Variants are timed by graphopt's measurement engine in one process
+(``benchmarks/_common.paired_steps``: warm-up, paired rounds with the starting variant rotating,
+thread CPU time on one CPU thread; the speed-up vs the original is the geometric mean of the
+per-round ratios with its 95% interval, at least ``--rounds`` rounds, more while undecided up to
+``--max-rounds``); the step time shown is the wall-time median. Memory: on CUDA the peak allocated during a step (torch.cuda.max_memory_allocated); on
+CPU the bytes autograd saves for backward during the forward (activation memory, via
+saved_tensors_hooks) plus parameters, gradients and AdamW state: the allocator's own peak is not
+observable on CPU.
 
-    python benchmarks/transformers.py [--device cuda] [--rounds 21] [--batch 8] [--seq 64] [--out DIR]
+    python benchmarks/transformers.py [--device cuda] [--rounds 5] [--max-rounds 15] [--batch 8] [--seq 64] [--out DIR]
 
-Runs in under 40 s (load 2.7) or 74 s (load 3.6-4.8) on one CPU thread; 23 s with --rounds 5.
+Runs in about 20 s on one quiet CPU thread (5-15 paired rounds per model; about 0.15 s per step and variant).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import graphopt  # noqa: E402
-from benchmarks._common import environment, write_results  # noqa: E402
+from benchmarks._common import environment, paired_steps, speedup_record, write_results  # noqa: E402
 from tests.transformer_models import Bert, Llama  # noqa: E402
 
 VARIANTS = {"original": [], "sdpa": ["sdpa"], "prune 30%": ["prune:ratio=0.3"],
@@ -84,7 +84,9 @@ def state_bytes(module: torch.nn.Module) -> int:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--rounds", type=int, default=5, help="paired rounds always run")
+    ap.add_argument("--max-rounds", type=int, default=15, help="more rounds while a speed-up is undecided")
+    ap.add_argument("--decision-time", type=float, default=30.0, help="seconds of timed steps per model, at most")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
@@ -95,9 +97,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dev = torch.device(args.device)
     env = environment(args.device)
     results: dict[str, Any] = {"environment": env, "batch": args.batch, "seq": args.seq, "models": {}}
-    md = [f"batch {args.batch}, sequence {args.seq}; median of {args.rounds} alternated training steps "
-          "(forward, loss, backward, AdamW), in wall time and in the main thread's CPU time (on a shared "
-          "machine wall time includes waiting for a core; CPU time does not).\n"]
+    md = [f"batch {args.batch}, sequence {args.seq}; training step = forward, loss, backward, AdamW. Speed-up vs "
+          f"the original: graphopt's measurement engine (paired rounds of one step per variant, the starting "
+          f"variant rotating, at least {args.rounds} and at most {args.max_rounds} rounds or "
+          f"{args.decision_time:g} s of timed steps; geometric mean of the per-round ratios with its 95% interval, "
+          "\"within noise\" when it contains 1); step (ms): wall-time median.\n"]
     for mname, (model, x, loss_fn) in models(args.batch, args.seq).items():
         built: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}
         info: dict[str, Any] = {}
@@ -108,51 +112,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             built[vname] = (gm, torch.optim.AdamW(params, lr=1e-4))
             info[vname] = {"params": sum(p.numel() for p in gm.parameters()), "trainable": sum(p.numel() for p in params),
                            "verification": [r.verification.summary() for r in report.records] if report else [],
-                           "times_ms": [], "cpu_ms": []}
+                           "times_ms": []}
         xs = tuple(t.to(dev) for t in x)
 
-        def step(name: str) -> tuple[float, float]:
+        def step(name: str) -> None:
             gm, opt = built[name]
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            c0, t0 = time.thread_time(), time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(gm(*xs))
             loss.backward()
             opt.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            return (time.perf_counter() - t0) * 1e3, (time.thread_time() - c0) * 1e3
 
-        for name in built:  # warm-up
-            step(name)
-        for _ in range(args.rounds):
-            for name in built:
-                wall, cpu = step(name)
-                info[name]["times_ms"].append(wall)
-                info[name]["cpu_ms"].append(cpu)
+        measured = paired_steps({name: (lambda name=name: step(name)) for name in built}, "original",
+                                rounds=args.max_rounds, min_rounds=args.rounds, warmup=1, device=args.device,
+                                threads=args.threads, max_s=args.decision_time)
+        for name in built:
+            info[name]["times_ms"] = [w * 1e3 for w in measured.wall[name]]
+            info[name]["speedup"] = (speedup_record(measured.comparisons[name]) if name != "original" else None)
         for name, (gm, _) in built.items():
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 step(name)
+                torch.cuda.synchronize()
                 info[name]["peak_bytes"] = torch.cuda.max_memory_allocated()
             else:
                 info[name]["saved_activation_bytes"] = saved_bytes(gm, xs, loss_fn)
                 info[name]["state_bytes"] = state_bytes(gm)
             info[name]["median_ms"] = statistics.median(info[name]["times_ms"])
-            info[name]["median_cpu_ms"] = statistics.median(info[name]["cpu_ms"])
-        base, base_cpu = info["original"]["median_ms"], info["original"]["median_cpu_ms"]
         md.append(f"\n### {mname}\n")
         mem_col = "peak allocated (MiB)" if dev.type == "cuda" else "saved activations (MiB) | params+grads+AdamW (MiB)"
-        md.append(f"| variant | params | trainable | step wall (ms) | speed-up wall | step CPU (ms) | speed-up CPU "
-                  f"| {mem_col} |")
-        md.append("|---|---|---|---|---|---|---|---" + ("|" if dev.type == "cuda" else "|---|"))
+        clock = next((v["speedup"]["clock_name"] for v in info.values() if v["speedup"]), "")
+        md.append(f"| variant | params | trainable | step (ms) | speed-up [95% interval], {clock} | rounds | {mem_col} |")
+        md.append("|---|---|---|---|---|---|---" + ("|" if dev.type == "cuda" else "|---|"))
         for name, v in info.items():
             mem = (f"{v['peak_bytes'] / 2**20:.1f}" if dev.type == "cuda"
                    else f"{v['saved_activation_bytes'] / 2**20:.1f} | {v['state_bytes'] / 2**20:.1f}")
-            md.append(f"| {name} | {v['params']:,} | {v['trainable']:,} | {v['median_ms']:.1f} | "
-                      f"{base / v['median_ms']:.2f}x | {v['median_cpu_ms']:.1f} | {base_cpu / v['median_cpu_ms']:.2f}x "
-                      f"| {mem} |")
+            sp = v["speedup"]
+            cell = "1.00x" if sp is None else (f"{sp['speedup']:.2f}x [{sp['speedup_interval'][0]:.2f}-"
+                                                f"{sp['speedup_interval'][1]:.2f}]"
+                                                + (" within noise" if sp["verdict"] == "within noise" else ""))
+            md.append(f"| {name} | {v['params']:,} | {v['trainable']:,} | {v['median_ms']:.1f} | {cell} | "
+                      f"{'-' if sp is None else sp['rounds']} | {mem} |")
         results["models"][mname] = info
     results["loadavg_at_end"] = list(os.getloadavg())
     md.append(f"\nLoad average at the end: {[round(v, 2) for v in results['loadavg_at_end']]}.")

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 __all__ = ["thread_settings", "environment", "StepTimer", "MemoryProbe", "count_flops", "measure_peak_flops",
            "summarize", "rss_bytes", "trim_memory", "StepMeasurer", "Comparison", "noise_margin", "alternate",
            "t_quantile", "paired_interval", "paired_verdict", "noninferior_verdict", "CLOCK_NAMES",
-           "ModelTimer"]
+           "ModelTimer", "paired_rounds", "PairedRounds", "RoundRunner", "default_clock"]
 
 
 @contextlib.contextmanager
@@ -233,7 +233,9 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
 
 # ----------------------------------------------------------------------------- the measurement engine
 #
-# Noise model (also in the README, "How auto decides"):
+# Noise model (also in the README, "Noise model"), one engine (:func:`paired_rounds`) for the automatic
+# mode (:meth:`StepMeasurer.compare`), ``graphopt bench`` (:func:`graphopt.bench.compare.compare`) and
+# the benchmarks:
 # - every variant is warmed up once (``warmup`` steps: allocator, oneDNN/cuDNN kernel choice,
 #   optimizer state); a variant that stays the baseline is not warmed again;
 # - the clock: on a CPU with one intra-op thread, the *thread CPU time* of the step
@@ -425,8 +427,7 @@ class StepMeasurer:
         self.threads, self.optimizer, self.lr = threads, optimizer, lr
         self.timer = timer
         if clock is None:
-            clock = ("injected" if timer is not None else
-                     "thread_cpu" if self.device.type == "cpu" and threads == 1 else "wall")
+            clock = "injected" if timer is not None else default_clock(self.device, threads)
         if clock not in CLOCK_NAMES:
             raise ValueError(f"clock must be 'thread_cpu' or 'wall', not {clock!r}")
         self.clock = clock
@@ -539,43 +540,111 @@ class StepMeasurer:
 
     def compare(self, candidate: Any, baseline: Any, *, stop: Callable[[], bool] | None = None,
                 max_s: float | None = -1.0, floor: float | None = None) -> Comparison:
-        """Candidate vs baseline in paired rounds, sequentially: from ``min_rounds`` on, stops as soon as
-        :func:`paired_verdict` decides (with ``floor``: :func:`noninferior_verdict`), else at ``rounds``
-        rounds or ``max_s`` seconds of timed steps (default: the measurer's), or when ``stop()`` says so
-        (a search's time budget)."""
+        """Candidate vs baseline in paired rounds, sequentially (:func:`paired_rounds`, the shared
+        engine): from ``min_rounds`` on, stops as soon as :func:`paired_verdict` decides (with ``floor``:
+        :func:`noninferior_verdict`), else at ``rounds`` rounds or ``max_s`` seconds of timed steps
+        (default: the measurer's), or when ``stop()`` says so (a search's time budget)."""
         cap_s = self.max_s if max_s == -1.0 else max_s
-        c: list[float] = []
-        b: list[float] = []
-        cw: list[float] = []
-        bw: list[float] = []
-        verdict, stopped = UNDECIDED, False
         with thread_settings(self.device, self.threads):
             self._warm_up(candidate)
             self._warm_up(baseline)
-            for r in range(self.rounds):
-                pair = [(candidate, c, cw), (baseline, b, bw)]
-                for mod, out, wout in (pair if r % 2 == 0 else pair[::-1]):
-                    v, w = self._run2(mod, self.steps or 1)
-                    out.append(v)
-                    wout.append(w)
-                ratios = [ci / bi for ci, bi in zip(c, b) if bi > 0]
-                if floor is None:
-                    verdict = paired_verdict(ratios, confidence=self.confidence, min_gain=self.min_gain,
-                                             min_rounds=self.min_rounds)
-                else:
-                    verdict = noninferior_verdict(ratios, floor=floor, confidence=self.confidence,
-                                                  min_gain=self.min_gain, min_rounds=self.min_rounds)
-                if verdict != UNDECIDED:
-                    break
-                spent = (sum(cw) + sum(bw)) * (self.steps or 1)
-                if cap_s is not None and r + 1 >= self.min_rounds and spent >= cap_s:
-                    break
-                if stop is not None and r + 1 < self.rounds and stop():
-                    stopped = True
-                    break
-        ratios = [ci / bi for ci, bi in zip(c, b) if bi > 0]
-        est, lo, hi = paired_interval(ratios, self.confidence)
-        return Comparison(statistics.median(c) * 1e3, statistics.median(b) * 1e3, est,
-                          noise_margin(ratios, self.confidence), len(ratios),
-                          [v * 1e3 for v in c], [v * 1e3 for v in b], lo, hi, verdict, self.clock,
-                          statistics.median(cw) * 1e3, statistics.median(bw) * 1e3, self.confidence, stopped)
+            out = paired_rounds({"candidate": lambda: self._run2(candidate, self.steps or 1),
+                                 "baseline": lambda: self._run2(baseline, self.steps or 1)}, "baseline",
+                                rounds=self.rounds, min_rounds=self.min_rounds, confidence=self.confidence,
+                                min_gain=self.min_gain, floor=floor, max_s=cap_s, steps=self.steps or 1,
+                                stop=stop, clock=self.clock)
+        return out.comparisons["candidate"]
+
+
+def default_clock(device: torch.device | str, threads: int | None) -> str:
+    """The engine's decision clock: thread CPU time on a CPU with one intra-op thread, else wall time
+    (CUDA events on a GPU)."""
+    return "thread_cpu" if torch.device(device).type == "cpu" and threads == 1 else "wall"
+
+
+@dataclass
+class PairedRounds:
+    """What :func:`paired_rounds` measured: one :class:`Comparison` per candidate (vs the baseline), the
+    rounds run, and every runner's per-round samples (decision clock and wall seconds)."""
+
+    comparisons: dict[str, Comparison]
+    rounds: int
+    samples: dict[str, list[float]]
+    wall: dict[str, list[float]]
+    stopped: bool = False
+
+
+RoundRunner = Callable[[], tuple[float, float]]
+"""Runs one variant's share of a round; returns (decision-clock seconds, wall seconds) per step."""
+
+
+def paired_rounds(runners: Mapping[str, RoundRunner], baseline: str, *, rounds: int, min_rounds: int = 3,
+                  confidence: float = 0.95, min_gain: float = 0.01, floor: float | None = None,
+                  max_s: float | None = None, steps: int = 1, stop: Callable[[], bool] | None = None,
+                  clock: str = "wall", on_run: Callable[[str, int], None] | None = None) -> PairedRounds:
+    """The measurement engine: the baseline and every candidate in paired rounds, sequentially.
+
+    Each round runs every still-undecided candidate and the baseline once (``runners[name]()``: its
+    ``steps`` steps), the starting one rotating from round to round through the runners' order
+    (:meth:`StepMeasurer.compare` lists the candidate first: candidate first in even rounds, baseline
+    first in odd ones). After every round each candidate's per-round
+    ratios ``t_candidate / t_baseline`` (decision clock) get :func:`paired_verdict` (with ``floor``:
+    :func:`noninferior_verdict`); a decided candidate stops running. The rounds stop when every
+    candidate is decided (never before ``min_rounds``), at ``rounds`` rounds, once ``max_s`` seconds of
+    timed steps (wall, all runners) are spent after ``min_rounds``, or when ``stop()`` says so (then
+    ``stopped``). Used by :meth:`StepMeasurer.compare` (automatic mode) and
+    :func:`graphopt.bench.compare.compare` (``graphopt bench``)."""
+    names = list(runners)
+    if baseline not in runners:
+        raise ValueError(f"baseline {baseline!r} is not one of the runners")
+    rounds = max(1, rounds)
+    min_rounds = max(1, min(min_rounds, rounds))
+    cands = [n for n in names if n != baseline]
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    verdicts = {n: UNDECIDED for n in cands}
+    active = list(names)
+    stopped = False
+    done = 0
+
+    def ratios(n: str) -> list[float]:
+        return [ci / bi for ci, bi in zip(samples[n], samples[baseline]) if bi > 0]
+
+    for r in range(rounds):
+        k = r % len(active)
+        for n in active[k:] + active[:k]:
+            if on_run is not None:
+                on_run(n, r)
+            v, w = runners[n]()
+            samples[n].append(v)
+            wall[n].append(w)
+        done = r + 1
+        for n in [c for c in active if c != baseline]:
+            rs = ratios(n)
+            if floor is None:
+                verdicts[n] = paired_verdict(rs, confidence=confidence, min_gain=min_gain, min_rounds=min_rounds)
+            else:
+                verdicts[n] = noninferior_verdict(rs, floor=floor, confidence=confidence, min_gain=min_gain,
+                                                  min_rounds=min_rounds)
+            if verdicts[n] != UNDECIDED:
+                active.remove(n)
+        if len(active) == 1 and done >= min_rounds:  # only the baseline left: every candidate decided
+            break
+        spent = sum(sum(w_) for w_ in wall.values()) * steps
+        if max_s is not None and done >= min_rounds and spent >= max_s:
+            break
+        if stop is not None and done < rounds and stop():
+            stopped = True
+            break
+    comparisons: dict[str, Comparison] = {}
+    for n in cands:
+        rs = ratios(n)
+        m = len(samples[n])
+        est, lo, hi = paired_interval(rs, confidence)
+        comparisons[n] = Comparison(statistics.median(samples[n]) * 1e3, statistics.median(samples[baseline][:m]) * 1e3,
+                                    est, noise_margin(rs, confidence), len(rs),
+                                    [v * 1e3 for v in samples[n]], [v * 1e3 for v in samples[baseline][:m]], lo, hi,
+                                    verdicts[n], clock, statistics.median(wall[n]) * 1e3,
+                                    statistics.median(wall[baseline][:m]) * 1e3, confidence,
+                                    stopped and n in active)
+    return PairedRounds(comparisons, done, samples, wall, stopped)

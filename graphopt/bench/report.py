@@ -16,7 +16,7 @@ from graphopt.bench.compare import BenchResult
 from graphopt.bench.sweep import SweepResult
 from graphopt.bench.train import TrainResult
 
-__all__ = ["fmt_bytes", "fmt_time", "env_markdown", "bench_table", "bench_markdown", "plot_bench", "bench_plot_title",
+__all__ = ["fmt_bytes", "fmt_time", "env_markdown", "bench_table", "speedup_cell", "clock_text", "bench_markdown", "plot_bench", "bench_plot_title",
            "training_plot_title", "accuracy_limits", "sweep_verdict",
            "training_table", "history_table", "history_markdown", "training_markdown", "plot_training", "sweep_table", "sweep_markdown", "plot_sweep",
            "write_outputs"]
@@ -71,22 +71,43 @@ def env_markdown(env: Mapping[str, Any]) -> str:
 
 
 # -- step benchmark ------------------------------------------------------------------------------
+def speedup_cell(res: BenchResult, name: str) -> str:
+    """``1.418x [1.350-1.490]``, ``+ within noise`` when the interval straddles 1; ``-`` for the baseline."""
+    iv = res.speedup_interval(name)
+    if iv is None:
+        return "-" if name == res.baseline else f"{res.speedup(name):.3f}x"
+    hi = "inf" if iv[1] == float("inf") else f"{iv[1]:.3f}"
+    cell = f"{res.speedup(name):.3f}x [{iv[0]:.3f}-{hi}]"
+    return cell + (" within noise" if res.verdict(name) == "within noise" else "")
+
+
 def _bench_rows(res: BenchResult) -> list[list[str]]:
     rows = []
     for name, v in res.variants.items():
         st = v.step_time_s
+        rounds = res.rounds(name)
         rows.append([name, fmt_time(st["median"]), f"{fmt_time(st['p25'])} - {fmt_time(st['p75'])}",
-                     f"{res.speedup(name):.3f}x", f"{v.samples_per_s:.1f}", fmt_bytes(v.memory.get("peak_bytes")),
+                     speedup_cell(res, name), "-" if rounds is None else str(rounds),
+                     f"{res.wall_speedup(name):.3f}x", f"{v.samples_per_s:.1f}", fmt_bytes(v.memory.get("peak_bytes")),
                      fmt_bytes(v.memory.get("transient_bytes")), _num(v.params), _num(v.macs),
                      _num(v.achieved_flops_per_s, "FLOP/s"), _pct(v.peak_fraction)])
     return rows
 
 
-_BENCH_COLS = ["variant", "step (median)", "IQR", "speedup", "samples/s", "peak mem", "of which transient",
-               "params", "MACs (fwd)", "achieved", "of peak"]
+_BENCH_COLS = ["variant", "step (wall median)", "IQR", "speedup [95% interval]", "rounds", "wall speedup",
+               "samples/s", "peak mem", "of which transient", "params", "MACs (fwd)", "achieved", "of peak"]
 
 
-_BENCH_TERM = [0, 1, 3, 4, 5, 8, 9, 10]  # columns shown in the terminal (all are in the Markdown/JSON)
+_BENCH_TERM = [0, 1, 3, 4, 5, 6, 7, 10, 11, 12]  # columns shown in the terminal (all are in the Markdown/JSON)
+
+
+def clock_text(res: BenchResult) -> str:
+    """The decision clock of the paired speedups, in words (``thread CPU time`` / ``wall time (CUDA events)``)."""
+    e = res.engine
+    name = e.get("clock_name", e.get("clock", "wall time"))
+    if e.get("clock") == "wall":
+        name += " (CUDA events)" if e.get("wall_timer") == "cuda_events" else " (perf_counter)"
+    return name
 
 
 def bench_table(res: BenchResult, title: str | None = None) -> Table:
@@ -112,8 +133,13 @@ def bench_markdown(res: BenchResult, title: str = "Training-step benchmark", not
     mem_src = next(iter(res.variants.values())).memory.get("source")
     parts = [f"# {title}", "", env_markdown(res.env), "",
              f"Batch {c['batch_size']} (inputs {c['input_shapes']}), {c['optimizer']} lr {c['lr']}, "
-             f"{c['warmup']} warm-up steps, {c['steps']} timed steps per variant in {c['rounds']} alternating rounds, "
-             f"compile={c['compile']}. Step = zero_grad + forward + loss + backward + optimizer step; medians. "
+             f"{c['warmup']} warm-up steps, {c.get('steps_per_round', '?')} timed steps per variant per round, "
+             f"{c['rounds']} paired rounds (at least {c.get('min_rounds', c['rounds'])}, at most "
+             f"{c.get('max_rounds', c['rounds'])}; the starting variant alternating), compile={c['compile']}. "
+             f"Step = zero_grad + forward + loss + backward + optimizer step. Speedup: the geometric mean over "
+             f"rounds of the per-round ratio to {res.baseline} in {clock_text(res)}, with its "
+             f"{res.engine.get('confidence', 0.95):.0%} Student-t interval (\"within noise\" when it straddles 1; "
+             f"the engine of the automatic mode); step times and wall speedup: medians of per-step wall times. "
              f"Peak memory = parameters/buffers + optimizer state + the step's transient peak ({mem_src}). "
              f"Achieved = measured step FLOPs (forward + backward, FlopCounterMode) / median step time; {peak}.",
              "", _md_table(_BENCH_COLS, _bench_rows(res))]
@@ -164,7 +190,13 @@ def plot_bench(res: BenchResult, path: str | Path, title: str | None = None, *, 
            [(v.step_time_s["p75"] - v.step_time_s["median"]) * 1000 for v in vs]]
     colors = ["#607d8b" if i == 0 else "#2196f3" for i in range(len(names))]
     axes[0].bar(names, med, yerr=err, color=colors, capsize=4)
-    axes[0].set_ylabel("training step, median (ms)")
+    axes[0].set_ylabel("training step, wall median (ms)")
+    for i, n in enumerate(names):  # the paired speedup and its interval (the engine's) above each variant
+        if res.speedup_interval(n) is not None:
+            axes[0].annotate(speedup_cell(res, n).replace(" within noise", "\nwithin noise"), (i, med[i] + err[1][i]),
+                             textcoords="offset points", xytext=(0, 3), ha="center", va="bottom", fontsize=7)
+    if res.comparisons:
+        axes[0].set_title(f"speedup [95% interval], {clock_text(res)}", fontsize=8)
     axes[1].bar(names, [v.samples_per_s for v in vs], color=colors)
     axes[1].set_ylabel("samples / s")
     peaks = [(v.memory.get("peak_bytes") or 0) / 2**20 for v in vs]

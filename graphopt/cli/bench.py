@@ -198,9 +198,17 @@ def _bench_batch(spec: Any, batch_size: int | None):
 @click.option("--config", "pipeline_config", type=click.Path(dir_okay=False), help="TOML pipeline file.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Batch size [default: the example inputs' (steps) / 64 (--train)].")
-@click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="Timed steps per variant.")
+@click.option("--steps", type=click.IntRange(1), default=20, show_default=True,
+              help="Timed steps per variant in the first --rounds rounds (ceil(steps / rounds) per round; "
+                   "further rounds have as many).")
 @click.option("--warmup", type=click.IntRange(0), default=3, show_default=True, help="Untimed steps per variant first.")
-@click.option("--rounds", type=click.IntRange(1), default=None, help="Alternation rounds [default: min(steps, 5)].")
+@click.option("--rounds", type=click.IntRange(1), default=None,
+              help="Paired rounds always run (the starting variant alternating) [default: min(steps, 5)].")
+@click.option("--max-rounds", type=click.IntRange(1), default=30, show_default=True,
+              help="More paired rounds while a variant's speedup is undecided (the automatic mode's sequential "
+                   "rule), up to this many.")
+@click.option("--decision-time", "decision_s", type=click.FloatRange(min=0), default=15.0, show_default=True,
+              metavar="SECONDS", help="No further rounds once this much timed stepping is spent (all variants).")
 @click.option("--train", "train_mode", is_flag=True,
               help="Time-to-accuracy: train every variant on real data instead of timing steps.")
 @_train_options
@@ -211,10 +219,12 @@ def _bench_batch(spec: Any, batch_size: int | None):
               help="Terminal output (files are always written).")
 @capture_option
 def bench(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | None, batch_size: int | None,
-          steps: int, warmup: int, rounds: int | None, train_mode: bool, no_verify: bool, out: str | None,
+          steps: int, warmup: int, rounds: int | None, max_rounds: int, decision_s: float, train_mode: bool,
+          no_verify: bool, out: str | None,
           force: bool, fmt: str, trust_code: bool = False, **kw: Any) -> None:
-    """Original vs rewritten, side by side in one process: training-step time, samples/s, peak
-    memory, params, MACs, achieved FLOP/s, or (--train) time to a target accuracy.
+    """Original vs rewritten, side by side in one process: the training step's speedup with its 95%
+    interval (paired rounds, the automatic mode's measurement engine), wall-time medians, samples/s,
+    peak memory, params, MACs, achieved FLOP/s, or (--train) time to a target accuracy.
 
     \b
     Writes bench.json, bench.md and bench.png (train.* with --train) into the output folder.
@@ -245,7 +255,7 @@ def bench(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
     inputs, target, source = _bench_batch(spec, batch_size)
     with con.status("benchmarking") as status:
         res = compare(variants, inputs, target, loss=spec.loss, device=kw["device"], steps=steps, warmup=warmup,
-                      rounds=rounds, optimizer=kw["optimizer"], lr=kw["lr"],
+                      rounds=rounds, max_rounds=max_rounds, max_s=decision_s, optimizer=kw["optimizer"], lr=kw["lr"],
                       compile="add" if kw["use_compile"] else False, threads=kw["threads"] or None,
                       on_variant=lambda n, what: status.update(f"benchmarking {n}: {what}"))
     res.extra.update({"model_file": str(spec.path), "inputs": source, "pipeline": pipeline_doc})
@@ -261,10 +271,13 @@ def bench(model_file: str, pass_specs: tuple[str, ...], pipeline_config: str | N
         click.echo(res.to_json())
         return
     console.print(rep.bench_table(res, title=f"{stem}: training step, batch {res.config['batch_size']}, "
-                                             f"{res.config['device']}, load {res.env['loadavg'][0]:.2f}"))
+                                             f"{res.config['device']}, load {res.env['loadavg'][0]:.2f}; speedup in "
+                                             f"{rep.clock_text(res)}, paired rounds"))
     for name in res.variants:
         if name != res.baseline:
-            console.print(f"{name}: {res.speedup(name):.3f}x the step speed of {res.baseline}")
+            v, b = res.variants[name].step_time_s["median"], res.variants[res.baseline].step_time_s["median"]
+            console.print(f"{name}: {res.speedup_text(name)} the step speed of {res.baseline}; wall-time medians "
+                          f"{rep.fmt_time(v)} vs {rep.fmt_time(b)} ({res.wall_speedup(name):.3f}x)")
     console.print(f"[bold green]wrote[/] {out_path}/ (bench.json, bench.md, bench.png)")
 
 
