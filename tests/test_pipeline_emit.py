@@ -166,6 +166,25 @@ def test_bad_launch_configurations(folder, kw, message):
         build_command(folder, **kw)
 
 
+def test_worker_entry_point_exit_codes(folder, tmp_path):
+    """`python -m graphopt.dist.train` ends through os._exit (a rank must not abort in C++ teardown after
+    its work is done): the exit code and the one-line error still come through, and a missing argument
+    is argparse's exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "graphopt.dist.train", str(folder)], capture_output=True,
+                       text=True, env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not started by torchrun" in lines[0], r.stderr
+    r = subprocess.run([sys.executable, "-m", "graphopt.dist.train"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "required: folder" in r.stderr
+
+
 def test_worker_refuses_a_world_that_does_not_match(folder, monkeypatch):
     # what every rank does first: no process group exists yet, so nobody can wait for anybody
     monkeypatch.delenv("WORLD_SIZE", raising=False)
