@@ -83,6 +83,10 @@ def test_t_quantile_matches_tables():
     for df, exact in [(1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (10, 2.228), (30, 2.042), (10_000, 1.960)]:
         assert t_quantile(0.975, df) == pytest.approx(exact, rel=0.01)
     assert t_quantile(0.995, 9) == pytest.approx(3.250, rel=0.01)
+    # far tails at few degrees of freedom, where the sequential decisions look (tables: exact CDF)
+    for p, df, exact in [(0.999, 2, 22.327), (0.999, 3, 10.215), (0.9995, 5, 6.869)]:
+        assert t_quantile(p, df) == pytest.approx(exact, rel=0.002)
+    assert t_quantile(0.025, 7) == pytest.approx(-t_quantile(0.975, 7))
 
 
 def test_paired_interval_and_verdict():

@@ -12,7 +12,7 @@ import torch
 
 import graphopt
 from graphopt.bench import compare
-from graphopt.bench.measure import StepMeasurer, paired_interval, paired_rounds
+from graphopt.bench.measure import StepMeasurer, paired_interval, paired_rounds, sequential_confidence
 from graphopt.cli import main
 
 
@@ -199,3 +199,46 @@ def test_benchmarks_common_exposes_the_engine():
                               warmup=1, max_s=None)
     assert out.rounds == 4 and calls == {"a": 1 + 8, "b": 1 + 8}  # warm-up, then 4 rounds of 2 steps
     assert out.comparisons["b"].clock == "thread_cpu" and len(out.samples["b"]) == 4
+
+
+def test_sequential_confidence_is_calibrated_and_deterministic():
+    assert sequential_confidence(0.95, 3, 3) == 0.95  # one look: the nominal level
+    c = sequential_confidence(0.95, 3, 30)
+    assert c == sequential_confidence(0.95, 3, 30, paths=20000)  # fixed seed
+    assert 0.99 < c < 0.997  # about 99.4% per look for 28 looks
+    assert sequential_confidence(0.95, 3, 5) < c < sequential_confidence(0.95, 3, 100)  # more looks, stricter
+
+
+@pytest.mark.parametrize("true,lo,hi", [(1.0, 0, 0.06), (0.95, 0.95, 1.0)])
+def test_engine_false_keep_rate_under_repeated_looks(true, lo, hi):
+    """A candidate exactly as fast as the baseline, 3% noise per round, looked at after every round up
+    to 30: declared faster in at most ~2.5% of runs (the nominal per-look rule kept 12% of them), while
+    a 5% faster one is still found."""
+    rng = random.Random(7)
+
+    def one() -> str:
+        runners = {"c": lambda: (true * math.exp(rng.gauss(0, 0.021)), 0.0),
+                   "b": lambda: (math.exp(rng.gauss(0, 0.021)), 0.0)}
+        return paired_rounds(runners, "b", rounds=30).comparisons["c"].verdict
+
+    verdicts = [one() for _ in range(250)]
+    share = verdicts.count("faster") / len(verdicts)
+    assert lo <= share <= hi, share
+
+
+def test_sequential_decisions_benchmark_runs(tmp_path):
+    """benchmarks/sequential_decisions.py (the README's false-keep figures) through its own code path,
+    few runs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sequential_decisions.py"
+    spec = importlib.util.spec_from_file_location("sequential_decisions_for_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--runs", "20", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "sequential_decisions.json").read_text())
+    assert len(doc["rows"]) == 12 and 0.99 < doc["decision_confidence"] < 0.997
+    big = next(r for r in doc["rows"] if r["noise"] == 0.01 and r["true_ratio"] == 0.9)
+    assert big["engine"]["kept"] == 1.0 and big["nominal_every_look"]["kept"] == 1.0
+    assert "| 3% | 1.00 |" in (tmp_path / "sequential_decisions.md").read_text()
