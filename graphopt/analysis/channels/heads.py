@@ -58,6 +58,7 @@ _SCALE_FNS = {operator.mul, operator.truediv, torch.mul, torch.div}
 _ATEN_SLICE = torch.ops.aten.slice.Tensor
 _ATEN_SELECT = torch.ops.aten.select.int
 _ATEN_UNBIND = torch.ops.aten.unbind.int
+_SDPA = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}  # fx, torch.export
 _PASS_METHODS = {"contiguous", "float", "to", "type_as", "half", "bfloat16", "clone", "detach"}
 
 
@@ -223,7 +224,7 @@ def visit_heads(an: "ChannelAnalysis", node: fx.Node) -> Any:
     if node.op == "call_function" and _timm_fn(tgt, "maybe_add_mask") and isinstance(x, Heads):
         return _elementwise(an, node, x, heads, out, none_ok=True)  # scores + mask (when there is one)
     if not isinstance(x, Heads):
-        if node.op == "call_function" and tgt in _MATMUL | {F.scaled_dot_product_attention}:
+        if node.op == "call_function" and tgt in _MATMUL | _SDPA:
             return _block(an, node, "heads as the right operand only")
         return _block(an, node, "attention heads in an argument position the analysis does not follow")
     if x.grp is not None:
@@ -271,7 +272,7 @@ def visit_heads(an: "ChannelAnalysis", node: fx.Node) -> Any:
         return _block(an, node, "repeat_interleave not over the head axis")
     if node.op == "call_function" and tgt in _MATMUL:
         return _matmul(an, node, x, an.val(node.args[1]))
-    if node.op == "call_function" and tgt is F.scaled_dot_product_attention:
+    if node.op == "call_function" and tgt in _SDPA:
         q, k, v = (an.val(a) for a in node.args[:3])
         mask = _arg(node, 3, "attn_mask")
         ms = _shape(mask) if isinstance(mask, fx.Node) else None
