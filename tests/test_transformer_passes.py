@@ -468,7 +468,9 @@ def test_prune_hidden_width_on_timm_vit(tmp_path):
     shapes = {k: tuple(p.shape) for k, p in gm.named_parameters()}
     assert shapes["cls_token"] == (1, 1, 144) and shapes["pos_embed"] == (1, 17, 144)
     assert shapes["patch_embed.proj.weight"] == (144, 3, 8, 8) and shapes["blocks.1.norm2.bias"] == (144,)
-    assert shapes["blocks.0.attn.qkv.weight"] == (576, 144) and shapes["norm.weight"] == (144,)
+    # the heads of the fused q/k/v go too (3 -> 2 at this ratio): test_prune_heads_on_timm_vit_fused_qkv
+    assert shapes["blocks.0.attn.qkv.weight"] == (384, 144) and shapes["norm.weight"] == (144,)
+    assert shapes["blocks.0.attn.proj.weight"] == (144, 128)
     assert shapes["head.weight"] == (1000, 144)
     assert {tuple(n.args[1]) for n in gm.graph.nodes if n.target is F.layer_norm} == {(144,)}
     gm.train()
