@@ -218,8 +218,8 @@ def visit_heads(an: "ChannelAnalysis", node: fx.Node) -> Any:
         return an.getitem(node)  # q, k or v of an unbind
     if isinstance(x, Stacked):
         return _stacked(an, node, x, name)
-    if node.op == "call_function" and _timm_fn(tgt, "resolve_self_attn_mask") and isinstance(_arg(node, 1, "attn"), fx.Node) \
-            and isinstance(an.val(node.args[1]), Heads) and len(heads) == 1 and heads[0] is an.val(node.args[1]):
+    if node.op == "call_function" and _timm_fn(tgt, "resolve_self_attn_mask") and len(heads) == 1 \
+            and heads[0] is an.val(_arg(node, 1, "attn")):
         return None  # timm: an additive mask built from the scores' dtype only (None, causal, or the given mask)
     if node.op == "call_function" and _timm_fn(tgt, "maybe_add_mask") and isinstance(x, Heads):
         return _elementwise(an, node, x, heads, out, none_ok=True)  # scores + mask (when there is one)
