@@ -468,7 +468,9 @@ def test_prune_hidden_width_on_timm_vit(tmp_path):
     shapes = {k: tuple(p.shape) for k, p in gm.named_parameters()}
     assert shapes["cls_token"] == (1, 1, 144) and shapes["pos_embed"] == (1, 17, 144)
     assert shapes["patch_embed.proj.weight"] == (144, 3, 8, 8) and shapes["blocks.1.norm2.bias"] == (144,)
-    assert shapes["blocks.0.attn.qkv.weight"] == (576, 144) and shapes["norm.weight"] == (144,)
+    # the heads of the fused q/k/v go too (3 -> 2 at this ratio): test_prune_heads_on_timm_vit_fused_qkv
+    assert shapes["blocks.0.attn.qkv.weight"] == (384, 144) and shapes["norm.weight"] == (144,)
+    assert shapes["blocks.0.attn.proj.weight"] == (144, 128)
     assert shapes["head.weight"] == (1000, 144)
     assert {tuple(n.args[1]) for n in gm.graph.nodes if n.target is F.layer_norm} == {(144,)}
     gm.train()
@@ -482,6 +484,109 @@ def test_prune_hidden_width_on_timm_vit(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(*x), gm.eval()(*x))
     assert loaded.get_parameter("cls_token").shape == (1, 1, 144)
+
+
+def _kept_heads(orig: torch.Tensor, pruned: torch.Tensor, H: int, D: int) -> list[int]:
+    """The heads of ``orig``'s fused q/k/v rows ([3, H, D] of them) whose rows are ``pruned``'s."""
+    o, p = orig.reshape(3, H, D, -1), pruned.reshape(3, -1, D, orig.shape[-1])
+    kept = [next(h for h in range(H) if torch.equal(o[0, h], p[0, i])) for i in range(p.shape[1])]
+    assert torch.equal(p, o[:, kept])  # q, k and v lose the same heads
+    return kept
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("capture,fused", [("fx", False), ("fx", True), ("export", False), ("export", True)])
+def test_prune_heads_on_timm_vit_fused_qkv(tmp_path, capture, fused):
+    """timm ViT's fused q/k/v (``qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``,
+    hand-written attention or ``scaled_dot_product_attention``): whole heads go from the qkv rows
+    (q, k and v alike, with the bias) and the proj columns; the head-count and width literals are
+    rewritten; exact against the masked original, trains and reloads."""
+    from tests.transformer_models import timm_vit
+
+    x = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
+    model = timm_vit(fused)  # 3 heads of 64
+    gm, rec = run_pass("prune:ratio=0.5", graphopt.capture(model, x, capture=capture), x)
+    assert rec.modified and rec.verification.status == "passed", rec.verification.summary()
+    assert rec.verification.details["reference_max_rel_error"] < 1e-4
+    names = [r["detail"] for r in rec.rewrites]
+    for i in range(2):
+        assert f"kept 128/192 channels of blocks.{i}.attn.qkv" in names, names
+        a, ref = gm.get_submodule(f"blocks.{i}.attn"), model.blocks[i].attn
+        assert a.qkv.weight.shape == (384, 192) and a.qkv.bias.shape == (384,)
+        assert a.proj.weight.shape == (192, 128) and a.proj.bias.shape == (192,)
+        kept = _kept_heads(ref.qkv.weight, a.qkv.weight, 3, 64)
+        assert torch.equal(a.qkv.bias, ref.qkv.bias.reshape(3, 3, 64)[:, kept].reshape(-1))
+        cols = torch.cat([torch.arange(h * 64, (h + 1) * 64) for h in kept])
+        assert torch.equal(a.proj.weight, ref.proj.weight[:, cols])
+    reshapes = [n for n in gm.graph.nodes if n.target in ("reshape", torch.reshape)]
+    sizes = [tuple(n.args[1]) if n.op == "call_function" else tuple(n.args[1:]) for n in reshapes]
+    assert [s[2:] for s in sizes if len(s) == 5] == [(3, 2, 64)] * 2
+    assert [s[-1] for s in sizes if len(s) == 3 and s[-1] != 192] == [128, 128]
+    gm.train()
+    opt = torch.optim.AdamW(gm.parameters(), lr=1e-3)
+    F.cross_entropy(gm(*x), torch.tensor([0, 1])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gm.parameters())
+    opt.step()
+    out = tmp_path / "timm_vit_heads"
+    graphopt.emit_torch_folder(gm, out)
+    loaded = graphopt.load(out, trust_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*x), gm.eval()(*x))
+    assert loaded.get_submodule("blocks.0.attn.qkv").weight.shape == (384, 192)
+
+
+@pytest.mark.zoo
+def test_prune_heads_and_hidden_width_on_timm_vit():
+    """Heads of the fused q/k/v and the hidden width together (fx capture)."""
+    from tests.transformer_models import timm_vit
+
+    x = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
+    gm, rec = run_pass("prune:ratio=0.5,hidden=true", timm_vit(), x)
+    assert rec.modified and rec.verification.status == "passed", rec.verification.summary()
+    shapes = {k: tuple(p.shape) for k, p in gm.named_parameters()}
+    assert shapes["blocks.0.attn.qkv.weight"] == (384, 96) and shapes["blocks.1.attn.proj.weight"] == (96, 128)
+    with torch.no_grad():
+        assert torch.isfinite(gm(*x)).all()
+
+
+class _FusedQKV(nn.Module):
+    """timm-style fused q/k/v attention; ``variant`` picks how q, k and v are taken apart."""
+
+    def __init__(self, variant: str = "index", dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 3)
+        self.h, self.d, self.variant = heads, dim // heads, variant
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
+        if self.variant == "index":
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        elif self.variant == "sum":  # not a split into q, k, v
+            q = k = v = qkv.sum(0)
+        else:  # a slice of the q/k/v axis
+            q, k = qkv[:2].unbind(0)
+            v = qkv[2]
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.head(self.proj(y.transpose(1, 2).reshape(B, N, self.h * self.d)))
+
+
+def test_prune_heads_fused_qkv_index_and_declined_variants():
+    """``q, k, v = qkv[0], qkv[1], qkv[2]`` is followed; a fused q/k/v tensor used otherwise (summed
+    over q/k/v, its q/k/v axis sliced) is declined with the reason, never a crash."""
+    x = (torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0)),)
+    torch.manual_seed(0)
+    model = _FusedQKV().eval()
+    gm, rec = run_pass("prune:ratio=0.5", model, x)
+    assert rec.modified and rec.verification.status == "passed", rec.verification.summary()
+    assert gm.qkv.weight.shape == (48, 32) and gm.proj.weight.shape[1] == 16  # 2 heads of 8 kept
+    _kept_heads(model.qkv.weight, gm.qkv.weight, 4, 8)
+    for variant, why in (("sum", "on a fused q/k/v tensor"), ("slice", "indexing of a fused q/k/v tensor")):
+        torch.manual_seed(0)
+        gm, rec = run_pass("prune:ratio=0.5", _FusedQKV(variant).eval(), x)
+        assert gm.qkv.weight.shape == (96, 32), variant
+        reasons = " | ".join(d["reason"] for d in rec.declined if "qkv" in d["target"])
+        assert why in reasons, (variant, reasons)
 
 
 @pytest.mark.zoo

@@ -14,7 +14,14 @@ not vary over heads, softmax over another axis, dropout, ``repeat_interleave`` o
   tensors with the same atoms in each head (``q * cos + rotate_half(q) * sin``);
 - HuggingFace's ``repeat_kv``: ``unsqueeze`` after the head axis, ``expand`` of that axis and the
   ``reshape`` merging it (grouped-query attention, like ``repeat_interleave``; the literal key/value
-  head count of the ``expand`` and the merged count of the ``reshape`` are rewritten).
+  head count of the ``expand`` and the merged count of the ``reshape`` are rewritten);
+- timm's fused q/k/v projection: ``qkv(x).reshape(B, N, 3, H, D)`` splits the channel axis into
+  ``[S, H, D]`` (:class:`Stacked`: ``rows[s, h, j]`` is channel ``s*H*D + h*D + j``), followed
+  through ``permute`` and taken apart by ``unbind`` (``aten.unbind`` + ``getitem`` from
+  torch.export), ``select`` or an integer index over the stack axis into q, k and v heads; the
+  head-count literal ``H`` is rewritten (``S`` and ``D`` stay). timm's ``resolve_self_attn_mask``
+  (it reads only the scores' dtype) and ``maybe_add_mask`` (an add of a mask that does not vary
+  over heads) are followed.
 
 Every split adds a *heads* constraint (channels go in whole heads); after the analysis the rows
 of each split are reduced to distinct heads (with GQA, the query heads of a group share their
@@ -44,11 +51,14 @@ from graphopt.analysis.channels.ops import (
 if TYPE_CHECKING:
     from graphopt.analysis.channels.analyzer import ChannelAnalysis
 
-__all__ = ["Heads", "split_heads", "visit_heads", "head_constraints"]
+__all__ = ["Heads", "Stacked", "split_heads", "visit_heads", "head_constraints"]
 
 _MATMUL = {operator.matmul, torch.matmul}
 _SCALE_FNS = {operator.mul, operator.truediv, torch.mul, torch.div}
 _ATEN_SLICE = torch.ops.aten.slice.Tensor
+_ATEN_SELECT = torch.ops.aten.select.int
+_ATEN_UNBIND = torch.ops.aten.unbind.int
+_SDPA = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}  # fx, torch.export
 _PASS_METHODS = {"contiguous", "float", "to", "type_as", "half", "bfloat16", "clone", "detach"}
 
 
@@ -70,10 +80,27 @@ class Heads(ChanInfo):
         return Heads.make(hdim, ddim, self.rows, self.ndim if ndim is None else ndim)
 
 
+@dataclass
+class Stacked(Heads):
+    """A fused q/k/v projection split into ``[S, H, D]`` (timm's ``reshape(B, N, 3, H, D)``):
+    ``rows`` has shape ``(S, H, D)``; ``sdim`` is the stack axis (q, k, v), ``dim`` the heads,
+    ``ddim`` the head features. Only moving the axes and taking the stack apart are followed."""
+
+    sdim: int = 0
+
+    def item(self, s: int, removed: bool) -> Heads:
+        """Stack entry ``s`` as plain heads (``removed``: the stack axis is gone, as after ``unbind``)."""
+        sh = (lambda a: a - 1 if a > self.sdim else a) if removed else (lambda a: a)  # noqa: E731
+        return Heads.make(sh(self.dim), sh(self.ddim), self.rows[s], self.ndim - 1 if removed else self.ndim)
+
+
 def split_heads(an: "ChannelAnalysis", node: fx.Node, x: ChanInfo, a: tuple[int, ...], b: tuple[int, ...],
                 sizes: list[Any], kind: str) -> Heads | None:
     """``x`` (channels on ``x.dim`` of shape ``a``) reshaped to ``b`` splitting them into [H, D]."""
     d = x.dim
+    if not isinstance(x, Heads) and x.inner == 1 and len(sizes) == len(b) and d == len(a) - 1 \
+            and len(b) == len(a) + 2:
+        return _split_stacked(an, node, x, a, b, sizes, kind)
     if isinstance(x, Heads) or x.inner != 1 or len(sizes) != len(b) or d != len(a) - 1 or len(b) != len(a) + 1:
         return None  # heads split the last (feature) axis; a conv's channel shuffle stays declined
     prefix = math.prod(a[:d])
@@ -92,6 +119,78 @@ def split_heads(an: "ChannelAnalysis", node: fx.Node, x: ChanInfo, a: tuple[int,
             an.head_splits.append((rows, f"heads of view/reshape (node {node.name})"))
             return Heads.make(j, j + 1, rows, len(b))
     return None
+
+
+def _split_stacked(an: "ChannelAnalysis", node: fx.Node, x: ChanInfo, a: tuple[int, ...], b: tuple[int, ...],
+                   sizes: list[Any], kind: str) -> Stacked | None:
+    """``qkv(x).reshape(B, N, S, H, D)`` (timm's fused attention): channel ``s*H*D + h*D + j`` is
+    ``rows[s, h, j]``; each of the ``S`` parts is a head split, the literal ``H`` is rewritten."""
+    d = x.dim
+    prefix = math.prod(a[:d])
+    for j in range(len(b) - 2):
+        if math.prod(b[:j]) == prefix and b[j] * b[j + 1] * b[j + 2] == a[d] and b[j] > 1:
+            S, H, D = b[j], b[j + 1], b[j + 2]
+            lits = sizes[j:j + 3]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in lits) \
+                    or lits[0] != S or (lits[1] == -1 and lits[2] == -1):
+                an.block(x.atoms, f"the q/k/v or head count of view/reshape (node {node.name}) is computed in the "
+                                  "graph; it cannot be rewritten when heads are pruned")
+                return None
+            if lits[1] != -1:
+                an.members.append(Member("reshape", node.name, node.name, x.atoms, axis=j + 1,
+                                         extra={"kind": kind, "per": S * D}))
+            rows = x.atoms.reshape(S, H, D)
+            for i in range(S):
+                an.head_splits.append((rows[i], f"heads of view/reshape (node {node.name}, part {i} of {S})"))
+            return Stacked(j + 1, x.atoms, len(b), 1, j + 2, rows, sdim=j)
+    return None
+
+
+def _stacked(an: "ChannelAnalysis", node: fx.Node, x: Stacked, name: str) -> Any:
+    """A fused q/k/v tensor: ``permute``/``transpose`` move its axes; ``unbind``, ``select`` or an
+    integer index over the stack axis give q, k and v heads; anything else blocks."""
+    heads = [v for v in (an.val(a) for a in node.all_input_nodes) if isinstance(v, Heads)]
+    if len(heads) != 1:
+        return _block(an, node, "combines a fused q/k/v tensor with other attention heads")
+    if name == "permute":
+        rest = node.args[1:]
+        dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+        if len(dims) != x.ndim or not all(isinstance(v, int) for v in dims):
+            return _block(an, node)
+        dims = [_norm_dim(v, x.ndim) for v in dims]
+        return Stacked(dims.index(x.dim), x.atoms, x.ndim, 1, dims.index(x.ddim), x.rows,
+                       sdim=dims.index(x.sdim))
+    if name == "transpose":
+        d0, d1 = _arg(node, 1, "dim0"), _arg(node, 2, "dim1")
+        if not isinstance(d0, int) or not isinstance(d1, int):
+            return _block(an, node)
+        swap = {_norm_dim(d0, x.ndim): _norm_dim(d1, x.ndim), _norm_dim(d1, x.ndim): _norm_dim(d0, x.ndim)}
+        return Stacked(swap.get(x.dim, x.dim), x.atoms, x.ndim, 1, swap.get(x.ddim, x.ddim), x.rows,
+                       sdim=swap.get(x.sdim, x.sdim))
+    if name in _PASS_METHODS and node.op == "call_method":
+        return x
+    S = x.rows.shape[0]
+    if name == "unbind" or (node.op == "call_function" and node.target in (torch.unbind, _ATEN_UNBIND)):
+        dim = _arg(node, 1, "dim", 0)
+        if isinstance(dim, int) and _norm_dim(dim, x.ndim) == x.sdim:
+            from graphopt.analysis.channels.analyzer import _Tuple
+            return _Tuple([x.item(i, removed=True) for i in range(S)])
+        return _block(an, node, "unbind of a fused q/k/v tensor over an axis other than q/k/v")
+    if node.op == "call_function" and node.target in (_ATEN_SELECT, torch.select):
+        dim, idx = _arg(node, 1, "dim"), _arg(node, 2, "index")
+        if isinstance(dim, int) and isinstance(idx, int) and _norm_dim(dim, x.ndim) == x.sdim and -S <= idx < S:
+            return x.item(idx, removed=True)
+        return _block(an, node, "select of a fused q/k/v tensor other than one of q/k/v")
+    if node.op == "call_function" and node.target is operator.getitem:
+        idx = node.args[1]
+        if x.sdim == 0 and isinstance(idx, int) and not isinstance(idx, bool) and -S <= idx < S:
+            return x.item(idx, removed=True)  # q, k, v = qkv[0], qkv[1], qkv[2]
+        return _block(an, node, "indexing of a fused q/k/v tensor other than qkv[i] over its leading q/k/v axis")
+    return _block(an, node, "on a fused q/k/v tensor (followed: permute, transpose, unbind/select over q/k/v)")
+
+
+def _timm_fn(tgt: Any, name: str) -> bool:
+    return getattr(tgt, "__name__", "") == name and str(getattr(tgt, "__module__", "")).startswith("timm.")
 
 
 def _block(an: "ChannelAnalysis", node: fx.Node, why: str) -> None:
@@ -115,8 +214,17 @@ def visit_heads(an: "ChannelAnalysis", node: fx.Node) -> Any:
     name = tgt if node.op == "call_method" else getattr(tgt, "__name__", "")
     if node.op == "call_function" and tgt in (torch.cat, torch.concat):
         return _cat(an, node)
+    if node.op == "call_function" and tgt is operator.getitem and not isinstance(x, Heads):
+        return an.getitem(node)  # q, k or v of an unbind
+    if isinstance(x, Stacked):
+        return _stacked(an, node, x, name)
+    if node.op == "call_function" and _timm_fn(tgt, "resolve_self_attn_mask") and len(heads) == 1 \
+            and heads[0] is an.val(_arg(node, 1, "attn")):
+        return None  # timm: an additive mask built from the scores' dtype only (None, causal, or the given mask)
+    if node.op == "call_function" and _timm_fn(tgt, "maybe_add_mask") and isinstance(x, Heads):
+        return _elementwise(an, node, x, heads, out, none_ok=True)  # scores + mask (when there is one)
     if not isinstance(x, Heads):
-        if node.op == "call_function" and tgt in _MATMUL | {F.scaled_dot_product_attention}:
+        if node.op == "call_function" and tgt in _MATMUL | _SDPA:
             return _block(an, node, "heads as the right operand only")
         return _block(an, node, "attention heads in an argument position the analysis does not follow")
     if x.grp is not None:
@@ -164,7 +272,7 @@ def visit_heads(an: "ChannelAnalysis", node: fx.Node) -> Any:
         return _block(an, node, "repeat_interleave not over the head axis")
     if node.op == "call_function" and tgt in _MATMUL:
         return _matmul(an, node, x, an.val(node.args[1]))
-    if node.op == "call_function" and tgt is F.scaled_dot_product_attention:
+    if node.op == "call_function" and tgt in _SDPA:
         q, k, v = (an.val(a) for a in node.args[:3])
         mask = _arg(node, 3, "attn_mask")
         ms = _shape(mask) if isinstance(mask, fx.Node) else None
@@ -196,7 +304,8 @@ def _same_heads(a: Heads, b: Heads) -> bool:
             and bool((np.sort(a.rows, axis=1) == np.sort(b.rows, axis=1)).all()))
 
 
-def _elementwise(an: "ChannelAnalysis", node: fx.Node, x: Heads, heads: list[Heads], out: Any) -> Any:
+def _elementwise(an: "ChannelAnalysis", node: fx.Node, x: Heads, heads: list[Heads], out: Any,
+                 none_ok: bool = False) -> Any:
     if len(heads) == 2 and out is not None and len(out) == x.ndim and _same_heads(*heads) and not [
             a for a in list(node.args[2:]) + list(node.kwargs.values()) if isinstance(a, fx.Node)]:
         return x  # q * cos + rotate_half(q) * sin: both operands are q's heads
@@ -205,6 +314,9 @@ def _elementwise(an: "ChannelAnalysis", node: fx.Node, x: Heads, heads: list[Hea
     for a in list(node.args[1:]) + list(node.kwargs.values()):
         if isinstance(a, fx.Node):
             s = _shape(a)
+            if none_ok and s is None and not isinstance(an.val(a), ChanInfo) and "tensor_meta" in a.meta \
+                    and a.meta["tensor_meta"] is None:
+                continue  # a value that was None at capture (timm's maybe_add_mask without a mask)
             if isinstance(an.val(a), ChanInfo) or s is None or _varies_over(s, x.dim, x.ndim):
                 return _block(an, node, "a per-head operand (it would need slicing with the heads)")
     return x
