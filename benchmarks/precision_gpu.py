@@ -27,7 +27,6 @@ import copy
 import datetime as _dt
 import os
 import platform
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -44,20 +43,7 @@ from graphopt import zoo  # noqa: E402
 from graphopt.precision import get_policy, needs_grad_scaler  # noqa: E402
 from graphopt.bench.measure import MemoryProbe, StepTimer  # noqa: E402
 from graphopt.serialize import write_json  # noqa: E402
-
-
-def _device_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from benchmarks._common import cpu_name, device_slug  # noqa: E402
 
 
 def build(name: str) -> torch.nn.Module:
@@ -209,15 +195,15 @@ def main(argv: list[str] | None = None) -> int:
         dev = torch.cuda.get_device_name(0)
     else:
         torch.set_num_threads(1)
-        dev = "CPU: " + _cpu_name()
+        dev = "CPU: " + cpu_name()
     dtypes = [torch.float16, torch.bfloat16] if args.dtype == "both" else [getattr(torch, args.dtype)]
     results: dict[str, Any] = {
         "device": dev, "device_kind": args.device, "image": args.image, "torch": torch.__version__,
         "cuda": torch.version.cuda, "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "batch": args.batch,
         "steps": args.steps, "warmup": args.warmup, "loadavg": list(os.getloadavg()), "models": {}}
-    out = Path(args.out) if args.out else (ROOT / "benchmarks" / "results" / _device_slug(dev) if args.device == "cuda"
-                                           else ROOT / "out" / "precision_gpu" / _device_slug(dev))
+    out = Path(args.out) if args.out else (ROOT / "benchmarks" / "results" / device_slug(dev) if args.device == "cuda"
+                                           else ROOT / "out" / "precision_gpu" / device_slug(dev))
     for name in args.models.split(","):
         x = torch.randn(args.batch, 3, args.image, args.image, device=args.device)
         y = torch.randint(0, 1000, (args.batch,), device=args.device)

@@ -170,6 +170,20 @@ def recoveries(original: nn.Module, rw: dict[str, tuple[nn.Module, float]], plan
     return {t.name: t.result for t in trainers}
 
 
+def recovery_rows(rows: dict[str, Any], rec_res: dict[str, Any], plan: list[tuple[str, str, bool]],
+                  rw: dict[str, tuple[nn.Module, float]], base_time: float, base_acc: float) -> None:
+    """One row per recovery of ``plan`` into ``rows`` (printed): accuracy vs the original's, its curve starting
+    at the original's training time + the rewrite's time, from the accuracy of the rewrite it recovers."""
+    for key, src, _ in plan:
+        r = rec_res[key]
+        start = base_time + rw[src][1]
+        rows[key] = {"from": src, "test_accuracy": r.final["test_accuracy"],
+                     "delta_vs_original_points": 100 * (r.final["test_accuracy"] - base_acc),
+                     "recovery_train_time_s": r.train_time_s, "total_time_s": start + r.train_time_s,
+                     "curve": [[start, rows[src]["test_accuracy"]]] + curve(r, start)}
+        print(f"{key}: {r.final['test_accuracy']:.4f} ({rows[key]['delta_vs_original_points']:+.2f} points)", flush=True)
+
+
 def plot(path: Path, title: str, curves: dict[str, list[list[float]]], target: float, marks: dict[str, float]) -> None:
     import matplotlib
 
@@ -254,14 +268,7 @@ def run_cnn(args: argparse.Namespace, name: str) -> None:
     plan = [("prune_finetune", "prune", False), ("prune_rec_finetune", "prune_rec", False),
             ("prune_rec_distill", "prune_rec", True), ("ds_rec_distill", "ds_rec", True)]
     rec_res = recoveries(original, rw, plan, (train, test), one, ex, args.temperature, args.alpha)
-    for key, src, _ in plan:
-        r = rec_res[key]
-        start = base_time + rw[src][1]
-        rows[key] = {"from": src, "test_accuracy": r.final["test_accuracy"],
-                     "delta_vs_original_points": 100 * (r.final["test_accuracy"] - base_acc),
-                     "recovery_train_time_s": r.train_time_s, "total_time_s": start + r.train_time_s,
-                     "curve": [[start, rows[src]["test_accuracy"]]] + curve(r, start)}
-        print(f"{key}: {r.final['test_accuracy']:.4f} ({rows[key]['delta_vs_original_points']:+.2f} points)", flush=True)
+    recovery_rows(rows, rec_res, plan, rw, base_time, base_acc)
     c_orig, c_eb = curve(base), curve(ebr)
     eb_reach, orig_reach = reach(c_eb, base_acc), reach(c_orig, base_acc)
     near = base_acc - 0.005
@@ -401,14 +408,7 @@ def run_transformer(args: argparse.Namespace) -> None:
     plan = [("prune_finetune", "prune", False), ("prune_rec_finetune", "prune_select_rec_refine", False),
             ("prune_rec_distill", "prune_select_rec_refine", True)]
     rec_res = recoveries(original, rw, plan, (train, test), one, ex, args.temperature, args.alpha)
-    for key, src, _ in plan:
-        r = rec_res[key]
-        start = base_time + rw[src][1]
-        rows[key] = {"from": src, "test_accuracy": r.final["test_accuracy"],
-                     "delta_vs_original_points": 100 * (r.final["test_accuracy"] - base_acc),
-                     "recovery_train_time_s": r.train_time_s, "total_time_s": start + r.train_time_s,
-                     "curve": [[start, rows[src]["test_accuracy"]]] + curve(r, start)}
-        print(f"{key}: {r.final['test_accuracy']:.4f} ({rows[key]['delta_vs_original_points']:+.2f} points)", flush=True)
+    recovery_rows(rows, rec_res, plan, rw, base_time, base_acc)
     # the distillation recipe: 1 epoch from the layer-wise-only reconstruction (0.8x accuracy), where recovery has
     # work to do, at the recovery lr and at the original's training lr, a few temperatures / KL weights
     recipe = []

@@ -16,13 +16,11 @@ Use ``mixed_precision`` unless memory for the parameters themselves matters.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import fx
 
 from graphopt import Decline, Option, Pass, PassResult, Semantics
 from graphopt.ir import graph_meta
-from graphopt.precision import LOW_FUNCS, PrecisionPass, PrecisionSweep, is_norm_module, make_policy, set_policy
+from graphopt.precision import LOW_FUNCS, PrecisionPass, PrecisionSweep, is_norm_module
 
 
 class Cast(PrecisionPass, Pass):
@@ -55,17 +53,9 @@ class Cast(PrecisionPass, Pass):
         sweep.convert_parameters()
         res, casts, modified = self.sweep(gm, sweep)
         kept = sorted({type(m).__name__ for m in gm.modules() if self.config["keep_norms"] and is_norm_module(m)})
-        policy = make_policy("half", dtype, kept)
-        if modified or any(p.dtype == dtype for p in gm.parameters()):
-            set_policy(gm, policy)
-        if modified:
-            gm.recompile()
-        notes: dict[str, Any] = {
-            "dtype": self.config["dtype"],
-            "policy": policy.as_dict(),
+        return self.finish(gm, res, modified, kept, modified or any(p.dtype == dtype for p in gm.parameters()), {
             "parameters_converted": res.params_converted,
             "float32_ops": dict(sorted(res.fp32_ops.items())),
             "batchnorm_mixed": res.mixed_bn,
             "casts": casts,
-        }
-        return PassResult(gm, modified, res.rewrites, res.declined, notes)
+        })

@@ -23,13 +23,11 @@ See :mod:`graphopt.precision.sweep` for the op lists and how they differ from to
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import fx
 
 from graphopt import Decline, Option, Pass, PassResult, Semantics
 from graphopt.ir import graph_meta
-from graphopt.precision import PrecisionPass, PrecisionSweep, make_policy, set_policy
+from graphopt.precision import PrecisionPass, PrecisionSweep
 
 DEFAULT_BUDGET = 0.05
 
@@ -60,21 +58,13 @@ class MixedPrecision(PrecisionPass, Pass):
         if not res.low_ops:
             res.declined.append(Decline("graph", "no conv, linear, matmul or attention op: nothing gains "
                                                  "from low precision"))
-        policy = make_policy("mixed", dtype, res.fp32_ops)
-        if modified or res.low_ops:
-            set_policy(gm, policy)
-        if modified:
-            gm.recompile()
-        notes: dict[str, Any] = {
-            "dtype": self.config["dtype"],
-            "policy": policy.as_dict(),
+        return self.finish(gm, res, modified, res.fp32_ops, modified or bool(res.low_ops), {
             "low_precision_ops": dict(sorted(res.low_ops.items())),
             "float32_ops": dict(sorted(res.fp32_ops.items())),
             "batchnorm_mixed": res.mixed_bn,
             "modules_to_functional": res.modules_converted,
             "casts": {**casts, "parameter_casts": res.param_casts},
-        }
-        return PassResult(gm, modified, res.rewrites, res.declined, notes)
+        })
 
     def ensures(self, gm: fx.GraphModule) -> None:
         for name, p in gm.named_parameters():

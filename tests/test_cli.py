@@ -3,40 +3,17 @@
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 import torch
 
 from graphopt.cli import main
-
-MODEL = """
-import torch
-from torch import nn
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-def model():
-    return Net()
-
-def example_inputs():
-    return (torch.randn(2, 3, 16, 16),)
-"""
+from graphopt.testing import write_model_file
 
 
 @pytest.fixture
 def model_file(tmp_path):
-    p = tmp_path / "model.py"
-    p.write_text(textwrap.dedent(MODEL))
-    return p
+    return write_model_file(tmp_path)
 
 
 def test_optimize_writes_a_verified_folder(model_file, tmp_path, capsys):

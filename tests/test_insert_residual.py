@@ -15,13 +15,7 @@ from graphopt.cli import main
 from graphopt.errors import PassConfigError
 from passes.insert_residual import InsertResidual, find_chains
 from graphopt.testing import assert_idempotent, count_calls, count_modules, run_pass, train_steps
-from tests.test_insert_batchnorm import PlainCNN, vgg11_small_head
-
-
-@pytest.fixture
-def plain():
-    torch.manual_seed(0)
-    return PlainCNN(depth=10).eval(), (torch.randn(8, 3, 16, 16),)
+from tests.test_insert_batchnorm import plain, vgg11_small_head  # noqa: F401  (plain: the fixture, a 10-conv PlainCNN)
 
 
 def _gates(gm):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 
@@ -15,26 +16,15 @@ from graphopt.dist.launch import build_command
 from graphopt.dist.train import TrainConfig, train
 from graphopt.dist.pipeline import load_pipeline, read_pipeline_manifest
 from graphopt.errors import ArtifactError, LaunchConfigError, PassConfigError
+from tests.test_partition import TinyRes
 
-MODEL_FILE = '''
+MODEL_FILE = f'''
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 
-class TinyRes(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Linear(16, 32)
-        self.lin1 = nn.Linear(32, 32)
-        self.lin2 = nn.Linear(32, 32)
-        self.head = nn.Linear(32, 4)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = x + self.lin2(torch.relu(self.lin1(x)))
-        return self.head(torch.relu(x))
-
+{inspect.getsource(TinyRes)}
 
 def model():
     torch.manual_seed(0)

@@ -3,6 +3,7 @@ through capture (front end, coverage, eager check), `graphopt optimize -p cleanu
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -135,19 +136,7 @@ def test_graph_that_differs_from_eager_is_reported(caplog):
 
 def test_inspect_says_front_end_and_eager_mismatch(tmp_path, capsys):
     f = tmp_path / "m.py"
-    f.write_text(textwrap.dedent("""
-        import torch
-        from torch import nn
-
-        class Counter(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.fc = nn.Linear(4, 4)
-                self.calls = 0
-
-            def forward(self, x):
-                self.calls += 1
-                return self.fc(x) * self.calls
+    f.write_text(f"import torch\nfrom torch import nn\n\n\n{inspect.getsource(Counter)}" + textwrap.dedent("""
 
         def model():
             return Counter()

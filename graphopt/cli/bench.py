@@ -458,6 +458,22 @@ def _int_list(text: str, what: str) -> list[int]:
     return vals
 
 
+def _sweep_setup(model_file: str, out: str | None, suffix: str, force: bool, values: str, what: str,
+                 data_name: str) -> tuple[Path, list[int], Any, Any, str]:
+    """What a sweep does before training, in this order: the output folder (default MODEL_``suffix``/)
+    checked, ``--what`` parsed, the model file loaded (float outputs) and its data loaded and printed;
+    returns (output folder, values, spec, data, data description)."""
+    from graphopt.modelfile import load_model_file
+
+    out_path = _out_folder(out, f"{_model_path(model_file).stem}_{suffix}", force)
+    vals = _int_list(values, what)
+    spec = load_model_file(model_file)
+    _check_float_outputs(spec)
+    data, desc = load_data(spec, data_name, spec.example_inputs)
+    console.print(f"data: {desc}")
+    return out_path, vals, spec, data, desc
+
+
 def _sweep_out(res: Any, out_path: Path, force: bool, desc: str, model: str) -> None:
     from graphopt.bench import report as rep
 
@@ -489,14 +505,9 @@ def sweep_depth_cmd(model_file: str, deltas: str, blocks: tuple[str, ...], init:
                     out: str | None, force: bool, **kw: Any) -> None:
     """Depth sweep: shape-preserving blocks removed or repeated (a graph rewrite), each variant trained."""
     from graphopt.bench.sweep import sweep_depth
-    from graphopt.modelfile import load_model_file
 
-    out_path = _out_folder(out, f"{_model_path(model_file).stem}_sweep_depth", force)
-    values = _int_list(deltas, "deltas")
-    spec = load_model_file(model_file)
-    _check_float_outputs(spec)
-    data, desc = load_data(spec, kw["data_name"], spec.example_inputs)
-    console.print(f"data: {desc}")
+    out_path, values, spec, data, desc = _sweep_setup(model_file, out, "sweep_depth", force, deltas, "deltas",
+                                                      kw["data_name"])
     res = sweep_depth(spec.module, spec.example_inputs, data, _config(kw, batch_size), deltas=values,
                       blocks=list(blocks) or None, init=init, loss=spec.loss, threads=kw["threads"] or None)
     _sweep_out(res, out_path, force, desc, str(spec.path))
@@ -517,14 +528,9 @@ def sweep_batch_cmd(model_file: str, sizes: str, lr_scaling: str, batch_size: in
                     **kw: Any) -> None:
     """Batch-size sweep: the same model trained with each batch size (throughput and accuracy)."""
     from graphopt.bench.sweep import sweep_batch_size
-    from graphopt.modelfile import load_model_file
 
-    out_path = _out_folder(out, f"{_model_path(model_file).stem}_sweep_batch", force)
-    values = _int_list(sizes, "sizes")
-    spec = load_model_file(model_file)
-    _check_float_outputs(spec)
-    data, desc = load_data(spec, kw["data_name"], spec.example_inputs)
-    console.print(f"data: {desc}")
+    out_path, values, spec, data, desc = _sweep_setup(model_file, out, "sweep_batch", force, sizes, "sizes",
+                                                      kw["data_name"])
     res = sweep_batch_size(spec.module, data, _config(kw, batch_size), values, lr_scaling=lr_scaling,
                            loss=spec.loss, example_inputs=spec.example_inputs, threads=kw["threads"] or None)
     _sweep_out(res, out_path, force, desc, str(spec.path))

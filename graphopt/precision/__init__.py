@@ -10,7 +10,7 @@
 - :mod:`graphopt.precision.compare`: :func:`compare_with_references`, the error against a float64
   reference next to torch.autocast's;
 - :class:`PrecisionPass`: the base class of the precision passes (precondition, sweep + cleanup,
-  the check against float64 and torch.autocast).
+  the recorded policy and result, the check against float64 and torch.autocast).
 """
 
 from __future__ import annotations
