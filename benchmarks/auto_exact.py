@@ -156,7 +156,7 @@ def main() -> None:
             checks.append(f"resnet50 search time {r['search_s']:.0f} s wall, {r['search_cpu_s']:.0f} s CPU "
                           f"({'under' if r['search_s'] < 120 else 'OVER'} the 2-minute target in wall time)")
     notes = ("\n\nTargets: " + "; ".join(checks) + "." + f"\n\nSettings: decisions: at most {args.rounds} paired "
-             f"rounds or {args.decision_time:g} s of timed steps (half per layer; sequential, 95% interval, 1% minimum gain, "
+             f"rounds or {args.decision_time:g} s of timed steps (half per layer; sequential: kept at the per-look level calibrated for the looks (sequential_confidence), rejected at 95%, 1% minimum gain, "
              "thread CPU time on CPU), "
              f"{args.steps or 'automatic'} step(s) per round, warm-up {args.warmup}; final comparison: all variants "
              f"alternated in one run, {args.final_rounds} rounds; speedups are 1 / the geometric mean of the "
