@@ -51,6 +51,8 @@ def _consumer_inputs(gm: fx.GraphModule, paths: Sequence[str], batches: Sequence
 
     got: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
     hooks = []
+    g = torch.Generator().manual_seed(seed)
+    per = max(1, max_rows // max(1, len(batches)))  # rows kept per batch, subsampled as they come
     for p in paths:
         mod = gm.get_submodule(p)
 
@@ -61,7 +63,9 @@ def _consumer_inputs(gm: fx.GraphModule, paths: Sequence[str], batches: Sequence
             else:
                 u = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
                 rows = u.transpose(1, 2).reshape(-1, u.shape[1])
-            got[p].append(rows)
+            if rows.shape[0] > per:  # subsampled here: all of a ResNet-50's im2col rows held 5 GB
+                rows = rows[torch.randperm(rows.shape[0], generator=g)[:per]]
+            got[p].append(rows.double())
 
         hooks.append(mod.register_forward_hook(hook))
     try:
@@ -71,18 +75,11 @@ def _consumer_inputs(gm: fx.GraphModule, paths: Sequence[str], batches: Sequence
     finally:
         for h in hooks:
             h.remove()
-    g = torch.Generator().manual_seed(seed)
     out = {}
     for p, rows in got.items():
         if not rows:
             continue
-        per = max(1, max_rows // len(rows))
-        picked = []
-        for r in rows:
-            if r.shape[0] > per:
-                r = r[torch.randperm(r.shape[0], generator=g)[:per]]
-            picked.append(r.double())
-        a = torch.cat(picked)
+        a = torch.cat(rows)
         if gm.get_submodule(p).bias is not None:
             a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
         out[p] = a
@@ -98,7 +95,10 @@ class _Consumer:
         y = a @ w  # the layer's own outputs
         h = a.T @ a
         h.diagonal().add_(damp * float(h.diagonal().mean()) + 1e-12)
-        self.hinv = torch.linalg.inv(h)
+        try:  # damped Gram: SPD, Cholesky inverse costs half of an LU inverse
+            self.hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+        except RuntimeError:  # not numerically positive definite (damp=0 on rank-deficient rows)
+            self.hinv = torch.linalg.inv(h)
         self.w = self.hinv @ (a.T @ y)
         self.energy = float(y.pow(2).sum()) or 1.0
         self.cols = {u: torch.as_tensor(c, dtype=torch.long) for u, c in cols.items()}
@@ -139,9 +139,15 @@ class _Consumer:
 
 def reconstruction_scores(gm: fx.GraphModule, cg: ChannelGraph, groups: Sequence[ChannelGroup],
                           batches: Sequence[tuple[torch.Tensor, ...]], *, max_rows: int = 16384,
-                          damp: float = 1e-4, seed: int = 0) -> tuple[dict[int, np.ndarray], list[int]]:
+                          damp: float = 1e-4, seed: int = 0, limit: dict[int, int] | None = None,
+                          ) -> tuple[dict[int, np.ndarray], list[int]]:
     """Per group id (of ``groups``): a score per channel (its step in the greedy removal order, see
-    the module docstring). Also the ids of groups without a Linear/Conv2d consumer (not scored)."""
+    the module docstring). Also the ids of groups without a Linear/Conv2d consumer (not scored).
+
+    ``limit``: per group id, the most channels the plan can remove from it (e.g. ``ratio`` per
+    layer: exactly that many). The greedy stops once it has removed that many; the units left are
+    ranked after the removed ones by their last costs (one-step greedy), so the first ``limit``
+    channels of the order are exactly the full greedy's."""
     from graphopt.prune.structured import _GroupRule, _cols
 
     pos_of: dict[int, tuple[int, int]] = {int(c): (g.id, i) for g in groups for i, c in enumerate(g.classes)}
@@ -193,10 +199,17 @@ def reconstruction_scores(gm: fx.GraphModule, cg: ChannelGraph, groups: Sequence
             consumers.append(_Consumer(rows[p], w, {u: np.concatenate(c) for u, c in cols.items()}, damp))
         left = list(range(len(units)))
         step = np.zeros(len(units))
+        most = g.size if limit is None else min(g.size, int(limit.get(g.id, g.size)))
+        gone = 0
         for s in range(len(units)):
             costs = sum(c.costs(left) for c in consumers)
+            if gone >= most:  # the rest: ranked by what removing each next would cost
+                for r, k in enumerate(np.argsort(costs, kind="stable")):
+                    step[left[k]] = s + r
+                break
             u = left.pop(int(np.argmin(costs)))
             step[u] = s
+            gone += len(units[u])
             for c in consumers:
                 c.remove(u)
         sc = np.empty(g.size)
