@@ -527,7 +527,15 @@ def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | No
     if criterion == "reconstruction":
         from graphopt.prune.selection import reconstruction_scores
 
-        scores, unscored = reconstruction_scores(gm, cg, candidates, batches or [])
+        limit = None
+        if scope == "per_layer":  # the plan removes at most this many per group: the greedy stops there
+            limit = {}
+            for g in candidates:
+                rule = _GroupRule(g, cg, round_to, min_channels, max_ratio)
+                if rule.blocks is None:  # blocks choose per block: rank the whole group
+                    limit[g.id] = rule.adjust(int(math.floor(g.size * (ratio if macs is None else max_ratio) + 1e-9)),
+                                              True)
+        scores, unscored = reconstruction_scores(gm, cg, candidates, batches or [], limit=limit)
         if unscored:
             l1, _ = channel_scores(gm, cg, "l1")
             scores.update({gid: l1[gid] for gid in unscored})
