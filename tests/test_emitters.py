@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from importlib import metadata
 from pathlib import Path
 
@@ -19,14 +18,12 @@ from graphopt.emit.fs import atomic_folder
 from graphopt.errors import PassConfigError
 from graphopt.pass_infra import Option
 
-from test_cli import MODEL  # the CLI tests' model file (conv, bn, fc)
+from graphopt.testing import write_model_file
 
 
 @pytest.fixture
 def model_file(tmp_path):
-    p = tmp_path / "model.py"
-    p.write_text(textwrap.dedent(MODEL))
-    return p
+    return write_model_file(tmp_path)  # the CLI tests' model file (graphopt.testing.SMALL_CNN_MODEL: conv, bn, fc)
 
 
 class NodeStats(Emitter):
