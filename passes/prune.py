@@ -51,6 +51,10 @@ class Prune(Pass):
                                         "on calibration batches (ThiNet-style)",
                             choices=("l1", "l2", "bn_scale", "taylor", "reconstruction")),
         "scope": Option(str, "per_layer", "rank per group/layer, or globally", choices=("per_layer", "global")),
+        "sequential": Option(bool, False, "criterion=reconstruction, scope=per_layer: choose the groups in graph "
+                                          "order, each on the inputs of the model with the earlier groups pruned "
+                                          "and their consumers refit, against the original outputs (ThiNet / He "
+                                          "et al. 2017)"),
         "round_to": Option(int, 1, "structured: kept channel counts are multiples of this (8 for tensor cores)",
                            min=1),
         "min_channels": Option(int, 1, "structured: never keep fewer channels in a group", min=1),
@@ -100,6 +104,12 @@ class Prune(Pass):
         if c["mode"] != "structured" and c["criterion"] == "reconstruction":
             raise PassConfigError("criterion reconstruction ranks channels, not single weights",
                                   where=f"pass '{self.name}'", fix="use reconstruct=N (SparseGPT) with mode=" + c["mode"])
+        if c["sequential"] and (c["mode"] != "structured" or c["criterion"] != "reconstruction"
+                                or c["scope"] != "per_layer"):
+            raise PassConfigError("sequential=true is a way of choosing channels with criterion=reconstruction, "
+                                  "mode=structured, scope=per_layer (the per-group counts must not depend on the "
+                                  "scores)", where=f"pass '{self.name}'",
+                                  fix="add criterion=reconstruction with scope=per_layer, or drop sequential=true")
         if c["mode"] != "structured" and c["macs"] is not None:
             raise PassConfigError("a MACs target needs mode=structured (zeroed weights do not cut dense MACs)",
                                   where=f"pass '{self.name}'", fix="give ratio= instead")
@@ -124,7 +134,8 @@ class Prune(Pass):
         if c["mode"] == "structured":
             r = prune_structured(gm, ratio=c["ratio"], macs=c["macs"], criterion=c["criterion"], scope=c["scope"],
                                  round_to=c["round_to"], min_channels=c["min_channels"], max_ratio=c["max_ratio"],
-                                 exclude=c["exclude"], batches=batches, hidden=c["hidden"])
+                                 exclude=c["exclude"], batches=batches, hidden=c["hidden"],
+                                 sequential=c["sequential"])
             rewrites = [Rewrite(g.producers[0], f"kept {after}/{before} channels of "
                                 + ("the hidden width (residual stream) of " if g.approximate else "")
                                 + ", ".join(g.producers[:4]) + (" ..." if len(g.producers) > 4 else ""),

@@ -485,7 +485,8 @@ def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | No
                      criterion: str = "l1", scope: str = "per_layer", round_to: int = 1,
                      min_channels: int = 1, max_ratio: float = 0.9, exclude: list[str] | None = None,
                      batches: list[tuple[torch.Tensor, ...]] | None = None,
-                     loss_fn: Any = None, ignore: list[str] | None = None, hidden: bool = False) -> StructuredResult:
+                     loss_fn: Any = None, ignore: list[str] | None = None, hidden: bool = False,
+                     sequential: bool = False) -> StructuredResult:
     """Prune channel groups of ``gm`` in place (see the module docstring).
 
     ``exclude``: globs of module paths whose *output* channels are kept (groups with an excluded
@@ -535,7 +536,26 @@ def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | No
                 if rule.blocks is None:  # blocks choose per block: rank the whole group
                     limit[g.id] = rule.adjust(int(math.floor(g.size * (ratio if macs is None else max_ratio) + 1e-9)),
                                               True)
-        scores, unscored = reconstruction_scores(gm, cg, candidates, batches or [], limit=limit)
+        choose = None
+        if sequential:
+            if scope != "per_layer":
+                raise ValueError("sequential selection needs scope=per_layer (its per-group counts do not "
+                                 "depend on the scores)")
+            # the counts of a per-layer plan do not depend on the scores: plan once on l1 for them
+            l1, _ = channel_scores(gm, cg, "l1")
+            probe = plan_pruning(cg, l1, candidates, ratio=ratio, macs=macs, scope=scope, round_to=round_to,
+                                 min_channels=min_channels, max_ratio=max_ratio)
+            counts = {g.id: g.size - probe.kept.get(g.id, g.size) for g in candidates}
+            rules = {g.id: _GroupRule(g, cg, round_to, min_channels, max_ratio) for g in candidates}
+            _add_pieces(rules, cg, candidates)
+
+            def choose(gid: int, sc: np.ndarray) -> np.ndarray:
+                return rules[gid].choose(sc, counts[gid])
+
+            limit = {gid: n for gid, n in counts.items() if rules[gid].blocks is None}
+            notes["sequential"] = True
+        scores, unscored = reconstruction_scores(gm, cg, candidates, batches or [], limit=limit,
+                                                 sequential=choose, notes=notes)
         if unscored:
             l1, _ = channel_scores(gm, cg, "l1")
             scores.update({gid: l1[gid] for gid in unscored})
