@@ -454,6 +454,22 @@ def test_prune_hidden_width_slices_functional_layer_norm(tmp_path, capture):
         assert why in reasons, reasons
 
 
+def _trains_and_reloads(gm, x, out):
+    """A pruned timm ViT: one AdamW step in train mode (every parameter gets a finite gradient), then
+    emitted and reloaded (trust_code: the graph calls a timm function, its attention mask) with equal
+    eval outputs. Returns the reloaded module."""
+    gm.train()
+    opt = torch.optim.AdamW(gm.parameters(), lr=1e-3)
+    F.cross_entropy(gm(*x), torch.tensor([0, 1])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gm.parameters())
+    opt.step()
+    graphopt.emit_torch_folder(gm, out)
+    loaded = graphopt.load(out, trust_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*x), gm.eval()(*x))
+    return loaded
+
+
 @pytest.mark.zoo
 def test_prune_hidden_width_on_timm_vit(tmp_path):
     """timm ViT (its LayerNorm traced to ``F.layer_norm``): the hidden width is pruned (cls token,
@@ -473,16 +489,7 @@ def test_prune_hidden_width_on_timm_vit(tmp_path):
     assert shapes["blocks.0.attn.proj.weight"] == (144, 128)
     assert shapes["head.weight"] == (1000, 144)
     assert {tuple(n.args[1]) for n in gm.graph.nodes if n.target is F.layer_norm} == {(144,)}
-    gm.train()
-    opt = torch.optim.AdamW(gm.parameters(), lr=1e-3)
-    F.cross_entropy(gm(*x), torch.tensor([0, 1])).backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gm.parameters())
-    opt.step()
-    out = tmp_path / "timm_vit"
-    graphopt.emit_torch_folder(gm, out)
-    loaded = graphopt.load(out, trust_code=True).eval()  # the graph calls a timm function (its attention mask)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(*x), gm.eval()(*x))
+    loaded = _trains_and_reloads(gm, x, tmp_path / "timm_vit")
     assert loaded.get_parameter("cls_token").shape == (1, 1, 144)
 
 
@@ -522,16 +529,7 @@ def test_prune_heads_on_timm_vit_fused_qkv(tmp_path, capture, fused):
     sizes = [tuple(n.args[1]) if n.op == "call_function" else tuple(n.args[1:]) for n in reshapes]
     assert [s[2:] for s in sizes if len(s) == 5] == [(3, 2, 64)] * 2
     assert [s[-1] for s in sizes if len(s) == 3 and s[-1] != 192] == [128, 128]
-    gm.train()
-    opt = torch.optim.AdamW(gm.parameters(), lr=1e-3)
-    F.cross_entropy(gm(*x), torch.tensor([0, 1])).backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gm.parameters())
-    opt.step()
-    out = tmp_path / "timm_vit_heads"
-    graphopt.emit_torch_folder(gm, out)
-    loaded = graphopt.load(out, trust_code=True).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(*x), gm.eval()(*x))
+    loaded = _trains_and_reloads(gm, x, tmp_path / "timm_vit_heads")
     assert loaded.get_submodule("blocks.0.attn.qkv").weight.shape == (384, 192)
 
 

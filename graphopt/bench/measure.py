@@ -295,6 +295,7 @@ def t_sf(t: Any, df: int) -> Any:
     return 0.5 - 0.5 * _t_two_sided(t, df)
 
 
+@functools.lru_cache(maxsize=256)
 def t_quantile(p: float, df: int) -> float:
     """Quantile ``p`` of Student's t with integer ``df`` degrees of freedom: the exact CDF inverted by
     bisection (the sequential decisions use far tails, 0.998 and beyond at 2 degrees of freedom, where
@@ -353,17 +354,28 @@ def sequential_confidence(confidence: float, min_rounds: int, rounds: int, *, pa
     return 1.0 - 2.0 * alpha
 
 
+def _log_stats(ratios: list[float]) -> tuple[float, float, int]:
+    """(mean, standard deviation, count) of the finite positive ratios' logs (sd nan below 2)."""
+    d = [math.log(r) for r in ratios if r > 0 and math.isfinite(r)]
+    if not d:
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(d), (statistics.stdev(d) if len(d) > 1 else float("nan")), len(d)
+
+
+def _interval(stats: tuple[float, float, int], confidence: float) -> tuple[float, float, float]:
+    m, sd, n = stats
+    if n == 0:
+        return float("nan"), 0.0, float("inf")
+    if n < 2:
+        return math.exp(m), 0.0, float("inf")
+    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    return math.exp(m), math.exp(m - half), math.exp(m + half)
+
+
 def paired_interval(ratios: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
     """(estimate, low, high) of the candidate/baseline time ratio from paired per-round ratios: the
     geometric mean and the Student-t interval of the mean log-ratio (``(nan, 0, inf)`` below 2 rounds)."""
-    d = [math.log(r) for r in ratios if r > 0 and math.isfinite(r)]
-    if not d:
-        return float("nan"), 0.0, float("inf")
-    m = statistics.fmean(d)
-    if len(d) < 2:
-        return math.exp(m), 0.0, float("inf")
-    half = t_quantile(0.5 + confidence / 2, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
-    return math.exp(m), math.exp(m - half), math.exp(m + half)
+    return _interval(_log_stats(ratios), confidence)
 
 
 FASTER, NOT_FASTER, UNDECIDED = "faster", "not faster", "undecided"
@@ -379,8 +391,19 @@ def paired_verdict(ratios: list[float], *, confidence: float = 0.95, min_gain: f
     is above ``1 - min_gain``; else ``"undecided"`` (also below ``min_rounds``)."""
     if len(ratios) < max(2, min_rounds):
         return UNDECIDED
-    est, lo, hi = paired_interval(ratios, confidence)
-    keep_hi = hi if look_confidence is None else paired_interval(ratios, look_confidence)[2]
+    return _verdict(*_bounds(ratios, confidence, look_confidence), min_gain)
+
+
+def _bounds(ratios: list[float], confidence: float, look_confidence: float | None) -> tuple[float, float, float]:
+    """(estimate, low end at ``confidence``, high end at ``look_confidence``): what the verdicts read."""
+    stats = _log_stats(ratios)
+    est, lo, hi = _interval(stats, confidence)
+    if look_confidence is not None and look_confidence != confidence:
+        hi = _interval(stats, look_confidence)[2]
+    return est, lo, hi
+
+
+def _verdict(est: float, lo: float, keep_hi: float, min_gain: float) -> str:
     if keep_hi < 1.0 and est <= 1.0 - min_gain:
         return FASTER
     if lo > 1.0 - min_gain:
@@ -397,12 +420,12 @@ def noninferior_verdict(ratios: list[float], *, floor: float = 0.98, confidence:
     above 1; ``"not faster"`` when :func:`paired_verdict` says so and the estimate is not below 1; else
     ``"undecided"``. Decisions that keep a candidate use ``look_confidence``, those that reject it
     ``confidence``."""
-    v = paired_verdict(ratios, confidence=confidence, min_gain=min_gain, min_rounds=min_rounds,
-                       look_confidence=look_confidence)
-    if v == FASTER or len(ratios) < max(2, min_rounds):
+    if len(ratios) < max(2, min_rounds):
+        return UNDECIDED
+    est, lo, keep_hi = _bounds(ratios, confidence, look_confidence)
+    v = _verdict(est, lo, keep_hi, min_gain)
+    if v == FASTER:
         return v
-    est, lo, hi = paired_interval(ratios, confidence)
-    keep_hi = hi if look_confidence is None else paired_interval(ratios, look_confidence)[2]
     if est < 1.0 and keep_hi <= 1.0 / floor:
         return NOT_SLOWER
     if lo > 1.0:

@@ -395,13 +395,10 @@ def _exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
+    # argparse's usage errors (SystemExit 2) come before any process group and exit normally
     try:
         _code = main()
-    except SystemExit as _exc:  # argparse's usage errors (exit 2) and explicit exits
-        _code = _exc.code if isinstance(_exc.code, int) else (0 if _exc.code is None else 1)
-        if not isinstance(_exc.code, (int, type(None))):
-            print(_exc.code, file=sys.stderr)
-    except BaseException:  # an unexpected error keeps its traceback (torchrun shows it per rank)
+    except Exception:  # an unexpected error keeps its traceback (torchrun shows it per rank)
         import traceback
 
         traceback.print_exc()

@@ -300,7 +300,8 @@ def _sequential_scores(gm: fx.GraphModule, cg: ChannelGraph, groups: Sequence[Ch
         sc, consumers, units, gone = _greedy(work, cg, g, used, rows, damp, limit, targets)
         scores[g.id] = sc
         idx = np.asarray(choose(g.id, sc), dtype=np.int64)
-        if len(idx) and sorted(np.concatenate([units[u] for u in gone]).tolist() if gone else []) == sorted(idx.tolist()):
+        greedy_removed = {int(c) for u in gone for c in units[u]}
+        if len(idx) and greedy_removed == set(idx.tolist()):
             with torch.no_grad():  # the plan removes what the greedy did: its refit weights hold
                 for (p, _, _), c in zip(used, consumers):
                     mod = work.get_submodule(p)

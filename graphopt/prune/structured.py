@@ -529,14 +529,8 @@ def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | No
         from graphopt.prune.selection import reconstruction_scores
 
         limit = None
-        if scope == "per_layer":  # the plan removes at most this many per group: the greedy stops there
-            limit = {}
-            for g in candidates:
-                rule = _GroupRule(g, cg, round_to, min_channels, max_ratio)
-                if rule.blocks is None:  # blocks choose per block: rank the whole group
-                    limit[g.id] = rule.adjust(int(math.floor(g.size * (ratio if macs is None else max_ratio) + 1e-9)),
-                                              True)
         choose = None
+        l1 = None
         if sequential:
             if scope != "per_layer":
                 raise ValueError("sequential selection needs scope=per_layer (its per-group counts do not "
@@ -554,10 +548,18 @@ def prune_structured(gm: fx.GraphModule, *, ratio: float = 0.5, macs: float | No
 
             limit = {gid: n for gid, n in counts.items() if rules[gid].blocks is None}
             notes["sequential"] = True
+        elif scope == "per_layer":  # the plan removes at most this many per group: the greedy stops there
+            limit = {}
+            for g in candidates:
+                rule = _GroupRule(g, cg, round_to, min_channels, max_ratio)
+                if rule.blocks is None:  # blocks choose per block: rank the whole group
+                    limit[g.id] = rule.adjust(int(math.floor(g.size * (ratio if macs is None else max_ratio) + 1e-9)),
+                                              True)
         scores, unscored = reconstruction_scores(gm, cg, candidates, batches or [], limit=limit,
                                                  sequential=choose, notes=notes)
         if unscored:
-            l1, _ = channel_scores(gm, cg, "l1")
+            if l1 is None:
+                l1, _ = channel_scores(gm, cg, "l1")
             scores.update({gid: l1[gid] for gid in unscored})
             notes["reconstruction_fallback_l1"] = [g.name for g in candidates if g.id in unscored]
         fallback = []
